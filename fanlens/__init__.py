@@ -1,0 +1,33 @@
+"""fanlens: look inside vision models the way the FAN paper does.
+
+Per block: how many groups the tokens form (significant eigenvalues of the token
+affinity), how much input noise still moves the features, and what the groups look
+like. Works on timm models, fanlens' FAN, and any ``nn.Module``.
+"""
+
+__version__ = "0.1.0"
+
+from ._validation import FanlensError
+from .analysis import group_tokens, make_noise, noise_probe, spectrum
+from .capture import BlockTokens, TokenCapture, TokenLayout, find_blocks
+from .models import build_model, load_checkpoint
+from .results import GroupsResult, ProbeResult, SpectrumResult, load
+
+__all__ = [
+    "__version__",
+    "FanlensError",
+    "TokenCapture",
+    "TokenLayout",
+    "BlockTokens",
+    "find_blocks",
+    "spectrum",
+    "noise_probe",
+    "group_tokens",
+    "make_noise",
+    "build_model",
+    "load_checkpoint",
+    "SpectrumResult",
+    "ProbeResult",
+    "GroupsResult",
+    "load",
+]

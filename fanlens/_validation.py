@@ -1,0 +1,80 @@
+"""Errors and input checks shared by every fanlens module.
+
+One message format everywhere: the parameter, what was expected, and what came,
+``"<param> must be <expected>. Got <value!r> instead."``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+
+__all__ = [
+    "FanlensError",
+    "check_choice",
+    "check_positive_int",
+    "check_nonneg_float",
+    "check_fraction",
+    "check_shape",
+]
+
+
+class FanlensError(ValueError):
+    """Base class of every error fanlens raises on bad input or an unusable model.
+
+    It subclasses :class:`ValueError` so that callers catching ``ValueError``
+    keep working; the CLI turns it into a one-line message and exit code 2.
+    """
+
+
+def _fmt(name: str, expected: str, value: Any) -> str:
+    return f"{name} must be {expected}. Got {value!r} instead."
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    choices = tuple(choices)
+    if value not in choices:
+        raise FanlensError(_fmt(name, f"one of {choices}", value))
+    return value
+
+
+def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise FanlensError(_fmt(name, f"an int >= {minimum}", value))
+    return value
+
+
+def check_nonneg_float(name: str, value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise FanlensError(_fmt(name, "a float >= 0", value)) from None
+    if not v >= 0.0 or v != v or v == float("inf"):
+        raise FanlensError(_fmt(name, "a finite float >= 0", value))
+    return v
+
+
+def check_fraction(name: str, value: Any, *, open_low: bool = True) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise FanlensError(_fmt(name, "a float in (0, 1)", value)) from None
+    ok = (0.0 < v < 1.0) if open_low else (0.0 <= v < 1.0)
+    if not ok:
+        raise FanlensError(_fmt(name, "a float in (0, 1)", value))
+    return v
+
+
+def check_shape(name: str, x: torch.Tensor, dims: Sequence[str]) -> None:
+    """Check that ``x`` has ``len(dims)`` dimensions; named dims document the layout.
+
+    Dims given as digits must match exactly, e.g. ``["B", "3", "H", "W"]``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise FanlensError(_fmt(name, f"a torch.Tensor of shape ({', '.join(dims)})", type(x).__name__))
+    if x.ndim != len(dims):
+        raise FanlensError(_fmt(name, f"a tensor of shape ({', '.join(dims)})", tuple(x.shape)))
+    for d, size in zip(dims, x.shape):
+        if d.isdigit() and int(d) != size:
+            raise FanlensError(_fmt(name, f"a tensor of shape ({', '.join(dims)})", tuple(x.shape)))

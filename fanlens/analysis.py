@@ -1,0 +1,486 @@
+"""The analyses: spectral counts, the noise probe and token groups, streamed over images.
+
+Each function takes a model (a module or a spec string, see
+:func:`fanlens.models.build_model`) and images (see :mod:`fanlens.data`), streams the
+images through the model in batches under a :class:`~fanlens.capture.TokenCapture`,
+turns each block's tokens into per-image statistics and drops the tokens. Memory is
+bounded by the batch, not by the number of images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from . import spectral as sp
+from ._stats import RunningStats
+from ._validation import FanlensError, check_choice, check_fraction, check_nonneg_float, check_positive_int
+from .capture import TokenCapture
+from .data import DEFAULT_BATCH_SIZE, DataConfig, ImageSet, data_config, resolve_images
+from .models import LoadedModel, build_model
+from .results import BlockInfo, GroupsResult, ProbeResult, Provenance, SpectrumResult
+
+__all__ = [
+    "DEFAULT_TOKEN_BUDGET",
+    "DEFAULT_SIGMAS",
+    "DEFAULT_N_EIG",
+    "DEFAULT_N_NOISE",
+    "PROBE_MODES",
+    "NOISE_SPACES",
+    "spectrum",
+    "noise_probe",
+    "group_tokens",
+    "make_noise",
+]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_TOKEN_BUDGET = 1024
+DEFAULT_SIGMAS = (0.1,)
+DEFAULT_N_EIG = 32
+DEFAULT_N_NOISE = 16
+PROBE_MODES = ("additive", "pure")
+NOISE_SPACES = ("pixel", "normalized")
+
+
+# --------------------------------------------------------------------------- shared plumbing
+@dataclass
+class _Setup:
+    lm: LoadedModel
+    cfg: DataConfig
+    images: ImageSet | None
+    device: torch.device
+    capture_kwargs: dict
+
+
+def _setup(
+    model: Any,
+    images: Any,
+    *,
+    pretrained: bool,
+    checkpoint: Any,
+    input_size: Any,
+    device: Any,
+    blocks: Any,
+    num_prefix_tokens: int | None,
+    layout: str | None,
+    grid: Any,
+    need_images: bool = True,
+) -> _Setup:
+    lm = model if isinstance(model, LoadedModel) else build_model(model, pretrained=pretrained, checkpoint=checkpoint)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FanlensError(f"device must be a torch device such as 'cpu' or 'cuda'. Got {device!r} instead.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FanlensError(f"device must be available on this machine. Got {device!r}, but CUDA is not available.")
+    cfg = data_config(lm.model, input_size=input_size)
+    imgs = resolve_images(images, cfg) if need_images else None
+    if imgs is not None and len(imgs) == 0:
+        raise FanlensError("images must hold at least one image. Got none.")
+    lm.model.to(dev).eval()
+    ck = dict(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+    # validate the block selection before any image is read
+    TokenCapture(lm.model, **ck)
+    return _Setup(lm, cfg, imgs, dev, ck)
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+
+def _n_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def make_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
+    """The N(0, 1) noise of image ``index`` for ``seed``: same for every model, batch size and device."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator(device="cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randn(tuple(shape), generator=g)
+
+
+def _provenance(s: _Setup, seed: int, params: dict, images: list[str]) -> Provenance:
+    params = dict(params)
+    params["data_config"] = s.cfg.to_dict()
+    params["device"] = str(s.device)
+    return Provenance(
+        model=s.lm.name,
+        weights=s.lm.weights,
+        weights_sha256=s.lm.weights_sha256,
+        seed=int(seed),
+        params=params,
+        images=images,
+    )
+
+
+# --------------------------------------------------------------------------- spectrum
+def spectrum(
+    model: Any,
+    images: Any = "samples",
+    *,
+    blocks: str | Sequence[str] | None = None,
+    rules: Sequence[str] = sp.RULES,
+    thresholds: dict[str, float] | None = None,
+    affinity: str = sp.DEFAULT_AFFINITY,
+    center: bool = True,
+    knn: int = sp.DEFAULT_KNN,
+    max_k: int = sp.DEFAULT_MAX_GAP_K,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    include_prefix: bool = False,
+    n_eig: int = DEFAULT_N_EIG,
+    eig_dtype: torch.dtype | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    input_size: int | Sequence[int] | None = None,
+    num_prefix_tokens: int | None = None,
+    layout: str | None = None,
+    grid: tuple[int, int] | None = None,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    _accumulate: Callable | None = None,
+) -> SpectrumResult:
+    """Significant-eigenvalue counts of the token affinity of every block.
+
+    Per image and block: tokens (patch tokens; prefix tokens with ``include_prefix``)
+    pooled to at most ``token_budget``, optionally centred, turned into an affinity
+    (``affinity``), eigen-decomposed in one batched call per token count, and counted
+    under every rule of ``rules``. Counts are aggregated over images (mean, std, 95 % CI).
+
+    Args:
+        model: a module, or a spec (timm name, ``file.py:factory``, ``module:factory``).
+        images: a pixel tensor, folder, files, ``"samples"`` or a DataLoader.
+        blocks: block names / glob patterns; ``None`` for the model family's blocks.
+        rules: counting rules, from :data:`fanlens.spectral.RULES`; the first is the headline.
+        thresholds: ``tau`` per threshold rule (defaults in ``spectral.DEFAULT_THRESHOLDS``).
+        affinity: ``"cosine"`` (negatives clipped), ``"gaussian"`` or ``"knn"``.
+        center: subtract each image's mean token before the affinity.
+        token_budget: blocks with more tokens are average-pooled to a coarser grid.
+        n_eig: top eigenvalues (divided by the largest) kept as the mean spectrum.
+        eig_dtype: ``torch.float64`` to decompose in double precision.
+        seed: recorded; the spectrum itself uses no randomness.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`~fanlens.results.SpectrumResult`.
+    """
+    rules = tuple(rules) if not isinstance(rules, str) else (rules,)
+    if not rules:
+        raise FanlensError("rules must name at least one rule. Got an empty list instead.")
+    for r in rules:
+        check_choice("rules", r, sp.RULES)
+    check_choice("affinity", affinity, sp.AFFINITIES)
+    thresholds = dict(thresholds or {})
+    for k, v in thresholds.items():
+        check_choice("thresholds key", k, tuple(sp.DEFAULT_THRESHOLDS))
+        check_fraction(f"thresholds[{k!r}]", v)
+    check_positive_int("token_budget", token_budget, minimum=2)
+    check_positive_int("n_eig", n_eig)
+    check_positive_int("batch_size", batch_size)
+    s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
+               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+    rank, world = shard
+    stats: list[RunningStats] = []
+    eig_stats: list[RunningStats] = []
+    infos: list[BlockInfo] = []
+    n_img = len(range(rank, len(s.images), world))
+    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
+        batches = s.images.batches(batch_size, start=rank, step=world)
+        for pixels, _idx in _progress(batches, _n_batches(n_img, batch_size), "spectrum", progress):
+            cap.clear()
+            cap.run(s.cfg.normalize(pixels.to(s.device)))
+            per_block = []
+            for bt in cap.block_tokens():
+                tok, g = sp.pool_tokens(bt.tokens, bt.layout.grid, token_budget)
+                if include_prefix and bt.prefix.shape[1]:
+                    tok = torch.cat([bt.prefix, tok], dim=1)
+                per_block.append((bt, tok, g))
+            if not infos:
+                infos = [BlockInfo(i, bt.label, bt.layout, g) for i, (bt, _t, g) in enumerate(per_block)]
+                stats = [RunningStats((len(rules),)) for _ in infos]
+                eig_stats = [RunningStats((n_eig,)) for _ in infos]
+            elif len(per_block) != len(infos):
+                raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
+            cap.clear()
+            # group blocks by token count: one batched eigendecomposition per group
+            groups: dict[int, list[int]] = {}
+            for li, (_bt, tok, _g) in enumerate(per_block):
+                groups.setdefault(tok.shape[1], []).append(li)
+            for n_tok, lis in groups.items():
+                toks = torch.cat([per_block[li][1].float() for li in lis], dim=0)
+                a = sp.affinity(toks, kind=affinity, center=center, knn=min(knn, n_tok))
+                spec = sp.spectrum(a, dtype=eig_dtype)
+                counts = torch.stack(
+                    [sp.count_significant(spec, r, threshold=thresholds.get(r), max_k=max_k) for r in rules], dim=-1
+                ).cpu().numpy()
+                lam = spec.affinity
+                rel = (lam / lam[:, :1].clamp_min(1e-12)).cpu().numpy()
+                top = np.full((rel.shape[0], n_eig), np.nan)
+                top[:, : min(n_eig, rel.shape[1])] = rel[:, :n_eig]
+                b = pixels.shape[0]
+                for j, li in enumerate(lis):
+                    stats[li].update(counts[j * b : (j + 1) * b])
+                    eig_stats[li].update(top[j * b : (j + 1) * b])
+    if _accumulate is not None:
+        stats, eig_stats = _accumulate(stats, eig_stats)
+    summ = [st.summary() for st in stats]
+    params = dict(
+        analysis="spectrum", blocks=blocks, rules=list(rules),
+        thresholds={r: thresholds.get(r, sp.DEFAULT_THRESHOLDS[r]) for r in sp.DEFAULT_THRESHOLDS},
+        affinity=affinity, center=center, knn=knn, max_k=max_k, token_budget=token_budget,
+        include_prefix=include_prefix, n_eig=n_eig, eig_dtype=str(eig_dtype or "float32"),
+        batch_size=batch_size, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid,
+        ci="normal 95% interval of the mean over images",
+    )
+    return SpectrumResult(
+        blocks=tuple(infos),
+        rules=rules,
+        n_images=summ[0].n,
+        count_mean=np.stack([x.mean for x in summ]),
+        count_std=np.stack([x.std for x in summ]),
+        count_ci_low=np.stack([x.ci_low for x in summ]),
+        count_ci_high=np.stack([x.ci_high for x in summ]),
+        eig_mean=np.stack([e.summary().mean for e in eig_stats]),
+        provenance=_provenance(s, seed, params, s.images.names),
+    )
+
+
+# --------------------------------------------------------------------------- probe
+def _parse_sigmas(sigmas: Any) -> tuple[float, ...]:
+    if isinstance(sigmas, (int, float)):
+        sigmas = (sigmas,)
+    if isinstance(sigmas, str):
+        try:
+            sigmas = [float(v) for v in sigmas.split(",") if v.strip()]
+        except ValueError:
+            raise FanlensError(f"sigmas must be comma-separated numbers. Got {sigmas!r} instead.") from None
+    out = tuple(check_nonneg_float("sigmas", v) for v in sigmas)
+    if not out:
+        raise FanlensError("sigmas must hold at least one noise level. Got none.")
+    if len(set(out)) != len(out):
+        raise FanlensError(f"sigmas must be distinct. Got {out!r} instead.")
+    return out
+
+
+def _block_norm(t: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each image's patch tokens: ``(B, N, C) -> (B,)``."""
+    return t.float().flatten(1).norm(dim=1)
+
+
+def noise_probe(
+    model: Any,
+    images: Any = "samples",
+    *,
+    sigmas: Sequence[float] | float | str = DEFAULT_SIGMAS,
+    mode: str = "additive",
+    space: str = "pixel",
+    n_noise: int = DEFAULT_N_NOISE,
+    blocks: str | Sequence[str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    input_size: int | Sequence[int] | None = None,
+    num_prefix_tokens: int | None = None,
+    layout: str | None = None,
+    grid: tuple[int, int] | None = None,
+    progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    _accumulate: Callable | None = None,
+) -> ProbeResult:
+    """How much noise still moves the features, block by block.
+
+    ``mode="additive"``: for each image ``x`` and level ``sigma``,
+    ``delta_l = ||f_l(x + sigma eps) - f_l(x)|| / ||f_l(x)||`` (Frobenius norm over the
+    patch tokens), ``eps ~ N(0, 1)`` drawn by :func:`make_noise` from ``seed`` and the
+    image index, added in pixel space (before normalisation, no clipping) or in the
+    normalised input space (``space``). The clean copy and one noisy copy per sigma go
+    through the model in one batch.
+
+    ``mode="pure"``: ``n_noise`` pure N(0, 1) inputs (normalised input space); per block
+    the mean patch-token L2 norm, divided by the first block's, per sample.
+
+    Returns:
+        :class:`~fanlens.results.ProbeResult` with ``(L, S)`` mean/std/95 % CI.
+    """
+    check_choice("mode", mode, PROBE_MODES)
+    check_choice("space", space, NOISE_SPACES)
+    check_positive_int("batch_size", batch_size)
+    sig = _parse_sigmas(sigmas) if mode == "additive" else (1.0,)
+    if mode == "pure":
+        check_positive_int("n_noise", n_noise)
+    s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
+               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid,
+               need_images=(mode == "additive"))
+    rank, world = shard
+    stats: list[RunningStats] = []
+    infos: list[BlockInfo] = []
+    h, w = s.cfg.input_size
+    if mode == "additive":
+        n_total = len(s.images)
+        batches = s.images.batches(batch_size, start=rank, step=world)
+    else:
+        n_total = n_noise
+        ids = list(range(n_noise))[rank::world]
+        batches = (
+            (torch.stack([make_noise(seed, j, (3, h, w)) for j in ids[i : i + batch_size]]), ids[i : i + batch_size])
+            for i in range(0, len(ids), batch_size)
+        )
+    n_local = len(range(rank, n_total, world))
+    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
+        for x, idx in _progress(batches, _n_batches(n_local, batch_size), f"probe ({mode})", progress):
+            cap.clear()
+            b = x.shape[0]
+            if mode == "additive":
+                eps = torch.stack([make_noise(seed, j, x.shape[1:]) for j in idx])
+                if space == "pixel":
+                    inp = torch.cat([x] + [x + sg * eps for sg in sig]).to(s.device)
+                    inp = s.cfg.normalize(inp)
+                else:
+                    xn = s.cfg.normalize(x)
+                    inp = torch.cat([xn] + [xn + sg * eps for sg in sig]).to(s.device)
+            else:
+                inp = x.to(s.device)
+            cap.run(inp)
+            vals = []
+            for bt in cap.block_tokens():
+                t = bt.tokens
+                if mode == "additive":
+                    clean = t[:b]
+                    denom = _block_norm(clean).clamp_min(1e-12)
+                    cols = [
+                        _block_norm(t[(k + 1) * b : (k + 2) * b] - clean) / denom for k in range(len(sig))
+                    ]
+                    vals.append(torch.stack(cols, dim=-1).cpu().numpy())
+                else:
+                    vals.append(t.float().norm(dim=-1).mean(dim=1, keepdim=True).cpu().numpy())
+                if len(infos) < len(vals):
+                    infos.append(BlockInfo(len(infos), bt.label, bt.layout))
+            cap.clear()
+            if not stats:
+                stats = [RunningStats((len(sig),)) for _ in infos]
+            elif len(vals) != len(stats):
+                raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
+            if mode == "pure":
+                first = np.clip(vals[0], 1e-12, None)
+                vals = [v / first for v in vals]
+            for li, v in enumerate(vals):
+                stats[li].update(v)
+    if _accumulate is not None:
+        stats = _accumulate(stats)
+    summ = [st.summary() for st in stats]
+    params = dict(
+        analysis="probe", mode=mode, sigmas=list(sig), space=space if mode == "additive" else "normalized",
+        n_noise=n_noise if mode == "pure" else None, blocks=blocks, batch_size=batch_size,
+        num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid,
+        noise="N(0,1) per image from SeedSequence([seed, image_index]); no clipping",
+        norm="Frobenius norm over patch tokens" if mode == "additive" else "mean patch-token L2 norm / block 0",
+        ci="normal 95% interval of the mean over images",
+    )
+    names = s.images.names if s.images is not None else [f"noise[{j}]" for j in range(n_noise)]
+    return ProbeResult(
+        blocks=tuple(infos),
+        mode=mode,
+        sigmas=sig,
+        space=params["space"],
+        n_images=summ[0].n,
+        mean=np.stack([x.mean for x in summ]),
+        std=np.stack([x.std for x in summ]),
+        ci_low=np.stack([x.ci_low for x in summ]),
+        ci_high=np.stack([x.ci_high for x in summ]),
+        provenance=_provenance(s, seed, params, names),
+    )
+
+
+# --------------------------------------------------------------------------- groups
+def group_tokens(
+    model: Any,
+    images: Any = "samples",
+    *,
+    n_clusters: int | None = 4,
+    blocks: str | Sequence[str] | None = None,
+    affinity: str = sp.DEFAULT_AFFINITY,
+    center: bool = True,
+    knn: int = sp.DEFAULT_KNN,
+    max_k: int = sp.DEFAULT_MAX_GAP_K,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    n_init: int = 4,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    input_size: int | Sequence[int] | None = None,
+    num_prefix_tokens: int | None = None,
+    layout: str | None = None,
+    grid: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> GroupsResult:
+    """Spectral clustering of the patch tokens of every block: one label map per block and image.
+
+    Args:
+        n_clusters: groups per block, or ``None`` to choose per block and image by the eigengap.
+        seed: seeds k-means (labels are deterministic for a seed).
+        Other arguments as in :func:`spectrum`.
+
+    Returns:
+        :class:`~fanlens.results.GroupsResult`.
+    """
+    check_choice("affinity", affinity, sp.AFFINITIES)
+    if n_clusters is not None:
+        check_positive_int("n_clusters", n_clusters)
+    check_positive_int("token_budget", token_budget, minimum=2)
+    s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
+               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+    labels: list[list[np.ndarray]] = []
+    ks: list[list[np.ndarray]] = []
+    pix: list[np.ndarray] = []
+    infos: list[BlockInfo] = []
+    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
+        batches = s.images.batches(batch_size)
+        for pixels, _idx in _progress(batches, _n_batches(len(s.images), batch_size), "groups", progress):
+            cap.clear()
+            cap.run(s.cfg.normalize(pixels.to(s.device)))
+            pix.append((pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+            for li, bt in enumerate(cap.block_tokens()):
+                tok, g = sp.pool_tokens(bt.tokens, bt.layout.grid, token_budget)
+                if n_clusters is not None and n_clusters > tok.shape[1]:
+                    raise FanlensError(
+                        f"n_clusters must be <= the token count of every block; block {bt.label!r} has "
+                        f"{tok.shape[1]} tokens ({g[0]}x{g[1]}). Got {n_clusters} instead."
+                    )
+                a = sp.affinity(tok.float(), kind=affinity, center=center, knn=min(knn, tok.shape[1]))
+                lab, k = sp.spectral_clustering(a, n_clusters, max_k=max_k, n_init=n_init, seed=seed)
+                if len(infos) <= li:
+                    infos.append(BlockInfo(li, bt.label, bt.layout, g))
+                    labels.append([])
+                    ks.append([])
+                labels[li].append(lab.reshape(-1, *g).cpu().numpy())
+                ks[li].append(k.cpu().numpy())
+            cap.clear()
+    params = dict(
+        analysis="groups", n_clusters=n_clusters, blocks=blocks, affinity=affinity, center=center, knn=knn,
+        max_k=max_k, token_budget=token_budget, n_init=n_init, batch_size=batch_size,
+        num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid,
+        clustering="normalised spectral clustering (Ng-Jordan-Weiss) + batched k-means++; labels by first appearance",
+    )
+    return GroupsResult(
+        blocks=tuple(infos),
+        images=tuple(s.images.names),
+        labels=tuple(np.concatenate(l) for l in labels),
+        n_clusters=np.stack([np.concatenate(k) for k in ks]),
+        pixels=np.concatenate(pix),
+        provenance=_provenance(s, seed, params, s.images.names),
+    )

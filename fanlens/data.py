@@ -1,0 +1,304 @@
+"""Images in, pixel batches out.
+
+fanlens works in **pixel space**: every batch is a float tensor ``(B, 3, H, W)`` with
+values in [0, 1], already resized and cropped to the model's input size. The model's
+normalisation (mean/std) is applied later by the analyses, so that noise can be added
+either in pixel space or in the normalised input space.
+
+Accepted ``images``:
+
+- a tensor ``(B, 3, H, W)`` or ``(3, H, W)`` of pixel values in [0, 1] (used as is);
+- a folder (its image files, sorted by name), a file, or a list of files;
+- ``"samples"``: the natural photos that ship inside scikit-image and scikit-learn;
+- a :class:`torch.utils.data.DataLoader` (or any iterable) of pixel tensors or
+  ``(tensor, ...)`` tuples.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._validation import FanlensError, check_positive_int
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SAMPLE_NAMES",
+    "DataConfig",
+    "ImageSet",
+    "data_config",
+    "resolve_images",
+    "load_sample",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+SAMPLE_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "china", "flower")
+_SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket")
+_SKLEARN_SAMPLES = ("china", "flower")
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing of a model: input size and normalisation (from timm when known)."""
+
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875
+    crop_mode: str = "center"
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
+        return (x - mean) / std
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+        }
+
+
+def data_config(
+    model: nn.Module,
+    *,
+    input_size: int | Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> DataConfig:
+    """The model's preprocessing from its timm data config, with optional overrides.
+
+    Models without a timm config get timm's defaults (224 x 224, ImageNet mean/std).
+    """
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    size = cfg["input_size"][-2:]
+    if input_size is not None:
+        if isinstance(input_size, int):
+            size = (input_size, input_size)
+        else:
+            size = tuple(int(s) for s in input_size)[-2:]
+            if len(size) != 2:
+                raise FanlensError(f"input_size must be an int or (H, W). Got {input_size!r} instead.")
+        for s in size:
+            check_positive_int("input_size", s)
+    m = tuple(float(v) for v in (mean if mean is not None else cfg["mean"]))
+    s_ = tuple(float(v) for v in (std if std is not None else cfg["std"]))
+    if len(m) != 3 or len(s_) != 3 or any(v <= 0 for v in s_):
+        raise FanlensError(f"mean and std must hold 3 values (std > 0). Got mean={m!r}, std={s_!r} instead.")
+    return DataConfig(
+        input_size=(int(size[0]), int(size[1])),
+        mean=m,
+        std=s_,
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        crop_pct=float(cfg.get("crop_pct") or 0.875),
+        crop_mode=str(cfg.get("crop_mode") or "center"),
+    )
+
+
+def load_sample(name: str) -> np.ndarray:
+    """One of :data:`SAMPLE_NAMES` as an ``(H, W, 3)`` uint8 array (ships with the dependencies)."""
+    if name in _SKIMAGE_SAMPLES:
+        from skimage import data as skdata
+
+        return getattr(skdata, name)()
+    if name in _SKLEARN_SAMPLES:
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(f"{name}.jpg")
+    raise FanlensError(f"sample must be one of {SAMPLE_NAMES}. Got {name!r} instead.")
+
+
+@dataclass
+class ImageSet:
+    """A resolved image source that streams pixel batches.
+
+    Attributes:
+        names: one name per image (file path, sample name, or ``tensor[i]``).
+        config: the preprocessing.
+    """
+
+    names: list[str]
+    config: DataConfig
+    _loader: Callable[[int], torch.Tensor] | None = field(default=None, repr=False)
+    _tensor: torch.Tensor | None = field(default=None, repr=False)
+    _iterable: Iterable | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def batches(self, batch_size: int = DEFAULT_BATCH_SIZE, *, start: int = 0, stop: int | None = None,
+                step: int = 1) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        """Yield ``(pixels (B, 3, H, W), global indices)``; ``start/stop/step`` select a shard."""
+        check_positive_int("batch_size", batch_size)
+        idx = list(range(len(self.names)))[start:stop:step]
+        if self._iterable is not None:
+            yield from self._iter_loader(batch_size, set(idx))
+            return
+        for i in range(0, len(idx), batch_size):
+            chunk = idx[i : i + batch_size]
+            if self._tensor is not None:
+                yield self._tensor[chunk], chunk
+            else:
+                yield torch.stack([self._loader(j) for j in chunk]), chunk
+
+    def _iter_loader(self, batch_size: int, keep: set[int]):
+        pos = 0
+        buf, ids = [], []
+        for item in self._iterable:
+            x = item[0] if isinstance(item, (tuple, list)) else item
+            x = _check_pixel_tensor(x, "a DataLoader batch")
+            for row in x:
+                if pos in keep:
+                    buf.append(row)
+                    ids.append(pos)
+                pos += 1
+                if len(buf) == batch_size:
+                    yield torch.stack(buf), ids
+                    buf, ids = [], []
+        if buf:
+            yield torch.stack(buf), ids
+
+
+def _check_pixel_tensor(x: Any, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise FanlensError(f"{what} must be a torch.Tensor of pixels. Got {type(x).__name__} instead.")
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise FanlensError(f"{what} must have shape (B, 3, H, W). Got {tuple(x.shape)} instead.")
+    if not x.is_floating_point():
+        raise FanlensError(f"{what} must hold float pixels in [0, 1]. Got dtype {x.dtype} instead.")
+    return x
+
+
+def _list_folder(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FanlensError(
+            f"images must be a folder holding image files ({', '.join(IMAGE_EXTENSIONS)}). "
+            f"Got {str(folder)!r}, which holds none."
+        )
+    return files
+
+
+def _check_image_file(path: Path) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise FanlensError(f"image {str(path)!r} cannot be read: {e}") from None
+    if mode not in ("RGB", "P") and not (mode == "CMYK" or mode.startswith("YCbCr")):
+        raise FanlensError(
+            f"image {str(path)!r} must be an RGB image. Got mode {mode!r} instead "
+            f"(convert grayscale or RGBA images to RGB first)."
+        )
+
+
+def _pil_to_pixels(img, transform) -> torch.Tensor:
+    x = transform(img)
+    if x.dtype == torch.uint8:  # timm's eval transform without Normalize keeps uint8
+        x = x.float().div_(255.0)
+    return x
+
+
+def resolve_images(
+    images: Any,
+    config: DataConfig,
+) -> ImageSet:
+    """Turn any accepted ``images`` value into an :class:`ImageSet` (see the module doc)."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    transform = create_transform(
+        input_size=config.input_size,
+        interpolation=config.interpolation,
+        crop_pct=config.crop_pct,
+        crop_mode=config.crop_mode,
+        mean=config.mean,
+        std=config.std,
+        normalize=False,
+    )
+
+    if isinstance(images, torch.Tensor):
+        x = _check_pixel_tensor(images, "images")
+        return ImageSet([f"tensor[{i}]" for i in range(x.shape[0])], config, _tensor=x)
+
+    if isinstance(images, str) and images == "samples":
+        names = list(SAMPLE_NAMES)
+
+        def load(i: int) -> torch.Tensor:
+            return _pil_to_pixels(Image.fromarray(load_sample(names[i])).convert("RGB"), transform)
+
+        return ImageSet([f"sample:{n}" for n in names], config, _loader=load)
+
+    if isinstance(images, (str, os.PathLike)):
+        p = Path(images)
+        if p.is_dir():
+            files = _list_folder(p)
+        elif p.is_file():
+            files = [p]
+        else:
+            raise FanlensError(
+                f"images must be a folder, an image file, a tensor or 'samples'. Got {str(images)!r}, "
+                f"which does not exist."
+            )
+    elif isinstance(images, (list, tuple)) and images and all(isinstance(i, (str, os.PathLike)) for i in images):
+        files = []
+        for i in images:
+            p = Path(i)
+            if p.is_dir():
+                files.extend(_list_folder(p))
+            elif p.is_file():
+                files.append(p)
+            else:
+                raise FanlensError(f"images must name existing files. Got {str(i)!r}, which does not exist.")
+    elif isinstance(images, Iterable) and not isinstance(images, (str, bytes, list, tuple)):
+        n = _count_iterable(images)
+        return ImageSet([f"batch_item[{i}]" for i in range(n)], config, _iterable=images)
+    else:
+        raise FanlensError(
+            "images must be a tensor (B, 3, H, W), a folder, files, 'samples' or a DataLoader. "
+            f"Got {type(images).__name__} instead."
+        )
+    for f in files:
+        _check_image_file(f)
+
+    def load_file(i: int) -> torch.Tensor:
+        try:
+            with Image.open(files[i]) as im:
+                img = im.convert("RGB")
+        except OSError as e:
+            raise FanlensError(f"image {str(files[i])!r} cannot be read: {e}") from None
+        return _pil_to_pixels(img, transform)
+
+    return ImageSet([str(f) for f in files], config, _loader=load_file)
+
+
+def _count_iterable(it: Iterable) -> int:
+    ds = getattr(it, "dataset", None)
+    if ds is not None and hasattr(ds, "__len__") and getattr(it, "drop_last", False) is False:
+        return len(ds)
+    n = 0
+    for item in it:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        n += _check_pixel_tensor(x, "a DataLoader batch").shape[0]
+    if n == 0:
+        raise FanlensError("images must hold at least one image. Got an empty iterable instead.")
+    return n

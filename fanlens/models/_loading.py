@@ -1,0 +1,222 @@
+"""Building models from a spec string and loading weights without running pickled code."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .._validation import FanlensError
+
+__all__ = [
+    "LoadedModel",
+    "build_model",
+    "load_state_dict_file",
+    "load_checkpoint",
+    "file_sha256",
+    "state_dict_sha256",
+    "RANDOM_INIT",
+]
+
+RANDOM_INIT = "random init"
+_STATE_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_MAX_KEYS_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode with where its weights came from.
+
+    Attributes:
+        model: the module, in eval mode.
+        name: the spec it was built from.
+        weights: ``"random init"``, ``"pretrained"`` or the checkpoint path.
+        weights_sha256: SHA-256 of the checkpoint file, of the pretrained state dict,
+            or ``"random init"``.
+    """
+
+    model: nn.Module
+    name: str
+    weights: str
+    weights_sha256: str
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """SHA-256 over the state dict's keys, dtypes, shapes and bytes, in order."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, never running pickled code.
+
+    Torch files are read with ``weights_only=True``. A dict holding the weights under
+    ``state_dict_ema``, ``model_ema``, ``state_dict`` or ``model`` is unwrapped, and
+    ``module.`` prefixes (DataParallel / DDP) are stripped.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FanlensError(f"checkpoint must be an existing file. Got {str(path)!r} instead.")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            sd: Any = load_file(str(p))
+        except Exception as e:  # safetensors raises its own error types
+            raise FanlensError(f"checkpoint {str(p)!r} is not a readable safetensors file: {e}") from None
+    else:
+        try:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise FanlensError(
+                f"checkpoint {str(p)!r} cannot be loaded with weights_only=True (fanlens never runs "
+                f"pickled code): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
+    if isinstance(sd, Mapping):
+        for key in _STATE_KEYS:
+            if key in sd and isinstance(sd[key], Mapping):
+                sd = sd[key]
+                break
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise FanlensError(
+            f"checkpoint {str(p)!r} must hold a state dict (name -> tensor), directly or under one of "
+            f"{_STATE_KEYS}. Got {type(sd).__name__} with keys {list(sd)[:_MAX_KEYS_SHOWN] if isinstance(sd, Mapping) else ''} instead."
+        )
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, filter_fn: Callable | None = None) -> None:
+    """Load a checkpoint file into ``model`` strictly, with a clear error when it does not fit."""
+    sd = load_state_dict_file(path)
+    if filter_fn is None:
+        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys {missing[:_MAX_KEYS_SHOWN]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys {unexpected[:_MAX_KEYS_SHOWN]}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches {mismatched[:_MAX_KEYS_SHOWN]}")
+        raise FanlensError(
+            f"checkpoint {str(path)!r} does not fit the model {type(model).__name__}: " + "; ".join(parts) + "."
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def _import_factory(spec: str) -> Callable[..., nn.Module]:
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise FanlensError(f"model must be 'file.py:factory' or 'package.module:factory'. Got {spec!r} instead.")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise FanlensError(f"model file must exist. Got {target!r} instead.")
+        mod_name = f"_fanlens_user_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+        s = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(s)
+        sys.modules[mod_name] = module
+        try:
+            s.loader.exec_module(module)
+        except Exception as e:
+            sys.modules.pop(mod_name, None)
+            raise FanlensError(f"model file {target!r} failed to import: {type(e).__name__}: {e}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise FanlensError(f"model module {target!r} cannot be imported: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise FanlensError(f"model factory {attr!r} must be a callable in {target!r}. Got {type(fn).__name__} instead.")
+    return fn
+
+
+def build_model(
+    spec: str | nn.Module,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    **kwargs: Any,
+) -> LoadedModel:
+    """Build a model in eval mode from a spec.
+
+    Args:
+        spec: a timm model name (FAN names too, after ``import fanlens``),
+            ``path/to/file.py:factory`` or ``package.module:factory`` returning an
+            ``nn.Module``, or a module (kept as is).
+        pretrained: load timm's pretrained weights (needs a download, or a local file
+            through ``pretrained_cfg_overlay=dict(file=...)`` in ``kwargs``).
+        checkpoint: a local weights file (``.safetensors``, ``.pth``, ``.pth.tar``), loaded strictly.
+        kwargs: passed to ``timm.create_model`` or the factory.
+    """
+    if isinstance(spec, nn.Module):
+        model, name = spec, type(spec).__name__
+    elif not isinstance(spec, str) or not spec:
+        raise FanlensError(f"model must be a model name or an nn.Module. Got {spec!r} instead.")
+    elif ":" in spec:
+        model, name = _import_factory(spec)(**kwargs), spec
+        if not isinstance(model, nn.Module):
+            raise FanlensError(f"model factory {spec!r} must return an nn.Module. Got {type(model).__name__} instead.")
+        if pretrained:
+            raise FanlensError("pretrained applies to timm names only; pass checkpoint= for a factory model.")
+    else:
+        import timm
+
+        name = spec
+        if not timm.is_model(spec):
+            close = difflib.get_close_matches(spec, timm.list_models(), n=5, cutoff=0.6)
+            hint = f" Close names: {', '.join(close)}." if close else ""
+            raise FanlensError(f"model must be a timm model name or 'file.py:factory'. Got {spec!r} instead.{hint}")
+        try:
+            model = timm.create_model(spec, pretrained=pretrained, **kwargs)
+        except (RuntimeError, OSError) as e:
+            if pretrained:
+                raise FanlensError(
+                    f"pretrained weights for {spec!r} could not be loaded ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}). Offline, pass checkpoint=PATH instead."
+                ) from None
+            raise
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+        weights, digest = str(checkpoint), file_sha256(checkpoint)
+    elif isinstance(spec, nn.Module):
+        weights, digest = "user module", state_dict_sha256(model)
+    elif pretrained:
+        weights, digest = "pretrained", state_dict_sha256(model)
+    else:
+        weights, digest = RANDOM_INIT, RANDOM_INIT
+    model.eval()
+    return LoadedModel(model, name, weights, digest)

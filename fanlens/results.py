@@ -1,0 +1,421 @@
+"""Result objects: frozen dataclasses that save, load and become tidy tables.
+
+``result.save(dir)`` writes three files, each atomically (written aside, then moved
+into place, so a failing run never leaves a half-written file or clobbers a good one):
+
+- ``results.csv``: tidy long form, one row per (model, block, metric, rule or sigma,
+  statistic), columns :data:`CSV_COLUMNS`;
+- ``manifest.json``: the kind of result, block layouts and the provenance (model,
+  weights SHA-256 or "random init", versions, seed, every analysis parameter, images);
+- ``arrays.npz``: the numeric arrays, so that :func:`load` restores the object exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ._validation import FanlensError
+from .capture import TokenLayout
+
+__all__ = [
+    "CSV_COLUMNS",
+    "STATISTICS",
+    "BlockInfo",
+    "Provenance",
+    "SpectrumResult",
+    "ProbeResult",
+    "GroupsResult",
+    "load",
+    "versions",
+    "write_atomic",
+]
+
+CSV_COLUMNS = ("model", "block_index", "block", "depth", "metric", "rule", "sigma", "image", "statistic", "value", "n")
+STATISTICS = ("mean", "std", "ci_low", "ci_high")
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    """Versions of fanlens and the packages that shape its numbers."""
+    import numpy
+    import scipy
+    import timm
+    import torch
+
+    from . import __version__
+
+    return {
+        "fanlens": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One analysed block.
+
+    Attributes:
+        index: position in the analysed block list (0-based).
+        name: module name, with ``#k`` for the k-th repeated call of a module.
+        layout: token layout of the block output.
+        analysed_grid: grid after pooling to the token budget (spectral analysis only).
+    """
+
+    index: int
+    name: str
+    layout: TokenLayout
+    analysed_grid: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "layout": self.layout.to_dict(),
+            "analysed_grid": list(self.analysed_grid) if self.analysed_grid else None,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BlockInfo":
+        g = d.get("analysed_grid")
+        return cls(int(d["index"]), d["name"], TokenLayout.from_dict(d["layout"]), tuple(g) if g else None)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a result came from: enough to reproduce it."""
+
+    model: str
+    weights: str
+    weights_sha256: str
+    seed: int
+    params: dict
+    images: list[str]
+    versions: dict = field(default_factory=versions)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "seed": self.seed,
+            "params": self.params,
+            "images": list(self.images),
+            "versions": self.versions,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Provenance":
+        return cls(
+            d["model"], d["weights"], d["weights_sha256"], int(d["seed"]), d["params"], list(d["images"]),
+            d["versions"], d["created"],
+        )
+
+
+class _ResultIO:
+    """Shared save/load machinery; subclasses list their array fields in ``_ARRAYS``."""
+
+    KIND: ClassVar[str] = ""
+    _ARRAYS: ClassVar[tuple[str, ...]] = ()
+
+    blocks: tuple[BlockInfo, ...]
+    provenance: Provenance
+
+    @property
+    def model(self) -> str:
+        return self.provenance.model
+
+    @property
+    def block_names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    @property
+    def depth(self) -> np.ndarray:
+        """Relative depth of each block in [0, 1] (first block 0, last 1)."""
+        n = len(self.blocks)
+        return np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(n)
+
+    def _extra_manifest(self) -> dict:
+        return {}
+
+    def _array_dict(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(getattr(self, k)) for k in self._ARRAYS}
+
+    def rows(self) -> list[dict]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in self.rows():
+            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+        return buf.getvalue()
+
+    def manifest(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.KIND,
+            "blocks": [b.to_dict() for b in self.blocks],
+            "provenance": self.provenance.to_dict(),
+            **self._extra_manifest(),
+        }
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write ``results.csv``, ``manifest.json`` and ``arrays.npz`` into ``directory``."""
+        d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise FanlensError(f"out must be a folder. Got {str(d)!r}, which is a file.")
+        buf = io.BytesIO()
+        np.savez(buf, **self._array_dict())
+        csv_bytes = self.to_csv().encode()
+        man = json.dumps(self.manifest(), indent=2, sort_keys=False).encode()
+        written = []
+        for name, data in (("arrays.npz", buf.getvalue()), ("results.csv", csv_bytes), ("manifest.json", man)):
+            write_atomic(d / name, data)
+            written.append(d / name)
+        return written
+
+    @classmethod
+    def _from_parts(cls, manifest: dict, arrays: dict[str, np.ndarray]):
+        blocks = tuple(BlockInfo.from_dict(b) for b in manifest["blocks"])
+        prov = Provenance.from_dict(manifest["provenance"])
+        kwargs = {k: arrays[k] for k in cls._ARRAYS}
+        extra = {f.name: manifest[f.name] for f in fields(cls) if f.name in manifest and f.name not in ("blocks", "provenance")}
+        for k, v in extra.items():
+            if isinstance(v, list):
+                extra[k] = tuple(v)
+        return cls(blocks=blocks, provenance=prov, **extra, **kwargs)
+
+
+def _stat_rows(model, blocks, depth, metric, stats: dict[str, np.ndarray], n, *, rules=None, sigmas=None):
+    rows = []
+    for li, b in enumerate(blocks):
+        cols = rules if rules is not None else sigmas
+        for ci, c in enumerate(cols):
+            for s in STATISTICS:
+                rows.append(
+                    {
+                        "model": model,
+                        "block_index": b.index,
+                        "block": b.name,
+                        "depth": f"{depth[li]:.6g}",
+                        "metric": metric,
+                        "rule": c if rules is not None else "",
+                        "sigma": f"{c:g}" if sigmas is not None else "",
+                        "statistic": s,
+                        "value": f"{float(stats[s][li, ci]):.8g}",
+                        "n": n,
+                    }
+                )
+    return rows
+
+
+@dataclass(frozen=True)
+class SpectrumResult(_ResultIO):
+    """Significant-eigenvalue counts per block.
+
+    Attributes:
+        blocks: analysed blocks.
+        rules: the counting rules, columns of the count arrays.
+        n_images: images aggregated.
+        count_mean, count_std, count_ci_low, count_ci_high: ``(L, R)`` per block and rule.
+        eig_mean: ``(L, K)`` mean of the top-K eigenvalues of the affinity, each image's
+            spectrum divided by its largest eigenvalue (NaN where a block has fewer than K tokens).
+        provenance: see :class:`Provenance`.
+    """
+
+    KIND: ClassVar[str] = "spectrum"
+    _ARRAYS: ClassVar[tuple[str, ...]] = ("count_mean", "count_std", "count_ci_low", "count_ci_high", "eig_mean")
+
+    blocks: tuple[BlockInfo, ...]
+    rules: tuple[str, ...]
+    n_images: int
+    count_mean: np.ndarray
+    count_std: np.ndarray
+    count_ci_low: np.ndarray
+    count_ci_high: np.ndarray
+    eig_mean: np.ndarray
+    provenance: Provenance
+
+    def _extra_manifest(self) -> dict:
+        return {"rules": list(self.rules), "n_images": self.n_images}
+
+    def count(self, rule: str | None = None, statistic: str = "mean") -> np.ndarray:
+        """Per-block count under ``rule`` (default: the result's first rule)."""
+        rule = self.rules[0] if rule is None else rule
+        if rule not in self.rules:
+            raise FanlensError(f"rule must be one of {self.rules}. Got {rule!r} instead.")
+        if statistic not in STATISTICS:
+            raise FanlensError(f"statistic must be one of {STATISTICS}. Got {statistic!r} instead.")
+        return np.asarray(getattr(self, f"count_{statistic}"))[:, self.rules.index(rule)]
+
+    def rows(self) -> list[dict]:
+        stats = {s: getattr(self, f"count_{s}") for s in STATISTICS}
+        return _stat_rows(self.model, self.blocks, self.depth, "significant_eigenvalues", stats, self.n_images,
+                          rules=self.rules)
+
+
+@dataclass(frozen=True)
+class ProbeResult(_ResultIO):
+    """Per-block response to noise.
+
+    ``mode="additive"``: ``delta_l(sigma) = ||f_l(x + sigma eps) - f_l(x)|| / ||f_l(x)||``
+    over patch tokens, one column per sigma. ``mode="pure"``: the mean token norm of
+    ``f_l(eps)`` for pure N(0, 1) inputs divided by the first block's, one column.
+
+    Attributes:
+        blocks: analysed blocks.
+        mode: ``"additive"`` or ``"pure"``.
+        sigmas: noise levels (``(1.0,)`` in pure mode).
+        space: ``"pixel"`` or ``"normalized"``: where the noise was added.
+        n_images: images (or noise samples) aggregated.
+        mean, std, ci_low, ci_high: ``(L, S)``.
+        provenance: see :class:`Provenance`.
+    """
+
+    KIND: ClassVar[str] = "probe"
+    _ARRAYS: ClassVar[tuple[str, ...]] = ("mean", "std", "ci_low", "ci_high")
+
+    blocks: tuple[BlockInfo, ...]
+    mode: str
+    sigmas: tuple[float, ...]
+    space: str
+    n_images: int
+    mean: np.ndarray
+    std: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    provenance: Provenance
+
+    @property
+    def metric(self) -> str:
+        return "relative_perturbation" if self.mode == "additive" else "relative_feature_norm"
+
+    def _extra_manifest(self) -> dict:
+        return {"mode": self.mode, "sigmas": list(self.sigmas), "space": self.space, "n_images": self.n_images}
+
+    def values(self, sigma: float | None = None, statistic: str = "mean") -> np.ndarray:
+        """Per-block values at ``sigma`` (default: the largest)."""
+        sig = max(self.sigmas) if sigma is None else float(sigma)
+        if sig not in self.sigmas:
+            raise FanlensError(f"sigma must be one of {self.sigmas}. Got {sigma!r} instead.")
+        if statistic not in STATISTICS:
+            raise FanlensError(f"statistic must be one of {STATISTICS}. Got {statistic!r} instead.")
+        return np.asarray(getattr(self, statistic))[:, self.sigmas.index(sig)]
+
+    def rows(self) -> list[dict]:
+        stats = {s: getattr(self, s) for s in STATISTICS}
+        return _stat_rows(self.model, self.blocks, self.depth, self.metric, stats, self.n_images, sigmas=self.sigmas)
+
+
+@dataclass(frozen=True)
+class GroupsResult(_ResultIO):
+    """Spectral clusters of the patch tokens of each block, per image.
+
+    Attributes:
+        blocks: analysed blocks (``analysed_grid`` is the grid of the label maps).
+        images: image names.
+        labels: one ``(n_images, h, w)`` int array per block.
+        n_clusters: ``(L, n_images)`` clusters used per block and image.
+        pixels: ``(n_images, H, W, 3)`` uint8 input images, for overlays.
+        provenance: see :class:`Provenance`.
+    """
+
+    KIND: ClassVar[str] = "groups"
+
+    blocks: tuple[BlockInfo, ...]
+    images: tuple[str, ...]
+    labels: tuple[np.ndarray, ...]
+    n_clusters: np.ndarray
+    pixels: np.ndarray
+    provenance: Provenance
+
+    def _extra_manifest(self) -> dict:
+        return {"images": list(self.images)}
+
+    def _array_dict(self) -> dict[str, np.ndarray]:
+        d = {f"labels_{i}": np.asarray(l) for i, l in enumerate(self.labels)}
+        d["n_clusters"] = np.asarray(self.n_clusters)
+        d["pixels"] = np.asarray(self.pixels)
+        return d
+
+    @classmethod
+    def _from_parts(cls, manifest: dict, arrays: dict[str, np.ndarray]):
+        blocks = tuple(BlockInfo.from_dict(b) for b in manifest["blocks"])
+        return cls(
+            blocks=blocks,
+            images=tuple(manifest["images"]),
+            labels=tuple(arrays[f"labels_{i}"] for i in range(len(blocks))),
+            n_clusters=arrays["n_clusters"],
+            pixels=arrays["pixels"],
+            provenance=Provenance.from_dict(manifest["provenance"]),
+        )
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for li, b in enumerate(self.blocks):
+            for ii, img in enumerate(self.images):
+                rows.append(
+                    {
+                        "model": self.model,
+                        "block_index": b.index,
+                        "block": b.name,
+                        "depth": f"{self.depth[li]:.6g}",
+                        "metric": "n_clusters",
+                        "image": img,
+                        "statistic": "value",
+                        "value": int(self.n_clusters[li, ii]),
+                        "n": 1,
+                    }
+                )
+        return rows
+
+
+_KINDS = {c.KIND: c for c in (SpectrumResult, ProbeResult, GroupsResult)}
+
+
+def load(directory: str | Path) -> SpectrumResult | ProbeResult | GroupsResult:
+    """Restore a result written by ``save``."""
+    d = Path(directory)
+    man_path, arr_path = d / "manifest.json", d / "arrays.npz"
+    if not man_path.is_file() or not arr_path.is_file():
+        raise FanlensError(f"directory must hold manifest.json and arrays.npz from result.save(). Got {str(d)!r} instead.")
+    manifest = json.loads(man_path.read_text())
+    kind = manifest.get("kind")
+    if kind not in _KINDS:
+        raise FanlensError(f"manifest kind must be one of {tuple(_KINDS)}. Got {kind!r} instead.")
+    with np.load(arr_path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return _KINDS[kind]._from_parts(manifest, arrays)

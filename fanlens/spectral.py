@@ -1,0 +1,363 @@
+"""Spectral analysis of token sets: affinities, batched eigendecompositions,
+significant-eigenvalue rules and spectral clustering.
+
+Everything here works on batches: ``tokens`` is ``(B, N, C)`` and every matrix
+is ``(B, N, N)``, so the affinities of B images (or B images x L blocks of the same
+token count) go through one :func:`torch.linalg.eigh` call, on CPU or CUDA.
+
+Definitions (the FAN paper gives none; fanlens names and records each):
+
+- ``affinity="cosine"`` (default): tokens L2-normalised, ``A = max(X X^T, 0)``.
+- ``affinity="gaussian"``: ``A = exp(-d^2 / (2 h^2))`` with ``h`` the median off-diagonal
+  pairwise distance of the image.
+- ``affinity="knn"``: the ``k`` nearest neighbours by cosine similarity (self included),
+  connectivity symmetrised as ``(K + K^T) / 2``.
+- normalised affinity ``M = D^{-1/2} A D^{-1/2}`` (eigenvalues in [-1, 1], top one 1),
+  Laplacian ``L = I - M``.
+
+Significant-eigenvalue rules (see :data:`RULES`):
+
+- ``"rel_threshold"``: eigenvalues of ``A`` above ``tau * lambda_max`` (default tau 0.05).
+- ``"norm_threshold"``: eigenvalues of ``M`` above ``tau`` (default 0.9, i.e. Laplacian
+  eigenvalues below 0.1: near-disconnected groups).
+- ``"eigengap"``: ``argmax_k (mu_k - mu_{k+1})`` over the sorted eigenvalues ``mu`` of ``M``.
+- ``"effective_rank"``: ``exp(H(p))`` with ``p = lambda / sum(lambda)`` over eigenvalues of ``A``.
+- ``"participation_ratio"``: ``(sum lambda)^2 / sum lambda^2`` over eigenvalues of ``A``.
+
+On an affinity made of ``k`` disconnected equal blocks every rule gives ``k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._validation import FanlensError, check_choice, check_fraction, check_positive_int, check_shape
+
+__all__ = [
+    "AFFINITIES",
+    "RULES",
+    "DEFAULT_AFFINITY",
+    "DEFAULT_RULE",
+    "DEFAULT_THRESHOLDS",
+    "DEFAULT_KNN",
+    "DEFAULT_MAX_GAP_K",
+    "Spectrum",
+    "affinity",
+    "normalized_affinity",
+    "laplacian",
+    "eigvalsh",
+    "spectrum",
+    "count_significant",
+    "spectral_clustering",
+    "kmeans",
+    "pool_tokens",
+]
+
+AFFINITIES = ("cosine", "gaussian", "knn")
+RULES = ("rel_threshold", "norm_threshold", "eigengap", "effective_rank", "participation_ratio")
+DEFAULT_AFFINITY = "cosine"
+DEFAULT_RULE = "rel_threshold"
+DEFAULT_THRESHOLDS = {"rel_threshold": 0.05, "norm_threshold": 0.9}
+DEFAULT_KNN = 10
+DEFAULT_MAX_GAP_K = 32
+_EPS = 1e-12
+
+
+# --------------------------------------------------------------------------- affinity
+def _check_tokens(tokens: torch.Tensor) -> None:
+    check_shape("tokens", tokens, ["B", "N", "C"])
+    if not tokens.is_floating_point():
+        raise FanlensError(f"tokens must be a floating-point tensor. Got dtype {tokens.dtype} instead.")
+
+
+def affinity(
+    tokens: torch.Tensor,
+    *,
+    kind: str = DEFAULT_AFFINITY,
+    center: bool = True,
+    knn: int = DEFAULT_KNN,
+) -> torch.Tensor:
+    """Token affinity matrices.
+
+    Args:
+        tokens: ``(B, N, C)``.
+        kind: ``"cosine"``, ``"gaussian"`` or ``"knn"``.
+        center: subtract each image's mean token first.
+        knn: neighbours per token for ``kind="knn"``.
+
+    Returns:
+        ``(B, N, N)`` symmetric, non-negative affinities.
+    """
+    _check_tokens(tokens)
+    check_choice("kind", kind, AFFINITIES)
+    if not bool(torch.isfinite(tokens).all()):
+        raise FanlensError("tokens must be finite. Got NaN or inf values instead (check the model's output).")
+    x = tokens
+    if center:
+        x = x - x.mean(dim=1, keepdim=True)
+    n = x.shape[1]
+    if kind == "gaussian":
+        sq = (x * x).sum(-1)
+        d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * x @ x.transpose(1, 2)).clamp_min(0.0)
+        off = ~torch.eye(n, dtype=torch.bool, device=x.device)
+        if n < 2:
+            return torch.ones_like(d2)
+        h2 = d2[:, off].sqrt().median(dim=1).values.pow(2).clamp_min(_EPS)
+        return torch.exp(-d2 / (2.0 * h2[:, None, None]))
+    xn = x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    sim = xn @ xn.transpose(1, 2)
+    if kind == "cosine":
+        return sim.clamp_min(0.0)
+    check_positive_int("knn", knn)
+    if knn > n:
+        raise FanlensError(f"knn must be <= the number of tokens ({n}). Got {knn} instead.")
+    # the token itself is always its own nearest neighbour
+    sim = sim + 2.0 * torch.eye(n, dtype=sim.dtype, device=sim.device)
+    idx = sim.topk(knn, dim=-1).indices
+    k = torch.zeros_like(sim).scatter_(-1, idx, 1.0)
+    return 0.5 * (k + k.transpose(1, 2))
+
+
+def normalized_affinity(a: torch.Tensor) -> torch.Tensor:
+    """``D^{-1/2} A D^{-1/2}`` with ``D`` the degree matrix."""
+    check_shape("a", a, ["B", "N", "N"])
+    d = a.sum(-1).clamp_min(_EPS).rsqrt()
+    return d[:, :, None] * a * d[:, None, :]
+
+
+def laplacian(a: torch.Tensor) -> torch.Tensor:
+    """Symmetric normalised Laplacian ``I - D^{-1/2} A D^{-1/2}``."""
+    m = normalized_affinity(a)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return eye - m
+
+
+def eigvalsh(m: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Eigenvalues of a batch of symmetric matrices, sorted in **descending** order.
+
+    One batched :func:`torch.linalg.eigh`; ``dtype=torch.float64`` computes in double.
+    """
+    check_shape("m", m, ["B", "N", "N"])
+    work = m.to(dtype) if dtype is not None else m
+    ev = torch.linalg.eigvalsh(0.5 * (work + work.transpose(1, 2)))
+    return ev.flip(-1).to(m.dtype)
+
+
+# --------------------------------------------------------------------------- rules
+@dataclass(frozen=True)
+class Spectrum:
+    """Eigenvalues of a batch of affinities, descending.
+
+    Attributes:
+        affinity: ``(B, N)`` eigenvalues of ``A``.
+        normalized: ``(B, N)`` eigenvalues of ``D^{-1/2} A D^{-1/2}``.
+    """
+
+    affinity: torch.Tensor
+    normalized: torch.Tensor
+
+
+def spectrum(a: torch.Tensor, *, dtype: torch.dtype | None = None) -> Spectrum:
+    """Eigenvalues of ``A`` and of its normalised form, in two batched calls."""
+    return Spectrum(eigvalsh(a, dtype=dtype), eigvalsh(normalized_affinity(a), dtype=dtype))
+
+
+def _eigengap(mu: torch.Tensor, max_k: int) -> torch.Tensor:
+    n = mu.shape[-1]
+    kmax = min(max_k, n - 1)
+    if kmax < 1:
+        return torch.ones(mu.shape[0], dtype=mu.dtype, device=mu.device)
+    gaps = mu[:, :kmax] - mu[:, 1 : kmax + 1]
+    return (gaps.argmax(dim=-1) + 1).to(mu.dtype)
+
+
+def count_significant(
+    spec: Spectrum,
+    rule: str = DEFAULT_RULE,
+    *,
+    threshold: float | None = None,
+    max_k: int = DEFAULT_MAX_GAP_K,
+) -> torch.Tensor:
+    """Number of significant eigenvalues per matrix under ``rule``.
+
+    Args:
+        spec: from :func:`spectrum`.
+        rule: one of :data:`RULES`.
+        threshold: ``tau`` of the threshold rules (defaults in :data:`DEFAULT_THRESHOLDS`).
+        max_k: largest count the eigengap rule may return.
+
+    Returns:
+        ``(B,)`` float tensor (integers for the threshold and eigengap rules).
+    """
+    check_choice("rule", rule, RULES)
+    if rule in DEFAULT_THRESHOLDS:
+        tau = DEFAULT_THRESHOLDS[rule] if threshold is None else check_fraction("threshold", threshold)
+        if rule == "rel_threshold":
+            lam = spec.affinity
+            return (lam > tau * lam[:, :1].clamp_min(_EPS)).sum(-1).to(lam.dtype)
+        return (spec.normalized > tau).sum(-1).to(spec.normalized.dtype)
+    if rule == "eigengap":
+        return _eigengap(spec.normalized, check_positive_int("max_k", max_k))
+    lam = spec.affinity.clamp_min(0.0)
+    total = lam.sum(-1).clamp_min(_EPS)
+    if rule == "effective_rank":
+        p = lam / total[:, None]
+        h = -(p * torch.log(p.clamp_min(_EPS))).sum(-1)
+        return torch.exp(h)
+    return total.pow(2) / lam.pow(2).sum(-1).clamp_min(_EPS)
+
+
+# --------------------------------------------------------------------------- token budget
+def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], budget: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Average-pool a token grid so that it holds at most ``budget`` tokens.
+
+    The grid is shrunk by the smallest integer factor ``f`` with
+    ``ceil(H/f) * ceil(W/f) <= budget`` (adaptive average pooling to that grid).
+    Returns the pooled tokens ``(B, N', C)`` and the new grid; unchanged when within budget.
+    """
+    check_positive_int("budget", budget)
+    h, w = grid
+    if h * w <= budget:
+        return tokens, (h, w)
+    f = 2
+    while -(-h // f) * -(-w // f) > budget:
+        f += 1
+    nh, nw = -(-h // f), -(-w // f)
+    b, n, c = tokens.shape
+    img = tokens.transpose(1, 2).reshape(b, c, h, w)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(img, (nh, nw))
+    return pooled.flatten(2).transpose(1, 2), (nh, nw)
+
+
+# --------------------------------------------------------------------------- clustering
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    *,
+    n_init: int = 4,
+    max_iter: int = 50,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Batched k-means (k-means++ seeding, Lloyd iterations), deterministic for a seed.
+
+    Args:
+        x: ``(B, N, D)`` points.
+        k: clusters per batch element.
+
+    Returns:
+        ``(B, N)`` int64 labels; the best of ``n_init`` runs by inertia.
+    """
+    check_shape("x", x, ["B", "N", "D"])
+    b, n, d = x.shape
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    best_labels = None
+    best_inertia = None
+    ar = torch.arange(b, device=x.device)
+    for _ in range(n_init):
+        # k-means++ seeding, batched
+        first = torch.randint(n, (b,), generator=g).to(x.device)
+        centers = x[ar, first][:, None, :]
+        d2 = ((x - centers) ** 2).sum(-1)
+        for _c in range(1, k):
+            probs = d2.clamp_min(0.0)
+            probs = probs / probs.sum(-1, keepdim=True).clamp_min(_EPS)
+            # rows with all-zero distance: pick uniformly
+            zero = probs.sum(-1) <= 0
+            if zero.any():
+                probs[zero] = 1.0 / n
+            u = torch.rand((b, 1), generator=g).to(x.device, x.dtype)
+            idx = (probs.cumsum(-1) < u).sum(-1).clamp_max(n - 1)
+            new = x[ar, idx][:, None, :]
+            centers = torch.cat([centers, new], dim=1)
+            d2 = torch.minimum(d2, ((x - new) ** 2).sum(-1))
+        labels = None
+        for _it in range(max_iter):
+            dist = torch.cdist(x, centers)
+            new_labels = dist.argmin(-1)
+            if labels is not None and torch.equal(new_labels, labels):
+                break
+            labels = new_labels
+            onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)
+            counts = onehot.sum(1)
+            sums = onehot.transpose(1, 2) @ x
+            keep = counts[..., None] > 0
+            centers = torch.where(keep, sums / counts[..., None].clamp_min(1.0), centers)
+        inertia = ((x - centers.gather(1, labels[..., None].expand(-1, -1, d))) ** 2).sum((1, 2))
+        if best_labels is None:
+            best_labels, best_inertia = labels, inertia
+        else:
+            better = inertia < best_inertia - 1e-9 * best_inertia.abs()
+            best_labels = torch.where(better[:, None], labels, best_labels)
+            best_inertia = torch.where(better, inertia, best_inertia)
+    return _canonical_labels(best_labels, k)
+
+
+def _canonical_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Relabel so that clusters are numbered by first appearance in token order."""
+    b, n = labels.shape
+    pos = torch.arange(n, device=labels.device).expand(b, n)
+    first = torch.full((b, k), n, dtype=torch.long, device=labels.device)
+    first = first.scatter_reduce(1, labels, pos, reduce="amin")
+    order = first.argsort(dim=1)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(k, device=labels.device).expand(b, k))
+    return rank.gather(1, labels)
+
+
+def _fix_signs(v: torch.Tensor) -> torch.Tensor:
+    """Flip each eigenvector (column) so that its entry of largest magnitude is positive."""
+    idx = v.abs().argmax(dim=1, keepdim=True)
+    s = torch.sign(v.gather(1, idx))
+    s[s == 0] = 1.0
+    return v * s
+
+
+def spectral_clustering(
+    a: torch.Tensor,
+    n_clusters: int | None = None,
+    *,
+    max_k: int = DEFAULT_MAX_GAP_K,
+    n_init: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spectral clustering of each affinity matrix of a batch.
+
+    The embedding is the one of normalised spectral clustering (Ng, Jordan and Weiss):
+    the top ``k`` eigenvectors of ``D^{-1/2} A D^{-1/2}`` with deterministic signs,
+    row-normalised; then batched k-means. Labels are numbered by
+    first appearance in token (raster) order, so equal partitions get equal labels.
+
+    Args:
+        a: ``(B, N, N)`` affinities.
+        n_clusters: ``k``, or ``None`` to choose it per matrix by the eigengap.
+        max_k: largest ``k`` the eigengap may choose.
+
+    Returns:
+        ``(labels (B, N) int64, k (B,) int64)``.
+    """
+    check_shape("a", a, ["B", "N", "N"])
+    b, n, _ = a.shape
+    if n_clusters is not None:
+        check_positive_int("n_clusters", n_clusters)
+        if n_clusters > n:
+            raise FanlensError(
+                f"n_clusters must be <= the number of tokens ({n}). Got {n_clusters} instead."
+            )
+    m = normalized_affinity(a)
+    work = m.to(dtype) if dtype is not None else m
+    evals, evecs = torch.linalg.eigh(0.5 * (work + work.transpose(1, 2)))
+    evals, evecs = evals.flip(-1).to(a.dtype), evecs.flip(-1).to(a.dtype)
+    if n_clusters is None:
+        ks = _eigengap(evals, max_k).long()
+    else:
+        ks = torch.full((b,), n_clusters, dtype=torch.long, device=a.device)
+    labels = torch.empty((b, n), dtype=torch.long, device=a.device)
+    for k in torch.unique(ks).tolist():
+        sel = (ks == k).nonzero(as_tuple=True)[0]
+        u = _fix_signs(evecs[sel, :, :k])
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        labels[sel] = kmeans(u, int(k), n_init=n_init, seed=seed)
+    return labels, ks
