@@ -69,9 +69,13 @@ def _setup(
     num_prefix_tokens: int | None,
     layout: str | None,
     grid: Any,
+    seed: int = 0,
     need_images: bool = True,
 ) -> _Setup:
-    lm = model if isinstance(model, LoadedModel) else build_model(model, pretrained=pretrained, checkpoint=checkpoint)
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        lm = build_model(model, pretrained=pretrained, checkpoint=checkpoint, seed=seed)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -99,6 +103,20 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
 
 def _n_batches(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
+
+
+def _forward(cap: TokenCapture, x: torch.Tensor) -> None:
+    """Run the model under the capture; a failing forward becomes a FanlensError with the input shape."""
+    try:
+        cap.run(x)
+    except FanlensError:
+        raise
+    except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FanlensError(
+            f"the model's forward pass failed on an input of shape {tuple(x.shape)}: {first}. "
+            f"Check input_size and the model's expected input."
+        ) from e
 
 
 def make_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
@@ -169,7 +187,7 @@ def spectrum(
         token_budget: blocks with more tokens are average-pooled to a coarser grid.
         n_eig: top eigenvalues (divided by the largest) kept as the mean spectrum.
         eig_dtype: ``torch.float64`` to decompose in double precision.
-        seed: recorded; the spectrum itself uses no randomness.
+        seed: seeds the random initialisation of a model built from a spec; recorded.
         progress: show a progress bar.
 
     Returns:
@@ -189,7 +207,7 @@ def spectrum(
     check_positive_int("n_eig", n_eig)
     check_positive_int("batch_size", batch_size)
     s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
     rank, world = shard
     stats: list[RunningStats] = []
     eig_stats: list[RunningStats] = []
@@ -199,7 +217,7 @@ def spectrum(
         batches = s.images.batches(batch_size, start=rank, step=world)
         for pixels, _idx in _progress(batches, _n_batches(n_img, batch_size), "spectrum", progress):
             cap.clear()
-            cap.run(s.cfg.normalize(pixels.to(s.device)))
+            _forward(cap, s.cfg.normalize(pixels.to(s.device)))
             per_block = []
             for bt in cap.block_tokens():
                 tok, g = sp.pool_tokens(bt.tokens, bt.layout.grid, token_budget)
@@ -215,11 +233,13 @@ def spectrum(
             cap.clear()
             # group blocks by token count: one batched eigendecomposition per group
             groups: dict[int, list[int]] = {}
+            affs = []
             for li, (_bt, tok, _g) in enumerate(per_block):
                 groups.setdefault(tok.shape[1], []).append(li)
-            for n_tok, lis in groups.items():
-                toks = torch.cat([per_block[li][1].float() for li in lis], dim=0)
-                a = sp.affinity(toks, kind=affinity, center=center, knn=min(knn, n_tok))
+                affs.append(sp.affinity(tok.float(), kind=affinity, center=center, knn=min(knn, tok.shape[1])))
+            per_block = None
+            for lis in groups.values():
+                a = torch.cat([affs[li] for li in lis], dim=0)
                 spec = sp.spectrum(a, dtype=eig_dtype)
                 counts = torch.stack(
                     [sp.count_significant(spec, r, threshold=thresholds.get(r), max_k=max_k) for r in rules], dim=-1
@@ -322,7 +342,7 @@ def noise_probe(
     if mode == "pure":
         check_positive_int("n_noise", n_noise)
     s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid,
+               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed,
                need_images=(mode == "additive"))
     rank, world = shard
     stats: list[RunningStats] = []
@@ -353,7 +373,7 @@ def noise_probe(
                     inp = torch.cat([xn] + [xn + sg * eps for sg in sig]).to(s.device)
             else:
                 inp = x.to(s.device)
-            cap.run(inp)
+            _forward(cap, inp)
             vals = []
             for bt in cap.block_tokens():
                 t = bt.tokens
@@ -443,7 +463,7 @@ def group_tokens(
         check_positive_int("n_clusters", n_clusters)
     check_positive_int("token_budget", token_budget, minimum=2)
     s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
     labels: list[list[np.ndarray]] = []
     ks: list[list[np.ndarray]] = []
     pix: list[np.ndarray] = []
@@ -452,7 +472,7 @@ def group_tokens(
         batches = s.images.batches(batch_size)
         for pixels, _idx in _progress(batches, _n_batches(len(s.images), batch_size), "groups", progress):
             cap.clear()
-            cap.run(s.cfg.normalize(pixels.to(s.device)))
+            _forward(cap, s.cfg.normalize(pixels.to(s.device)))
             pix.append((pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
             for li, bt in enumerate(cap.block_tokens()):
                 tok, g = sp.pool_tokens(bt.tokens, bt.layout.grid, token_budget)

@@ -80,12 +80,20 @@ def data_config(
 ) -> DataConfig:
     """The model's preprocessing from its timm data config, with optional overrides.
 
-    Models without a timm config get timm's defaults (224 x 224, ImageNet mean/std).
+    Models without a timm config get timm's defaults (224 x 224, ImageNet mean/std). A
+    model whose patch embedding accepts one input size only (timm ViT built with
+    ``img_size=...``) gets that size.
     """
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
-    size = cfg["input_size"][-2:]
+    size = tuple(cfg["input_size"][-2:])
+    # timm keeps the pretrained config's size when a model is built with another img_size;
+    # a patch embedding that only accepts one size knows the right one.
+    pe = getattr(model, "patch_embed", None)
+    pe_size = getattr(pe, "img_size", None)
+    if pe_size is not None and getattr(pe, "strict_img_size", False) and not getattr(pe, "dynamic_img_pad", False):
+        size = tuple(int(v) for v in (pe_size if isinstance(pe_size, (tuple, list)) else (pe_size, pe_size)))
     if input_size is not None:
         if isinstance(input_size, int):
             size = (input_size, input_size)

@@ -63,7 +63,7 @@ def state_dict_sha256(model: nn.Module) -> str:
     for k, v in model.state_dict().items():
         t = v.detach().cpu().contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -169,6 +169,7 @@ def build_model(
     *,
     pretrained: bool = False,
     checkpoint: str | Path | None = None,
+    seed: int = 0,
     **kwargs: Any,
 ) -> LoadedModel:
     """Build a model in eval mode from a spec.
@@ -180,8 +181,16 @@ def build_model(
         pretrained: load timm's pretrained weights (needs a download, or a local file
             through ``pretrained_cfg_overlay=dict(file=...)`` in ``kwargs``).
         checkpoint: a local weights file (``.safetensors``, ``.pth``, ``.pth.tar``), loaded strictly.
+        seed: seeds the random initialisation (under a forked RNG, so the caller's
+            global RNG state is untouched), making random-init models reproducible.
         kwargs: passed to ``timm.create_model`` or the factory.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return _build(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+
+
+def _build(spec: Any, *, pretrained: bool, checkpoint: Any, **kwargs: Any) -> LoadedModel:
     if isinstance(spec, nn.Module):
         model, name = spec, type(spec).__name__
     elif not isinstance(spec, str) or not spec:

@@ -1,0 +1,204 @@
+"""``fanlens`` command line: parse, call the analysis, save. No computation lives here.
+
+Bad input ends with a one-line ``fanlens: error: ...`` on stderr and exit code 2.
+Files are written only once an analysis has finished, each atomically, so a failing
+run leaves earlier results intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ._validation import FanlensError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+DEFAULT_OUT = "fanlens_out"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    from .analysis import DEFAULT_TOKEN_BUDGET  # noqa: F401
+    from .data import DEFAULT_BATCH_SIZE
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True,
+                   help="timm name (e.g. vit_small_patch16_224), 'path/file.py:factory' or 'package.module:factory'")
+    g.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs a download)")
+    g.add_argument("--checkpoint", metavar="FILE", help="local weights: .safetensors, .pth, .pth.tar")
+    g.add_argument("--blocks", metavar="PATTERN",
+                   help="module names or glob patterns, comma-separated (default: the model family's blocks)")
+    g.add_argument("--num-prefix-tokens", type=int, default=None, help="override the prefix-token count")
+    g.add_argument("--layout", choices=("NLC", "NCHW", "NHWC"), default=None, help="override the output layout")
+    g.add_argument("--input-size", type=int, nargs="+", metavar="N",
+                   help="input size: one number, or H W (default: the model's data config)")
+    d = p.add_argument_group("data and run")
+    d.add_argument("--images", nargs="+", default=["samples"],
+                   help="a folder, image files, or 'samples' (photos shipped with scikit-image / scikit-learn)")
+    d.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    d.add_argument("--no-figure", action="store_true", help="do not write the PNG figure")
+
+
+def _add_spectral(p: argparse.ArgumentParser) -> None:
+    from .analysis import DEFAULT_TOKEN_BUDGET
+    from .spectral import AFFINITIES, DEFAULT_AFFINITY, DEFAULT_KNN
+
+    s = p.add_argument_group("spectral")
+    s.add_argument("--affinity", choices=AFFINITIES, default=DEFAULT_AFFINITY)
+    s.add_argument("--no-center", action="store_true", help="do not subtract each image's mean token")
+    s.add_argument("--knn", type=int, default=DEFAULT_KNN, help="neighbours for --affinity knn")
+    s.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
+                   help="blocks with more tokens are average-pooled to fit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .spectral import RULES
+
+    parser = argparse.ArgumentParser(prog="fanlens", description="Look inside vision models the way the FAN paper does.")
+    parser.add_argument("--version", action="version", version=f"fanlens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("spectrum", help="significant-eigenvalue counts of the token affinity per block")
+    _add_common(sp)
+    _add_spectral(sp)
+    sp.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, first is the headline ({', '.join(RULES)})")
+    sp.add_argument("--threshold", action="append", default=[], metavar="RULE=TAU",
+                    help="threshold of a threshold rule, e.g. rel_threshold=0.05")
+    sp.add_argument("--include-prefix", action="store_true", help="include CLS/register tokens")
+
+    pp = sub.add_parser("probe", help="relative feature change under N(0,1) noise per block")
+    _add_common(pp)
+    pp.add_argument("--sigmas", default="0.1", help="comma-separated noise levels, e.g. 0,0.1,0.5")
+    pp.add_argument("--mode", choices=("additive", "pure"), default="additive")
+    pp.add_argument("--space", choices=("pixel", "normalized"), default="pixel",
+                    help="add the noise to pixels in [0,1] or to the normalised input")
+    pp.add_argument("--n-noise", type=int, default=16, help="noise samples in --mode pure")
+
+    gp = sub.add_parser("groups", help="spectral clusters of the tokens of each block, per image")
+    _add_common(gp)
+    _add_spectral(gp)
+    gp.add_argument("--n-clusters", default="4", help="clusters per block, or 'auto' (eigengap)")
+    return parser
+
+
+def _thresholds(items: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise FanlensError(f"--threshold must be RULE=TAU. Got {it!r} instead.")
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise FanlensError(f"--threshold must be RULE=TAU with a number TAU. Got {it!r} instead.") from None
+    return out
+
+
+def _images_arg(images: Sequence[str]):
+    return images[0] if len(images) == 1 else list(images)
+
+
+def _save_figure(fig, path: Path) -> None:
+    from .results import write_atomic
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=130)
+    finally:
+        plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def _run(args: argparse.Namespace) -> list[Path]:
+    from . import analysis
+    from .models import build_model
+
+    if args.pretrained and args.checkpoint:
+        raise FanlensError("--pretrained and --checkpoint exclude each other; pass one.")
+    lm = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, seed=args.seed)
+    common = dict(
+        blocks=args.blocks,
+        num_prefix_tokens=args.num_prefix_tokens,
+        layout=args.layout,
+        input_size=tuple(args.input_size) if args.input_size else None,
+        device=args.device,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    images = _images_arg(args.images)
+    out = Path(args.out)
+    if args.command == "spectrum":
+        rules = tuple(r.strip() for r in args.rules.split(",") if r.strip())
+        res = analysis.spectrum(
+            lm, images, rules=rules, thresholds=_thresholds(args.threshold), affinity=args.affinity,
+            center=not args.no_center, knn=args.knn, token_budget=args.token_budget,
+            include_prefix=args.include_prefix, **common,
+        )
+        fig_name, draw = "spectrum.png", "plot_spectrum"
+    elif args.command == "probe":
+        res = analysis.noise_probe(
+            lm, images, sigmas=args.sigmas, mode=args.mode, space=args.space, n_noise=args.n_noise, **common,
+        )
+        fig_name, draw = "probe.png", "plot_probe"
+    else:
+        k = None if args.n_clusters.strip().lower() == "auto" else _int_arg("--n-clusters", args.n_clusters)
+        res = analysis.group_tokens(
+            lm, images, n_clusters=k, affinity=args.affinity, center=not args.no_center, knn=args.knn,
+            token_budget=args.token_budget, **common,
+        )
+        fig_name, draw = "groups.png", "plot_groups"
+    written = res.save(out)
+    if not args.no_figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from . import plotting
+
+        obj = getattr(plotting, draw)(res)
+        fig = obj if hasattr(obj, "savefig") else obj.figure
+        _save_figure(fig, out / fig_name)
+        written.append(out / fig_name)
+    return written
+
+
+def _int_arg(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise FanlensError(f"{name} must be an integer or 'auto'. Got {value!r} instead.") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fanlens`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="fanlens: %(message)s")
+    try:
+        written = _run(args)
+    except FanlensError as e:
+        msg = " ".join(str(e).split())
+        print(f"fanlens: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fanlens: interrupted", file=sys.stderr)
+        return 130
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared fixtures: seeds, tiny models, image folders, hook counting, figure cleanup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import fanlens  # noqa: F401  (registers models)
+
+TINY = f"{Path(__file__).parent / 'tiny_models.py'}:tiny_vit"  # a factory spec for the CLI
+
+
+@pytest.fixture
+def seed() -> int:
+    torch.manual_seed(0)
+    np.random.seed(0)
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Forward and forward-pre hooks on every module of ``model``."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def write_images(folder, n: int = 3, size=(48, 40), mode: str = "RGB", seed: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        arr = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(arr, "RGB")
+        if mode != "RGB":
+            img = img.convert(mode)
+        p = folder / f"img_{i:03d}.png"
+        img.save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    d = tmp_path / "images"
+    write_images(d, 3)
+    return d
+
+
+@pytest.fixture
+def tiny_vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, depth=3, num_classes=5).eval()

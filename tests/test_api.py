@@ -1,0 +1,222 @@
+"""The Python API end to end: inputs of every kind, results, provenance, save/load."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import fanlens
+from fanlens import FanlensError
+from fanlens.data import SAMPLE_NAMES, resolve_images, data_config
+from fanlens.results import CSV_COLUMNS
+
+from conftest import TINY, write_images
+
+
+def _pixels(n, size=64, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_spectrum_on_a_tensor(tiny_vit):
+    r = fanlens.spectrum(tiny_vit, _pixels(4), progress=False)
+    assert r.n_images == 4
+    assert r.block_names == ["blocks.0", "blocks.1", "blocks.2"]
+    assert r.count_mean.shape == (3, len(fanlens.spectral.RULES))
+    assert r.blocks[0].layout.grid == (4, 4) and r.blocks[0].layout.num_prefix_tokens == 1
+    c = r.count("rel_threshold")
+    assert ((c >= 1) & (c <= 16)).all()
+    # eigenvalue spectrum: top one normalised to 1, descending, NaN past the 16 tokens
+    assert np.allclose(r.eig_mean[:, 0], 1.0)
+    assert np.isnan(r.eig_mean[:, 16:]).all()
+    assert (np.diff(r.eig_mean[:, :16], axis=1) <= 1e-6).all()
+
+
+def test_spectrum_counts_match_per_image_computation(tiny_vit):
+    x = _pixels(3, seed=4)
+    r = fanlens.spectrum(tiny_vit, x, rules=("rel_threshold", "effective_rank"), batch_size=2, progress=False)
+    cfg = data_config(tiny_vit)
+    per_image = []
+    with torch.no_grad(), fanlens.TokenCapture(tiny_vit) as cap:
+        for i in range(3):
+            cap.clear()
+            cap.run(cfg.normalize(x[i : i + 1]))
+            row = []
+            for bt in cap.block_tokens():
+                spec = fanlens.spectral.spectrum(fanlens.spectral.affinity(bt.tokens))
+                row.append([fanlens.spectral.count_significant(spec, rr).item() for rr in r.rules])
+            per_image.append(row)
+    per_image = np.array(per_image)
+    np.testing.assert_allclose(r.count_mean, per_image.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(r.count_std, per_image.std(0, ddof=1), rtol=1e-4, atol=1e-9)
+
+
+def test_inputs_folder_files_dataloader_give_equal_results(tiny_vit, tmp_path):
+    paths = write_images(tmp_path / "imgs", 3, size=(64, 64))
+    cfg = data_config(tiny_vit)
+    tensor = next(resolve_images(tmp_path / "imgs", cfg).batches(3))[0]
+    assert tensor.shape == (3, 3, 64, 64) and 0 <= tensor.min() and tensor.max() <= 1
+    r_dir = fanlens.spectrum(tiny_vit, tmp_path / "imgs", progress=False)
+    r_files = fanlens.spectrum(tiny_vit, [str(p) for p in paths], progress=False)
+    r_tensor = fanlens.spectrum(tiny_vit, tensor, progress=False)
+    loader = DataLoader(TensorDataset(tensor, torch.zeros(3)), batch_size=2)
+    r_loader = fanlens.spectrum(tiny_vit, loader, progress=False)
+    for r in (r_files, r_tensor, r_loader):
+        np.testing.assert_allclose(r.count_mean, r_dir.count_mean)
+    assert r_dir.provenance.images == [str(p) for p in paths]
+
+
+def test_samples_ship_with_dependencies():
+    cfg = fanlens.data.DataConfig((32, 48), (0.5,) * 3, (0.5,) * 3)
+    s = resolve_images("samples", cfg)
+    assert len(s) == len(SAMPLE_NAMES) == 6
+    x, idx = next(s.batches(6))
+    assert x.shape == (6, 3, 32, 48) and idx == list(range(6))
+    assert x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.1
+
+
+def test_group_tokens_shapes_and_determinism(tiny_vit):
+    x = _pixels(2)
+    g1 = fanlens.group_tokens(tiny_vit, x, n_clusters=3, progress=False)
+    g2 = fanlens.group_tokens(tiny_vit, x, n_clusters=3, progress=False)
+    assert len(g1.labels) == 3 and g1.labels[0].shape == (2, 4, 4)
+    assert g1.n_clusters.shape == (3, 2) and (g1.n_clusters == 3).all()
+    for a, b in zip(g1.labels, g2.labels):
+        assert np.array_equal(a, b)
+    assert {int(v) for v in np.unique(g1.labels[0][0])} <= {0, 1, 2}
+    assert g1.pixels.shape == (2, 64, 64, 3) and g1.pixels.dtype == np.uint8
+
+
+def test_group_tokens_rejects_k_above_tokens(tiny_vit):
+    with pytest.raises(FanlensError, match=r"block 'blocks.0' has 16 tokens"):
+        fanlens.group_tokens(tiny_vit, _pixels(1), n_clusters=17, progress=False)
+
+
+def test_token_budget_pools_large_grids():
+    import timm
+
+    m = timm.create_model("resnet18", num_classes=3).eval()
+    r = fanlens.spectrum(m, _pixels(1, 128), token_budget=64, rules=("rel_threshold",), progress=False)
+    assert r.blocks[0].layout.grid == (32, 32)
+    assert r.blocks[0].analysed_grid == (8, 8)
+    assert r.blocks[-1].analysed_grid == (4, 4)
+    assert r.provenance.params["token_budget"] == 64
+
+
+@pytest.mark.parametrize("which", ["spectrum", "probe", "groups"])
+def test_save_load_roundtrip_and_tidy_csv(tiny_vit, tmp_path, which):
+    x = _pixels(2)
+    if which == "spectrum":
+        r = fanlens.spectrum(tiny_vit, x, progress=False, seed=3)
+    elif which == "probe":
+        r = fanlens.noise_probe(tiny_vit, x, sigmas=(0.0, 0.1, 0.5), progress=False, seed=3)
+    else:
+        r = fanlens.group_tokens(tiny_vit, x, n_clusters=2, progress=False, seed=3)
+    r.save(tmp_path / "out")
+    back = fanlens.load(tmp_path / "out")
+    assert type(back) is type(r)
+    assert back.blocks == r.blocks and back.provenance == r.provenance
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    prov = man["provenance"]
+    assert prov["weights_sha256"] == fanlens.models.state_dict_sha256(tiny_vit)
+    assert prov["weights"] == "user module" and prov["seed"] == 3
+    assert set(prov["versions"]) >= {"fanlens", "torch", "timm"}
+    assert prov["images"] == ["tensor[0]", "tensor[1]"]
+    assert prov["params"]["analysis"] == which
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    if which == "spectrum":
+        np.testing.assert_array_equal(back.count_mean, r.count_mean)
+        mean_rows = [row for row in rows if row["statistic"] == "mean" and row["rule"] == "rel_threshold"]
+        assert [float(row["value"]) for row in mean_rows] == pytest.approx(r.count("rel_threshold").tolist())
+        assert len(rows) == 3 * len(r.rules) * 4
+    elif which == "probe":
+        np.testing.assert_array_equal(back.mean, r.mean)
+        assert back.sigmas == (0.0, 0.1, 0.5)
+        assert {row["sigma"] for row in rows} == {"0", "0.1", "0.5"}
+        assert len(rows) == 3 * 3 * 4
+    else:
+        for a, b in zip(back.labels, r.labels):
+            np.testing.assert_array_equal(a, b)
+        assert len(rows) == 3 * 2
+
+
+def test_random_init_provenance_and_reproducible_seeded_init():
+    r1 = fanlens.noise_probe("resnet18", _pixels(1), sigmas=0.1, progress=False, seed=1, input_size=64)
+    r2 = fanlens.noise_probe("resnet18", _pixels(1), sigmas=0.1, progress=False, seed=1, input_size=64)
+    assert r1.provenance.weights_sha256 == "random init"
+    assert r1.provenance.model == "resnet18"
+    np.testing.assert_array_equal(r1.mean, r2.mean)
+    assert r1.provenance.params["data_config"]["input_size"] == [64, 64]
+
+
+def test_checkpoint_roundtrip(tmp_path, tiny_vit):
+    from safetensors.torch import save_file
+
+    import timm
+
+    sd = {k: v.contiguous() for k, v in tiny_vit.state_dict().items()}
+    save_file(sd, tmp_path / "w.safetensors")
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "w.pth.tar")
+    for f in ("w.safetensors", "w.pth.tar"):
+        lm = fanlens.build_model(TINY, checkpoint=tmp_path / f, seed=99)
+        for k, v in lm.model.state_dict().items():
+            assert torch.equal(v, sd[k])
+        assert lm.weights_sha256 == fanlens.models.file_sha256(tmp_path / f)
+    torch.save({"x": torch.zeros(2)}, tmp_path / "bad.pth")
+    with pytest.raises(FanlensError, match="missing keys"):
+        fanlens.build_model(TINY, checkpoint=tmp_path / "bad.pth")
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pickled code ran')",))
+
+    import pickle
+
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    with pytest.raises(FanlensError, match="weights_only=True"):
+        fanlens.models.load_state_dict_file(tmp_path / "evil.pth")
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        ("does/not/exist", "does not exist"),
+        (torch.rand(2, 1, 64, 64), r"shape \(B, 3, H, W\)"),
+        (torch.zeros(1, 3, 64, 64, dtype=torch.uint8), "float pixels"),
+        (42, "images must be"),
+    ],
+)
+def test_bad_images(tiny_vit, images, match):
+    with pytest.raises(FanlensError, match=match):
+        fanlens.spectrum(tiny_vit, images, progress=False)
+
+
+@pytest.mark.parametrize("mode, match", [("L", "mode 'L'"), ("RGBA", "mode 'RGBA'")])
+def test_grayscale_and_rgba_are_rejected(tiny_vit, tmp_path, mode, match):
+    write_images(tmp_path / "i", 1, mode=mode)
+    with pytest.raises(FanlensError, match=match):
+        fanlens.spectrum(tiny_vit, tmp_path / "i", progress=False)
+
+
+def test_corrupt_and_empty_folders(tiny_vit, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.png").write_bytes(b"not an image at all")
+    with pytest.raises(FanlensError, match="cannot be read"):
+        fanlens.spectrum(tiny_vit, tmp_path / "c", progress=False)
+    (tmp_path / "e").mkdir()
+    with pytest.raises(FanlensError, match="holds none"):
+        fanlens.spectrum(tiny_vit, tmp_path / "e", progress=False)
+
+
+def test_forward_failure_names_the_input_shape(tiny_vit):
+    with pytest.raises(FanlensError, match=r"forward pass failed on an input of shape \(1, 3, 32, 32\)"):
+        fanlens.spectrum(tiny_vit, _pixels(1, 32), progress=False)

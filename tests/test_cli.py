@@ -1,0 +1,119 @@
+"""The command line: outputs, one-line errors with exit code 2, files kept intact."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from fanlens import cli
+
+from conftest import TINY, write_images
+
+
+
+def run(args, capsys):
+    code = cli.main(list(args) + ["--no-progress"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_spectrum_writes_results_and_figure(tmp_path, image_dir, capsys):
+    code, out, err = run(["spectrum", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "o"),
+                          "--rules", "rel_threshold,eigengap", "--threshold", "rel_threshold=0.1"], capsys)
+    assert code == 0, err
+    for f in ("results.csv", "manifest.json", "arrays.npz", "spectrum.png"):
+        assert (tmp_path / "o" / f).is_file()
+        assert f"wrote {tmp_path / 'o' / f}" in out
+    rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert {r["rule"] for r in rows} == {"rel_threshold", "eigengap"}
+    assert {r["block"] for r in rows} == {"blocks.0", "blocks.1", "blocks.2"}
+    assert all(r["n"] == "3" for r in rows)
+    import json
+
+    params = json.loads((tmp_path / "o" / "manifest.json").read_text())["provenance"]["params"]
+    assert params["thresholds"]["rel_threshold"] == 0.1
+
+
+def test_probe_and_groups(tmp_path, image_dir, capsys):
+    code, _, err = run(["probe", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "p"),
+                        "--sigmas", "0,0.1,0.5"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "p" / "results.csv")))
+    zero = [float(r["value"]) for r in rows if r["sigma"] == "0" and r["statistic"] == "mean"]
+    assert zero == [0.0, 0.0, 0.0]
+    code, _, err = run(["groups", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "g"),
+                        "--n-clusters", "auto"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "g" / "groups.png").stat().st_size > 1000
+
+
+def test_individual_files_as_images(tmp_path, capsys):
+    paths = write_images(tmp_path / "a", 2)
+    code, _, err = run(["probe", "--model", TINY, "--images", *map(str, paths), "--out", str(tmp_path / "o"),
+                        "--no-figure"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert rows[0]["n"] == "2"
+
+
+def _bad_cases(tmp_path):
+    gray = tmp_path / "gray"
+    write_images(gray, 1, mode="L")
+    rgba = tmp_path / "rgba"
+    write_images(rgba, 1, mode="RGBA")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    good = tmp_path / "good"
+    write_images(good, 2)
+    return {
+        "unknown model": (["probe", "--model", "vit_tiny_patch16_2244", "--images", str(good)], "Close names"),
+        "no images": (["probe", "--model", TINY, "--images", str(empty)], "holds none"),
+        "missing path": (["probe", "--model", TINY, "--images", str(tmp_path / "nope")], "does not exist"),
+        "corrupt": (["probe", "--model", TINY, "--images", str(corrupt)], "cannot be read"),
+        "grayscale": (["probe", "--model", TINY, "--images", str(gray)], "mode 'L'"),
+        "rgba": (["probe", "--model", TINY, "--images", str(rgba)], "mode 'RGBA'"),
+        "negative sigma": (["probe", "--model", TINY, "--images", str(good), "--sigmas", "0.1,-0.5"], ">= 0"),
+        "k too large": (["groups", "--model", TINY, "--images", str(good), "--n-clusters", "17"], "16 tokens"),
+        "pattern": (["spectrum", "--model", TINY, "--images", str(good), "--blocks", "layers.*"], "matches nothing"),
+        "bad factory": (["spectrum", "--model", TINY.replace(":tiny_vit", ":nope"), "--images", str(good)], "factory"),
+        "bad checkpoint": (["spectrum", "--model", TINY, "--checkpoint", str(tmp_path / "x.pth"),
+                            "--images", str(good)], "checkpoint"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "unknown model", "no images", "missing path", "corrupt", "grayscale", "rgba", "negative sigma", "k too large",
+    "pattern", "bad factory", "bad checkpoint",
+])
+def test_bad_input_is_one_line_exit_2_and_keeps_files(tmp_path, capsys, case):
+    out_dir = tmp_path / "out"
+    good = tmp_path / "seed_imgs"
+    write_images(good, 2)
+    code, _, err = run(["probe", "--model", TINY, "--images", str(good), "--out", str(out_dir), "--no-figure"], capsys)
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    args, match = _bad_cases(tmp_path)[case]
+    code, out, err = run(args + ["--out", str(out_dir)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fanlens: error: ")
+    assert match in lines[0]
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fanlens.cli", "probe", "--model", TINY, "--images", str(tmp_path / "missing"),
+         "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("fanlens: error: images must be")
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,123 @@
+"""Noise probe: exact zeros, closed forms on linear models, seeding and batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fanlens
+from fanlens import FanlensError, make_noise
+
+
+class Linear2(nn.Module):
+    """Two bias-free 1x1 convolutions: features are linear in the input."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.blocks = nn.Sequential(nn.Conv2d(3, 6, 1, bias=False), nn.Conv2d(6, 4, 1, bias=False))
+        with torch.no_grad():
+            for m in self.blocks:
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class Scale(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        return self.c * x
+
+
+def _pixels(n=3, h=8, w=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, h, w, generator=g)
+
+
+def test_sigma_zero_gives_exactly_zero(tiny_vit):
+    x = _pixels(2, 64, 64)
+    r = fanlens.noise_probe(tiny_vit, x, sigmas=(0.0, 0.2), progress=False)
+    assert r.values(0.0).tolist() == [0.0] * 3
+    assert (r.values(0.2) > 0).all()
+    assert r.sigmas == (0.0, 0.2) and r.mean.shape == (3, 2)
+
+
+@pytest.mark.parametrize("space", ["normalized", "pixel"])
+def test_linear_model_closed_form(space):
+    m = Linear2().eval()
+    x = _pixels()
+    sigmas = (0.05, 0.3)
+    r = fanlens.noise_probe(m, x, sigmas=sigmas, space=space, blocks="blocks.*", seed=5, progress=False)
+    cfg = fanlens.data.data_config(m)
+    mean = torch.tensor(cfg.mean)[:, None, None]
+    std = torch.tensor(cfg.std)[:, None, None]
+    xn = (x - mean) / std
+    expected = np.zeros((2, 2, 3))
+    with torch.no_grad():
+        for i in range(3):
+            eps = make_noise(5, i, x.shape[1:])
+            if space == "pixel":
+                eps = eps / std  # mean cancels, std scales
+            f_x, f_e = xn[i : i + 1], eps[None]
+            for li, blk in enumerate(m.blocks):
+                f_x, f_e = blk(f_x), blk(f_e)
+                for si, s in enumerate(sigmas):
+                    expected[li, si, i] = s * f_e.norm() / f_x.norm()  # delta = sigma ||f(eps)|| / ||f(x)||
+    np.testing.assert_allclose(r.mean, expected.mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(r.std, expected.std(-1, ddof=1), rtol=1e-4)
+    # linearity: delta scales with sigma exactly
+    np.testing.assert_allclose(r.mean[:, 1] / r.mean[:, 0], 6.0, rtol=1e-5)
+
+
+def test_pure_mode_scaling_blocks():
+    m = nn.Sequential(Scale(2.0), Scale(3.0), Scale(0.5)).eval()
+    r = fanlens.noise_probe(m, mode="pure", n_noise=5, blocks=["0", "1", "2"], input_size=8, progress=False)
+    assert r.mode == "pure" and r.n_images == 5
+    np.testing.assert_allclose(r.mean[:, 0], [1.0, 3.0, 1.5], rtol=1e-6)
+    np.testing.assert_allclose(r.std[:, 0], 0.0, atol=1e-6)
+
+
+def test_noise_is_paired_by_seed_and_index():
+    a = make_noise(3, 7, (3, 4, 4))
+    assert torch.equal(a, make_noise(3, 7, (3, 4, 4)))
+    assert not torch.equal(a, make_noise(3, 8, (3, 4, 4)))
+    assert not torch.equal(a, make_noise(4, 7, (3, 4, 4)))
+    assert abs(make_noise(0, 0, (200_000,)).std().item() - 1.0) < 0.01
+
+
+def test_batch_size_does_not_change_results(tiny_vit):
+    x = _pixels(5, 64, 64)
+    r1 = fanlens.noise_probe(tiny_vit, x, sigmas=0.1, batch_size=1, progress=False)
+    r3 = fanlens.noise_probe(tiny_vit, x, sigmas=0.1, batch_size=3, progress=False)
+    np.testing.assert_allclose(r1.mean, r3.mean, rtol=1e-5)
+    np.testing.assert_allclose(r1.std, r3.std, rtol=1e-4)
+
+
+def test_ci_is_normal_interval_of_the_mean():
+    m = Linear2().eval()
+    r = fanlens.noise_probe(m, _pixels(4), sigmas=0.1, blocks="blocks.*", progress=False)
+    half = 1.959963984540054 * r.std / np.sqrt(4)
+    np.testing.assert_allclose(r.ci_high - r.mean, half, rtol=1e-9)
+    np.testing.assert_allclose(r.mean - r.ci_low, half, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sigmas=(-0.1,)), "sigmas must be a finite float >= 0"),
+        (dict(sigmas="0.1,abc"), "comma-separated numbers"),
+        (dict(sigmas=()), "at least one"),
+        (dict(sigmas=(0.1, 0.1)), "distinct"),
+        (dict(mode="mixed"), "mode must be one of"),
+        (dict(space="latent"), "space must be one of"),
+    ],
+)
+def test_bad_arguments(tiny_vit, kwargs, match):
+    with pytest.raises(FanlensError, match=match):
+        fanlens.noise_probe(tiny_vit, _pixels(1, 64, 64), progress=False, **kwargs)
