@@ -86,11 +86,14 @@ class BlockSpec:
         layout: ``"NLC"``, ``"NCHW"``, ``"NHWC"``, or ``None`` to decide from the output
             (3-D: NLC, 4-D: NCHW).
         num_prefix_tokens: prefix tokens in an NLC output.
+        default: analysed when no blocks are named (``False`` for optional extra blocks,
+            such as FAN's class-attention blocks, that a pattern can still select).
     """
 
     name: str
     layout: str | None = None
     num_prefix_tokens: int = 0
+    default: bool = True
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ def find_blocks(
                 f"its blocks. Pass module names or glob patterns; candidates: "
                 f"{', '.join(_candidate_names(model)[:MAX_CANDIDATES_SHOWN])}."
             )
-        specs = family[1]
+        specs = [s for s in family[1] if s.default]
     else:
         if isinstance(blocks, str):
             blocks = [b for b in blocks.split(",") if b.strip()] if "," in blocks else [blocks]
@@ -245,10 +248,9 @@ def find_blocks(
                 f"nothing; candidates: {', '.join(_candidate_names(model)[:MAX_CANDIDATES_SHOWN])}."
             )
         fam = {s.name: s for s in family[1]} if family else {}
-        default_layout = next(iter(fam.values())).layout if fam else None
-        default_prefix = next(iter(fam.values())).num_prefix_tokens if fam else int(
-            getattr(model, "num_prefix_tokens", 0) or 0
-        )
+        first = next(iter(fam.values()), None)
+        default_layout = first.layout if first else None
+        default_prefix = first.num_prefix_tokens if first else int(getattr(model, "num_prefix_tokens", 0) or 0)
         specs = [fam.get(n, BlockSpec(n, default_layout, default_prefix)) for n in names]
     if layout is not None or num_prefix_tokens is not None:
         specs = [

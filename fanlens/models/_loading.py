@@ -21,6 +21,8 @@ __all__ = [
     "build_model",
     "load_state_dict_file",
     "load_checkpoint",
+    "load_state_dict_checked",
+    "load_pretrained_from_cfg",
     "file_sha256",
     "state_dict_sha256",
     "RANDOM_INIT",
@@ -107,13 +109,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, *, filter_fn: Callable | None = None) -> None:
-    """Load a checkpoint file into ``model`` strictly, with a clear error when it does not fit."""
-    sd = load_state_dict_file(path)
-    if filter_fn is None:
-        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        sd = filter_fn(sd, model)
+def load_state_dict_checked(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load ``sd`` into ``model`` strictly; a misfit names the missing, unexpected and mismatched keys."""
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -130,10 +127,46 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, filter_fn: Callable |
             parts.append(f"{len(unexpected)} unexpected keys {unexpected[:_MAX_KEYS_SHOWN]}")
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatches {mismatched[:_MAX_KEYS_SHOWN]}")
-        raise FanlensError(
-            f"checkpoint {str(path)!r} does not fit the model {type(model).__name__}: " + "; ".join(parts) + "."
-        )
+        raise FanlensError(f"checkpoint {source} does not fit the model {type(model).__name__}: " + "; ".join(parts) + ".")
     model.load_state_dict(sd, strict=True)
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, filter_fn: Callable | None = None) -> None:
+    """Load a checkpoint file into ``model`` strictly, with a clear error when it does not fit.
+
+    ``filter_fn(state_dict, model)`` defaults to the ``checkpoint_filter_fn`` of the
+    model's module when it has one (FAN's maps released checkpoints to its layout).
+    """
+    sd = load_state_dict_file(path)
+    if filter_fn is None:
+        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    load_state_dict_checked(model, sd, repr(str(path)))
+
+
+def load_pretrained_from_cfg(model: nn.Module, variant: str, filter_fn: Callable | None = None) -> None:
+    """Load the weights named by ``model.pretrained_cfg``: its ``file`` (a local path, e.g. from
+    ``pretrained_cfg_overlay=dict(file=...)``) or else its ``url`` (downloaded by torch.hub and
+    read with ``weights_only=True``)."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    file, url = cfg.get("file"), cfg.get("url")
+    if file:
+        load_checkpoint(model, file, filter_fn=filter_fn)
+        return
+    if not url:
+        raise FanlensError(
+            f"{variant} has no released checkpoint to download; pass a local file with "
+            f"pretrained_cfg_overlay=dict(file=PATH) or checkpoint=PATH."
+        )
+    sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=False)
+    for key in _STATE_KEYS:
+        if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
+            sd = sd[key]
+            break
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    load_state_dict_checked(model, sd, repr(url))
 
 
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
