@@ -8,7 +8,7 @@ like. Works on timm models, fanlens' FAN, and any ``nn.Module``.
 __version__ = "0.1.0"
 
 from ._validation import FanlensError
-from .analysis import group_tokens, make_noise, noise_probe, spectrum
+from .analysis import analyze, group_tokens, make_noise, noise_probe, spectrum
 from .capture import BlockTokens, TokenCapture, TokenLayout, find_blocks
 from .models import build_model, load_checkpoint
 from .results import GroupsResult, ProbeResult, SpectrumResult, load
@@ -22,6 +22,7 @@ __all__ = [
     "find_blocks",
     "spectrum",
     "noise_probe",
+    "analyze",
     "group_tokens",
     "make_noise",
     "build_model",

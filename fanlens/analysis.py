@@ -20,6 +20,7 @@ from . import spectral as sp
 from ._stats import RunningStats
 from ._validation import FanlensError, check_choice, check_fraction, check_nonneg_float, check_positive_int
 from .capture import TokenCapture
+from .distributed import merge_stats, rank_and_world
 from .data import DEFAULT_BATCH_SIZE, DataConfig, ImageSet, data_config, resolve_images
 from .models import LoadedModel, build_model
 from .results import BlockInfo, GroupsResult, ProbeResult, Provenance, SpectrumResult
@@ -33,6 +34,7 @@ __all__ = [
     "NOISE_SPACES",
     "spectrum",
     "noise_probe",
+    "analyze",
     "group_tokens",
     "make_noise",
 ]
@@ -93,6 +95,15 @@ def _setup(
     return _Setup(lm, cfg, imgs, dev, ck)
 
 
+def _shard(shard: tuple[int, int] | None, n_items: int) -> tuple[int, int]:
+    rank, world = rank_and_world() if shard is None else shard
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise FanlensError(f"shard must be (rank, world_size) with 0 <= rank < world_size. Got {shard!r} instead.")
+    if n_items < world:
+        raise FanlensError(f"every process needs at least one image: {n_items} images for {world} processes.")
+    return rank, world
+
+
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
@@ -140,6 +151,193 @@ def _provenance(s: _Setup, seed: int, params: dict, images: list[str]) -> Proven
     )
 
 
+# --------------------------------------------------------------------------- accumulators
+def _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig) -> tuple[tuple[str, ...], dict]:
+    rules = tuple(rules) if not isinstance(rules, str) else (rules,)
+    if not rules:
+        raise FanlensError("rules must name at least one rule. Got an empty list instead.")
+    for r in rules:
+        check_choice("rules", r, sp.RULES)
+    check_choice("affinity", affinity, sp.AFFINITIES)
+    thresholds = dict(thresholds or {})
+    for k, v in thresholds.items():
+        check_choice("thresholds key", k, tuple(sp.DEFAULT_THRESHOLDS))
+        check_fraction(f"thresholds[{k!r}]", v)
+    check_positive_int("token_budget", token_budget, minimum=2)
+    check_positive_int("n_eig", n_eig)
+    return rules, thresholds
+
+
+class _SpectralAcc:
+    """Per-block significant-eigenvalue counts of the clean images, accumulated over batches."""
+
+    def __init__(self, rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig,
+                 eig_dtype) -> None:
+        self.rules, self.thresholds = rules, thresholds
+        self.affinity, self.center, self.knn, self.max_k = affinity, center, knn, max_k
+        self.token_budget, self.include_prefix, self.n_eig, self.eig_dtype = token_budget, include_prefix, n_eig, eig_dtype
+        self.infos: list[BlockInfo] = []
+        self.stats: list[RunningStats] = []
+        self.eig: list[RunningStats] = []
+
+    def update(self, bts: list, b: int) -> None:
+        pooled = []
+        for bt in bts:
+            tok, g = sp.pool_tokens(bt.tokens[:b], bt.layout.grid, self.token_budget)
+            if self.include_prefix and bt.prefix.shape[1]:
+                tok = torch.cat([bt.prefix[:b], tok], dim=1)
+            pooled.append((tok, g))
+        if not self.infos:
+            self.infos = [BlockInfo(i, bt.label, bt.layout, g) for i, (bt, (_t, g)) in enumerate(zip(bts, pooled))]
+            self.stats = [RunningStats((len(self.rules),)) for _ in bts]
+            self.eig = [RunningStats((self.n_eig,)) for _ in bts]
+        # group blocks by token count: one batched eigendecomposition per group
+        groups: dict[int, list[int]] = {}
+        affs = []
+        for li, (tok, _g) in enumerate(pooled):
+            groups.setdefault(tok.shape[1], []).append(li)
+            affs.append(sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1])))
+        for lis in groups.values():
+            spec = sp.spectrum(torch.cat([affs[li] for li in lis], dim=0), dtype=self.eig_dtype)
+            counts = torch.stack(
+                [sp.count_significant(spec, r, threshold=self.thresholds.get(r), max_k=self.max_k) for r in self.rules],
+                dim=-1,
+            ).cpu().numpy()
+            lam = spec.affinity
+            rel = (lam / lam[:, :1].clamp_min(1e-12)).cpu().numpy()
+            top = np.full((rel.shape[0], self.n_eig), np.nan)
+            top[:, : min(self.n_eig, rel.shape[1])] = rel[:, : self.n_eig]
+            for j, li in enumerate(lis):
+                self.stats[li].update(counts[j * b : (j + 1) * b])
+                self.eig[li].update(top[j * b : (j + 1) * b])
+
+    def params(self) -> dict:
+        return dict(
+            rules=list(self.rules),
+            thresholds={r: self.thresholds.get(r, sp.DEFAULT_THRESHOLDS[r]) for r in sp.DEFAULT_THRESHOLDS},
+            affinity=self.affinity, center=self.center, knn=self.knn, max_k=self.max_k,
+            token_budget=self.token_budget, include_prefix=self.include_prefix, n_eig=self.n_eig,
+            eig_dtype=str(self.eig_dtype or "float32"),
+        )
+
+    def result(self, provenance: Provenance) -> SpectrumResult:
+        merged = merge_stats(self.stats + self.eig)
+        stats, eig = merged[: len(self.stats)], merged[len(self.stats) :]
+        summ = [st.summary() for st in stats]
+        return SpectrumResult(
+            blocks=tuple(self.infos),
+            rules=self.rules,
+            n_images=summ[0].n,
+            count_mean=np.stack([x.mean for x in summ]),
+            count_std=np.stack([x.std for x in summ]),
+            count_ci_low=np.stack([x.ci_low for x in summ]),
+            count_ci_high=np.stack([x.ci_high for x in summ]),
+            eig_mean=np.stack([e.summary().mean for e in eig]),
+            provenance=provenance,
+        )
+
+
+def _block_norm(t: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of each image's patch tokens: ``(B, N, C) -> (B,)``."""
+    return t.float().flatten(1).norm(dim=1)
+
+
+class _ProbeAcc:
+    """Per-block relative perturbation (additive) or relative feature norm (pure)."""
+
+    def __init__(self, mode: str, sigmas: tuple[float, ...]) -> None:
+        self.mode, self.sigmas = mode, sigmas
+        self.infos: list[BlockInfo] = []
+        self.stats: list[RunningStats] = []
+
+    def update(self, bts: list, b: int) -> None:
+        vals = []
+        for bt in bts:
+            t = bt.tokens
+            if self.mode == "additive":
+                clean = t[:b]
+                denom = _block_norm(clean).clamp_min(1e-12)
+                cols = [_block_norm(t[(k + 1) * b : (k + 2) * b] - clean) / denom for k in range(len(self.sigmas))]
+                vals.append(torch.stack(cols, dim=-1).cpu().numpy())
+            else:
+                vals.append(t.float().norm(dim=-1).mean(dim=1, keepdim=True).cpu().numpy())
+        if self.mode == "pure":
+            first = np.clip(vals[0], 1e-12, None)
+            vals = [v / first for v in vals]
+        if not self.infos:
+            self.infos = [BlockInfo(i, bt.label, bt.layout) for i, bt in enumerate(bts)]
+            self.stats = [RunningStats((len(self.sigmas),)) for _ in bts]
+        for li, v in enumerate(vals):
+            self.stats[li].update(v)
+
+    def result(self, provenance: Provenance, space: str) -> ProbeResult:
+        summ = [st.summary() for st in merge_stats(self.stats)]
+        return ProbeResult(
+            blocks=tuple(self.infos),
+            mode=self.mode,
+            sigmas=self.sigmas,
+            space=space,
+            n_images=summ[0].n,
+            mean=np.stack([x.mean for x in summ]),
+            std=np.stack([x.std for x in summ]),
+            ci_low=np.stack([x.ci_low for x in summ]),
+            ci_high=np.stack([x.ci_high for x in summ]),
+            provenance=provenance,
+        )
+
+
+def _stream(s: _Setup, batches: Iterable, total: int, desc: str, progress: bool,
+            make_input: Callable[[torch.Tensor, list[int]], torch.Tensor], accs: Sequence) -> None:
+    """One forward pass per batch under the capture; each accumulator reads the block tokens."""
+    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
+        n_blocks = None
+        for x, idx in _progress(batches, total, desc, progress):
+            cap.clear()
+            _forward(cap, make_input(x, idx))
+            bts = list(cap.block_tokens())
+            cap.clear()
+            if n_blocks is None:
+                n_blocks = len(bts)
+            elif len(bts) != n_blocks:
+                raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
+            for acc in accs:
+                acc.update(bts, x.shape[0])
+            del bts
+
+
+def _noisy_input(s: _Setup, sigmas: tuple[float, ...], space: str, seed: int):
+    """Clean copy, then one noisy copy per sigma, in one batch (noise paired by image index)."""
+
+    def make(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        eps = torch.stack([make_noise(seed, j, x.shape[1:]) for j in idx])
+        if space == "pixel":
+            return s.cfg.normalize(torch.cat([x] + [x + sg * eps for sg in sigmas]).to(s.device))
+        xn = s.cfg.normalize(x)
+        return torch.cat([xn] + [xn + sg * eps for sg in sigmas]).to(s.device)
+
+    return make
+
+
+def _parse_sigmas(sigmas: Any) -> tuple[float, ...]:
+    if isinstance(sigmas, (int, float)):
+        sigmas = (sigmas,)
+    if isinstance(sigmas, str):
+        try:
+            sigmas = [float(v) for v in sigmas.split(",") if v.strip()]
+        except ValueError:
+            raise FanlensError(f"sigmas must be comma-separated numbers. Got {sigmas!r} instead.") from None
+    out = tuple(check_nonneg_float("sigmas", v) for v in sigmas)
+    if not out:
+        raise FanlensError("sigmas must hold at least one noise level. Got none.")
+    if len(set(out)) != len(out):
+        raise FanlensError(f"sigmas must be distinct. Got {out!r} instead.")
+    return out
+
+
+_NOISE_DOC = "N(0,1) per image from SeedSequence([seed, image_index]); no clipping"
+_CI_DOC = "normal 95% interval of the mean over images"
+
+
 # --------------------------------------------------------------------------- spectrum
 def spectrum(
     model: Any,
@@ -166,8 +364,7 @@ def spectrum(
     layout: str | None = None,
     grid: tuple[int, int] | None = None,
     progress: bool = True,
-    shard: tuple[int, int] = (0, 1),
-    _accumulate: Callable | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> SpectrumResult:
     """Significant-eigenvalue counts of the token affinity of every block.
 
@@ -189,115 +386,28 @@ def spectrum(
         eig_dtype: ``torch.float64`` to decompose in double precision.
         seed: seeds the random initialisation of a model built from a spec; recorded.
         progress: show a progress bar.
+        shard: ``(rank, world_size)``: this process takes images ``rank, rank + world_size, ...``
+            and the statistics are merged across the process group (default: from
+            ``torch.distributed`` when initialised, else all images).
 
     Returns:
         :class:`~fanlens.results.SpectrumResult`.
     """
-    rules = tuple(rules) if not isinstance(rules, str) else (rules,)
-    if not rules:
-        raise FanlensError("rules must name at least one rule. Got an empty list instead.")
-    for r in rules:
-        check_choice("rules", r, sp.RULES)
-    check_choice("affinity", affinity, sp.AFFINITIES)
-    thresholds = dict(thresholds or {})
-    for k, v in thresholds.items():
-        check_choice("thresholds key", k, tuple(sp.DEFAULT_THRESHOLDS))
-        check_fraction(f"thresholds[{k!r}]", v)
-    check_positive_int("token_budget", token_budget, minimum=2)
-    check_positive_int("n_eig", n_eig)
+    rules, thresholds = _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
     check_positive_int("batch_size", batch_size)
     s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
                blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
-    rank, world = shard
-    stats: list[RunningStats] = []
-    eig_stats: list[RunningStats] = []
-    infos: list[BlockInfo] = []
-    n_img = len(range(rank, len(s.images), world))
-    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
-        batches = s.images.batches(batch_size, start=rank, step=world)
-        for pixels, _idx in _progress(batches, _n_batches(n_img, batch_size), "spectrum", progress):
-            cap.clear()
-            _forward(cap, s.cfg.normalize(pixels.to(s.device)))
-            per_block = []
-            for bt in cap.block_tokens():
-                tok, g = sp.pool_tokens(bt.tokens, bt.layout.grid, token_budget)
-                if include_prefix and bt.prefix.shape[1]:
-                    tok = torch.cat([bt.prefix, tok], dim=1)
-                per_block.append((bt, tok, g))
-            if not infos:
-                infos = [BlockInfo(i, bt.label, bt.layout, g) for i, (bt, _t, g) in enumerate(per_block)]
-                stats = [RunningStats((len(rules),)) for _ in infos]
-                eig_stats = [RunningStats((n_eig,)) for _ in infos]
-            elif len(per_block) != len(infos):
-                raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
-            cap.clear()
-            # group blocks by token count: one batched eigendecomposition per group
-            groups: dict[int, list[int]] = {}
-            affs = []
-            for li, (_bt, tok, _g) in enumerate(per_block):
-                groups.setdefault(tok.shape[1], []).append(li)
-                affs.append(sp.affinity(tok.float(), kind=affinity, center=center, knn=min(knn, tok.shape[1])))
-            per_block = None
-            for lis in groups.values():
-                a = torch.cat([affs[li] for li in lis], dim=0)
-                spec = sp.spectrum(a, dtype=eig_dtype)
-                counts = torch.stack(
-                    [sp.count_significant(spec, r, threshold=thresholds.get(r), max_k=max_k) for r in rules], dim=-1
-                ).cpu().numpy()
-                lam = spec.affinity
-                rel = (lam / lam[:, :1].clamp_min(1e-12)).cpu().numpy()
-                top = np.full((rel.shape[0], n_eig), np.nan)
-                top[:, : min(n_eig, rel.shape[1])] = rel[:, :n_eig]
-                b = pixels.shape[0]
-                for j, li in enumerate(lis):
-                    stats[li].update(counts[j * b : (j + 1) * b])
-                    eig_stats[li].update(top[j * b : (j + 1) * b])
-    if _accumulate is not None:
-        stats, eig_stats = _accumulate(stats, eig_stats)
-    summ = [st.summary() for st in stats]
-    params = dict(
-        analysis="spectrum", blocks=blocks, rules=list(rules),
-        thresholds={r: thresholds.get(r, sp.DEFAULT_THRESHOLDS[r]) for r in sp.DEFAULT_THRESHOLDS},
-        affinity=affinity, center=center, knn=knn, max_k=max_k, token_budget=token_budget,
-        include_prefix=include_prefix, n_eig=n_eig, eig_dtype=str(eig_dtype or "float32"),
-        batch_size=batch_size, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid,
-        ci="normal 95% interval of the mean over images",
-    )
-    return SpectrumResult(
-        blocks=tuple(infos),
-        rules=rules,
-        n_images=summ[0].n,
-        count_mean=np.stack([x.mean for x in summ]),
-        count_std=np.stack([x.std for x in summ]),
-        count_ci_low=np.stack([x.ci_low for x in summ]),
-        count_ci_high=np.stack([x.ci_high for x in summ]),
-        eig_mean=np.stack([e.summary().mean for e in eig_stats]),
-        provenance=_provenance(s, seed, params, s.images.names),
-    )
+    rank, world = _shard(shard, len(s.images))
+    acc = _SpectralAcc(rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig, eig_dtype)
+    n_local = len(range(rank, len(s.images), world))
+    _stream(s, s.images.batches(batch_size, start=rank, step=world), _n_batches(n_local, batch_size), "spectrum",
+            progress, lambda x, idx: s.cfg.normalize(x.to(s.device)), [acc])
+    params = dict(analysis="spectrum", blocks=blocks, **acc.params(), batch_size=batch_size,
+                  num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, processes=world, ci=_CI_DOC)
+    return acc.result(_provenance(s, seed, params, s.images.names))
 
 
 # --------------------------------------------------------------------------- probe
-def _parse_sigmas(sigmas: Any) -> tuple[float, ...]:
-    if isinstance(sigmas, (int, float)):
-        sigmas = (sigmas,)
-    if isinstance(sigmas, str):
-        try:
-            sigmas = [float(v) for v in sigmas.split(",") if v.strip()]
-        except ValueError:
-            raise FanlensError(f"sigmas must be comma-separated numbers. Got {sigmas!r} instead.") from None
-    out = tuple(check_nonneg_float("sigmas", v) for v in sigmas)
-    if not out:
-        raise FanlensError("sigmas must hold at least one noise level. Got none.")
-    if len(set(out)) != len(out):
-        raise FanlensError(f"sigmas must be distinct. Got {out!r} instead.")
-    return out
-
-
-def _block_norm(t: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of each image's patch tokens: ``(B, N, C) -> (B,)``."""
-    return t.float().flatten(1).norm(dim=1)
-
-
 def noise_probe(
     model: Any,
     images: Any = "samples",
@@ -317,8 +427,7 @@ def noise_probe(
     layout: str | None = None,
     grid: tuple[int, int] | None = None,
     progress: bool = True,
-    shard: tuple[int, int] = (0, 1),
-    _accumulate: Callable | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> ProbeResult:
     """How much noise still moves the features, block by block.
 
@@ -344,84 +453,93 @@ def noise_probe(
     s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
                blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed,
                need_images=(mode == "additive"))
-    rank, world = shard
-    stats: list[RunningStats] = []
-    infos: list[BlockInfo] = []
-    h, w = s.cfg.input_size
+    n_total = len(s.images) if mode == "additive" else n_noise
+    rank, world = _shard(shard, n_total)
+    acc = _ProbeAcc(mode, sig)
+    n_local = len(range(rank, n_total, world))
     if mode == "additive":
-        n_total = len(s.images)
         batches = s.images.batches(batch_size, start=rank, step=world)
+        make = _noisy_input(s, sig, space, seed)
     else:
-        n_total = n_noise
+        h, w = s.cfg.input_size
         ids = list(range(n_noise))[rank::world]
         batches = (
             (torch.stack([make_noise(seed, j, (3, h, w)) for j in ids[i : i + batch_size]]), ids[i : i + batch_size])
             for i in range(0, len(ids), batch_size)
         )
-    n_local = len(range(rank, n_total, world))
-    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
-        for x, idx in _progress(batches, _n_batches(n_local, batch_size), f"probe ({mode})", progress):
-            cap.clear()
-            b = x.shape[0]
-            if mode == "additive":
-                eps = torch.stack([make_noise(seed, j, x.shape[1:]) for j in idx])
-                if space == "pixel":
-                    inp = torch.cat([x] + [x + sg * eps for sg in sig]).to(s.device)
-                    inp = s.cfg.normalize(inp)
-                else:
-                    xn = s.cfg.normalize(x)
-                    inp = torch.cat([xn] + [xn + sg * eps for sg in sig]).to(s.device)
-            else:
-                inp = x.to(s.device)
-            _forward(cap, inp)
-            vals = []
-            for bt in cap.block_tokens():
-                t = bt.tokens
-                if mode == "additive":
-                    clean = t[:b]
-                    denom = _block_norm(clean).clamp_min(1e-12)
-                    cols = [
-                        _block_norm(t[(k + 1) * b : (k + 2) * b] - clean) / denom for k in range(len(sig))
-                    ]
-                    vals.append(torch.stack(cols, dim=-1).cpu().numpy())
-                else:
-                    vals.append(t.float().norm(dim=-1).mean(dim=1, keepdim=True).cpu().numpy())
-                if len(infos) < len(vals):
-                    infos.append(BlockInfo(len(infos), bt.label, bt.layout))
-            cap.clear()
-            if not stats:
-                stats = [RunningStats((len(sig),)) for _ in infos]
-            elif len(vals) != len(stats):
-                raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
-            if mode == "pure":
-                first = np.clip(vals[0], 1e-12, None)
-                vals = [v / first for v in vals]
-            for li, v in enumerate(vals):
-                stats[li].update(v)
-    if _accumulate is not None:
-        stats = _accumulate(stats)
-    summ = [st.summary() for st in stats]
+        make = lambda x, idx: x.to(s.device)  # noqa: E731
+    _stream(s, batches, _n_batches(n_local, batch_size), f"probe ({mode})", progress, make, [acc])
+    space_used = space if mode == "additive" else "normalized"
     params = dict(
-        analysis="probe", mode=mode, sigmas=list(sig), space=space if mode == "additive" else "normalized",
+        analysis="probe", mode=mode, sigmas=list(sig), space=space_used,
         n_noise=n_noise if mode == "pure" else None, blocks=blocks, batch_size=batch_size,
-        num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid,
-        noise="N(0,1) per image from SeedSequence([seed, image_index]); no clipping",
+        num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, processes=world, noise=_NOISE_DOC,
         norm="Frobenius norm over patch tokens" if mode == "additive" else "mean patch-token L2 norm / block 0",
-        ci="normal 95% interval of the mean over images",
+        ci=_CI_DOC,
     )
     names = s.images.names if s.images is not None else [f"noise[{j}]" for j in range(n_noise)]
-    return ProbeResult(
-        blocks=tuple(infos),
-        mode=mode,
-        sigmas=sig,
-        space=params["space"],
-        n_images=summ[0].n,
-        mean=np.stack([x.mean for x in summ]),
-        std=np.stack([x.std for x in summ]),
-        ci_low=np.stack([x.ci_low for x in summ]),
-        ci_high=np.stack([x.ci_high for x in summ]),
-        provenance=_provenance(s, seed, params, names),
+    return acc.result(_provenance(s, seed, params, names), space_used)
+
+
+# --------------------------------------------------------------------------- both in one pass
+def analyze(
+    model: Any,
+    images: Any = "samples",
+    *,
+    sigmas: Sequence[float] | float | str = DEFAULT_SIGMAS,
+    space: str = "pixel",
+    blocks: str | Sequence[str] | None = None,
+    rules: Sequence[str] = sp.RULES,
+    thresholds: dict[str, float] | None = None,
+    affinity: str = sp.DEFAULT_AFFINITY,
+    center: bool = True,
+    knn: int = sp.DEFAULT_KNN,
+    max_k: int = sp.DEFAULT_MAX_GAP_K,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    include_prefix: bool = False,
+    n_eig: int = DEFAULT_N_EIG,
+    eig_dtype: torch.dtype | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
+    input_size: int | Sequence[int] | None = None,
+    num_prefix_tokens: int | None = None,
+    layout: str | None = None,
+    grid: tuple[int, int] | None = None,
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> tuple[SpectrumResult, ProbeResult]:
+    """:func:`spectrum` and the additive :func:`noise_probe` from the same forward passes.
+
+    Each batch holds the clean images and one noisy copy per sigma; the spectral
+    statistics read the clean part, the probe compares the noisy parts with it. The
+    results equal those of the two separate calls (same arguments), at the cost of the
+    probe's forward passes alone.
+    """
+    rules, thresholds = _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
+    check_choice("space", space, NOISE_SPACES)
+    check_positive_int("batch_size", batch_size)
+    sig = _parse_sigmas(sigmas)
+    s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
+               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
+    rank, world = _shard(shard, len(s.images))
+    sacc = _SpectralAcc(rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig, eig_dtype)
+    pacc = _ProbeAcc("additive", sig)
+    n_local = len(range(rank, len(s.images), world))
+    _stream(s, s.images.batches(batch_size, start=rank, step=world), _n_batches(n_local, batch_size), "analyze",
+            progress, _noisy_input(s, sig, space, seed), [sacc, pacc])
+    common = dict(blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens, layout=layout,
+                  grid=grid, processes=world, ci=_CI_DOC, computed_by="fanlens.analyze (one pass for spectrum and probe)")
+    sprov = _provenance(s, seed, dict(analysis="spectrum", **sacc.params(), **common), s.images.names)
+    pprov = _provenance(
+        s, seed,
+        dict(analysis="probe", mode="additive", sigmas=list(sig), space=space, n_noise=None, noise=_NOISE_DOC,
+             norm="Frobenius norm over patch tokens", **common),
+        s.images.names,
     )
+    return sacc.result(sprov), pacc.result(pprov, space)
 
 
 # --------------------------------------------------------------------------- groups

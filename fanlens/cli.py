@@ -88,6 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(gp)
     _add_spectral(gp)
     gp.add_argument("--n-clusters", default="4", help="clusters per block, or 'auto' (eigengap)")
+
+    from .pipeline import DEFAULT_N_IMAGES, DEFAULT_SIGMAS
+
+    rp = sub.add_parser(
+        "reproduce",
+        help="the main job: Figure 3 and Figure 4 analyses; offline on the embedded zoo by default",
+        description="With no --model: the embedded zoo (ViT, FAN, CNN trained on procedural shapes) on held-out "
+        "generated images with masks, offline. With --model (repeatable): real models on --images.",
+    )
+    rp.add_argument("--model", action="append", default=None, help="model spec, repeatable (default: the zoo)")
+    rp.add_argument("--pretrained", action="store_true", help="load each model's pretrained weights (download)")
+    rp.add_argument("--checkpoint", action="append", default=None, metavar="FILE",
+                    help="local weights, once per --model in the same order ('-' for none)")
+    rp.add_argument("--images", nargs="+", default=None, help="images for real models (default: samples)")
+    rp.add_argument("--out", default="figures", help="output folder (default: figures)")
+    rp.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES, help="held-out zoo images")
+    rp.add_argument("--sigmas", default=",".join(f"{s:g}" for s in DEFAULT_SIGMAS))
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--device", default="cpu")
+    rp.add_argument("--batch-size", type=int, default=32)
+    rp.add_argument("--no-progress", action="store_true")
+
+    tp = sub.add_parser("train-zoo", help="train the embedded zoo models (reproducible from the seed)")
+    tp.add_argument("names", nargs="+", choices=("vit", "fan", "cnn"))
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--data-seed", type=int, default=0)
+    tp.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    tp.add_argument("--out", default=None, help="output folder (default: the package's zoo weights)")
+    tp.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -121,12 +150,50 @@ def _save_figure(fig, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
+def _run_reproduce(args: argparse.Namespace) -> list[Path]:
+    from .pipeline import reproduce
+
+    images = None if args.images is None else _images_arg(args.images)
+    res = reproduce(
+        args.model, pretrained=args.pretrained, checkpoints=args.checkpoint, images=images, out=args.out,
+        n_images=args.n_images, sigmas=args.sigmas, seed=args.seed, device=args.device,
+        batch_size=args.batch_size, progress=not args.no_progress,
+        log=lambda m: print(f"fanlens: {m}", file=sys.stderr, flush=True),
+    )
+    print(f"reproduce finished in {res.seconds:.1f} s")
+    return res.written
+
+
+def _run_train(args: argparse.Namespace) -> list[Path]:
+    from .zoo import WEIGHTS_DIR
+    from .zoo.train import train
+
+    out = Path(args.out) if args.out else WEIGHTS_DIR
+    written = []
+    for name in args.names:
+        card = train(name, seed=args.seed, data_seed=args.data_seed, steps=args.steps, out_dir=out,
+                     progress=not args.no_progress)
+        print(f"{name}: validation accuracy {card['validation_accuracy']:.3f}, {card['wall_time_s']:.0f} s")
+        written += [out / f"{name}.safetensors", out / f"{name}.json"]
+    return written
+
+
 def _run(args: argparse.Namespace) -> list[Path]:
     from . import analysis
     from .models import build_model
 
+    if args.command == "reproduce":
+        return _run_reproduce(args)
+    if args.command == "train-zoo":
+        return _run_train(args)
+
     if args.pretrained and args.checkpoint:
         raise FanlensError("--pretrained and --checkpoint exclude each other; pass one.")
+    from .distributed import init_from_env, is_main
+
+    distributed = init_from_env(args.device)
+    if distributed and args.command == "groups":
+        raise FanlensError("groups runs in one process; launch it without torchrun.")
     lm = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, seed=args.seed)
     common = dict(
         blocks=args.blocks,
@@ -136,7 +203,7 @@ def _run(args: argparse.Namespace) -> list[Path]:
         device=args.device,
         batch_size=args.batch_size,
         seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress and is_main(),
     )
     images = _images_arg(args.images)
     out = Path(args.out)
@@ -160,6 +227,8 @@ def _run(args: argparse.Namespace) -> list[Path]:
             token_budget=args.token_budget, **common,
         )
         fig_name, draw = "groups.png", "plot_groups"
+    if not is_main():  # every rank holds the merged statistics; rank 0 writes them
+        return []
     written = res.save(out)
     if not args.no_figure:
         import matplotlib
@@ -189,15 +258,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = _run(args)
     except FanlensError as e:
+        _leave_process_group()
         msg = " ".join(str(e).split())
         print(f"fanlens: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fanlens: interrupted", file=sys.stderr)
         return 130
+    _leave_process_group()
     for p in written:
         print(f"wrote {p}")
     return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,7 +13,16 @@ import numpy as np
 from ._validation import FanlensError
 from .results import GroupsResult, ProbeResult, SpectrumResult
 
-__all__ = ["PALETTE", "plot_spectrum", "plot_probe", "plot_groups"]
+__all__ = [
+    "PALETTE",
+    "plot_spectrum",
+    "plot_probe",
+    "plot_groups",
+    "plot_figure3ab",
+    "plot_depth_comparison",
+    "plot_mask_scores",
+    "plot_groups_grid",
+]
 
 # Okabe-Ito: colour-blind safe
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -98,4 +107,130 @@ def plot_groups(result: GroupsResult, *, image: int = 0, blocks: Sequence[int] |
         ax.set_title(f"{result.blocks[li].name} (k={int(result.n_clusters[li, image])})", fontsize=8)
     for ax in axes:
         ax.set_axis_off()
+    return fig
+
+
+# --------------------------------------------------------------------------- paper figures
+def _depth(n: int) -> np.ndarray:
+    return np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(n)
+
+
+def plot_figure3ab(spectrum: SpectrumResult, probe: ProbeResult, *, baseline_spectrum: SpectrumResult | None = None,
+                   baseline_probe: ProbeResult | None = None, sigma: float | None = None, rule: str | None = None,
+                   ax=None, title: str | None = None):
+    """The paper's Figure 3a/3b: significant-eigenvalue count (left axis) and relative
+    perturbation (right axis) per block, with 95 % intervals; a random-init baseline dashed.
+
+    Returns ``(ax, ax_right)``.
+    """
+    if not isinstance(spectrum, SpectrumResult) or not isinstance(probe, ProbeResult):
+        raise FanlensError("spectrum and probe must be a SpectrumResult and a ProbeResult.")
+    ax = _axes(ax)
+    rule = rule or spectrum.rules[0]
+    sigma = max(probe.sigmas) if sigma is None else sigma
+    right = ax.twinx()
+    c_count, c_pert = PALETTE[0], PALETTE[3]
+    for spec, prob, style, tag in ((spectrum, probe, "-", ""), (baseline_spectrum, baseline_probe, "--", " (random init)")):
+        if spec is not None:
+            x = np.arange(len(spec.blocks))
+            ax.plot(x, spec.count(rule), style, marker="o", ms=3, color=c_count, label=f"eigenvalue count{tag}")
+            ax.fill_between(x, spec.count(rule, "ci_low"), spec.count(rule, "ci_high"), color=c_count, alpha=0.15)
+        if prob is not None:
+            x = np.arange(len(prob.blocks))
+            right.plot(x, prob.values(sigma), style, marker="s", ms=3, color=c_pert, label=f"perturbation{tag}")
+            right.fill_between(x, prob.values(sigma, "ci_low"), prob.values(sigma, "ci_high"), color=c_pert, alpha=0.15)
+    ax.set_xlabel("block")
+    ax.set_ylabel(f"significant eigenvalues ({rule})", color=c_count)
+    right.set_ylabel(f"relative perturbation (sigma={sigma:g})", color=c_pert)
+    ax.set_title(title or spectrum.model)
+    lines = ax.get_lines() + right.get_lines()
+    ax.legend(lines, [l.get_label() for l in lines], frameon=False, fontsize=7, loc="best")
+    return ax, right
+
+
+def plot_depth_comparison(probes: dict, *, sigma: float, baselines: dict | None = None, ax=None,
+                          normalize: bool = True):
+    """Relative perturbation over relative depth for several models (the paper's Figure 3c).
+
+    ``probes`` maps a label to a :class:`ProbeResult`; ``baselines`` (same labels) are drawn
+    dashed. With ``normalize``, each curve is divided by its first block's value.
+    """
+    ax = _axes(ax)
+    for i, (label, pr) in enumerate(probes.items()):
+        c = PALETTE[i % len(PALETTE)]
+        for res, style, tag in ((pr, "-", ""), ((baselines or {}).get(label), "--", " (random init)")):
+            if res is None:
+                continue
+            y = res.values(sigma)
+            if normalize:
+                y = y / max(float(y[0]), 1e-12)
+            ax.plot(_depth(len(res.blocks)), y, style, marker="o", ms=3, color=c, label=f"{label}{tag}")
+    ax.set_xlabel("relative depth")
+    ax.set_ylabel("perturbation / first block" if normalize else "relative perturbation")
+    ax.set_title(f"sigma={sigma:g}")
+    ax.legend(frameon=False, fontsize=7)
+    return ax
+
+
+def plot_mask_scores(scores: dict, *, metric: str = "mask_best_iou", baselines: dict | None = None, ax=None):
+    """Agreement of each block's groups with the object masks, over relative depth."""
+    ax = _axes(ax)
+    for i, (label, sc) in enumerate(scores.items()):
+        c = PALETTE[i % len(PALETTE)]
+        for res, style, tag in ((sc, "-", ""), ((baselines or {}).get(label), "--", " (random init)")):
+            if res is None:
+                continue
+            s = res.summary(metric)
+            x = _depth(len(res.blocks))
+            ax.plot(x, s["mean"], style, marker="o", ms=3, color=c, label=f"{label}{tag}")
+            ax.fill_between(x, s["ci_low"], s["ci_high"], color=c, alpha=0.12)
+    ax.set_xlabel("relative depth")
+    ax.set_ylabel({"mask_ari": "ARI with object mask", "mask_best_iou": "best-cluster IoU with object"}.get(metric, metric))
+    ax.legend(frameon=False, fontsize=7)
+    return ax
+
+
+def plot_groups_grid(rows: list, *, images: Sequence[int] = (0,), fig=None, alpha: float = 0.6):
+    """Grouped tokens of every block for several models and images (the paper's Figure 4).
+
+    ``rows`` is a list of ``(label, GroupsResult)``; for each image, one row per entry.
+    Cluster colours are matched from block to block (Hungarian matching on overlap).
+    Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    from .grouping import match_labels
+
+    if not rows:
+        raise FanlensError("rows must hold at least one (label, GroupsResult).")
+    ncols = 1 + max(len(g.blocks) for _, g in rows)
+    nrows = len(rows) * len(images)
+    if fig is None:
+        fig = plt.figure(figsize=(1.25 * ncols, 1.35 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    cmap = ListedColormap(list(PALETTE) * 4)
+    r = 0
+    for img in images:
+        for label, g in rows:
+            if not 0 <= img < len(g.images):
+                raise FanlensError(f"images must index the groups' images [0, {len(g.images) - 1}]. Got {img!r} instead.")
+            px = g.pixels[img]
+            h, w = px.shape[:2]
+            axes[r, 0].imshow(px)
+            axes[r, 0].set_ylabel(label, fontsize=7)
+            matched = match_labels([g.labels[li][img] for li in range(len(g.blocks))])
+            for li, lab in enumerate(matched):
+                ax = axes[r, li + 1]
+                ax.imshow(px)
+                ax.imshow(lab % cmap.N, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, alpha=alpha, extent=(0, w, h, 0),
+                          interpolation="nearest")
+                if r == 0:
+                    ax.set_title(g.blocks[li].name, fontsize=7)
+            r += 1
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for s in ax.spines.values():
+            s.set_visible(False)
     return fig

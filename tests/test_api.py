@@ -220,3 +220,15 @@ def test_corrupt_and_empty_folders(tiny_vit, tmp_path):
 def test_forward_failure_names_the_input_shape(tiny_vit):
     with pytest.raises(FanlensError, match=r"forward pass failed on an input of shape \(1, 3, 32, 32\)"):
         fanlens.spectrum(tiny_vit, _pixels(1, 32), progress=False)
+
+
+def test_analyze_equals_separate_spectrum_and_probe(tiny_vit):
+    x = _pixels(5, seed=9)
+    spec, probe = fanlens.analyze(tiny_vit, x, sigmas=(0.0, 0.2), batch_size=2, progress=False)
+    spec2 = fanlens.spectrum(tiny_vit, x, batch_size=2, progress=False)
+    probe2 = fanlens.noise_probe(tiny_vit, x, sigmas=(0.0, 0.2), batch_size=2, progress=False)
+    np.testing.assert_allclose(spec.count_mean, spec2.count_mean, atol=1e-6)
+    np.testing.assert_allclose(spec.eig_mean, spec2.eig_mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probe.mean, probe2.mean, rtol=1e-5)
+    assert probe.values(0.0).tolist() == [0.0] * 3
+    assert spec.blocks == spec2.blocks and probe.blocks == probe2.blocks

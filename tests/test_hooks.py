@@ -70,3 +70,23 @@ def test_cli_leaves_no_hooks(monkeypatch, tmp_path, image_dir, command, extra, r
                      "--out", str(tmp_path / "o"), "--no-progress", "--no-figure", *extra])
     assert code == rc
     assert built and all(count_hooks(m) == 0 for m in built)
+
+
+def test_reproduce_leaves_no_hooks(monkeypatch, tmp_path, image_dir):
+    from fanlens import pipeline
+
+    built = []
+    real = pipeline.build_model
+
+    def spy(*a, **kw):
+        lm = real(*a, **kw)
+        built.append(lm.model)
+        return lm
+
+    monkeypatch.setattr(pipeline, "build_model", spy)
+    pipeline.reproduce([TINY], images=image_dir, out=tmp_path / "r", sigmas=(0.1,), progress=False)
+    assert len(built) == 2 and all(count_hooks(m) == 0 for m in built)
+    with pytest.raises(FanlensError):
+        pipeline.reproduce([TINY.replace(":tiny_vit", ":broken")], images=image_dir, out=tmp_path / "b",
+                           progress=False)
+    assert len(built) == 3 and count_hooks(built[-1]) == 0

@@ -210,7 +210,8 @@ def build_model(
     Args:
         spec: a timm model name (FAN names too, after ``import fanlens``),
             ``path/to/file.py:factory`` or ``package.module:factory`` returning an
-            ``nn.Module``, or a module (kept as is).
+            ``nn.Module``, ``zoo:NAME`` for the embedded models (trained weights, offline),
+            or a module (kept as is).
         pretrained: load timm's pretrained weights (needs a download, or a local file
             through ``pretrained_cfg_overlay=dict(file=...)`` in ``kwargs``).
         checkpoint: a local weights file (``.safetensors``, ``.pth``, ``.pth.tar``), loaded strictly.
@@ -228,6 +229,14 @@ def _build(spec: Any, *, pretrained: bool, checkpoint: Any, **kwargs: Any) -> Lo
         model, name = spec, type(spec).__name__
     elif not isinstance(spec, str) or not spec:
         raise FanlensError(f"model must be a model name or an nn.Module. Got {spec!r} instead.")
+    elif spec.startswith("zoo:"):
+        from .. import zoo
+
+        if pretrained:
+            raise FanlensError(f"pretrained applies to timm names; {spec!r} carries its own weights.")
+        if checkpoint is None:
+            return zoo.load(spec[len("zoo:"):])
+        model, name = zoo.build(spec[len("zoo:"):]), spec
     elif ":" in spec:
         model, name = _import_factory(spec)(**kwargs), spec
         if not isinstance(model, nn.Module):

@@ -1,0 +1,70 @@
+"""Multi-process runs: shard the images across ranks, reduce the statistics exactly.
+
+Under ``torchrun --nproc_per_node=N`` (or any launcher that sets ``WORLD_SIZE``, ``RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``), :func:`init_from_env` joins the process group (gloo
+on CPU, NCCL for CUDA). :func:`fanlens.spectrum` and :func:`fanlens.noise_probe` then take
+every ``world_size``-th image starting at their rank and merge the per-rank accumulators
+(count, mean, squared deviations; Chan et al.) in rank order, so every rank ends with the
+statistics of all images: equal to a single-process run up to float rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from ._stats import RunningStats
+
+__all__ = ["init_from_env", "rank_and_world", "merge_stats", "is_main"]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the current process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def init_from_env(device: str | torch.device = "cpu") -> bool:
+    """Join the process group described by the environment; ``False`` when not launched that way."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def merge_stats(stats: Sequence[RunningStats]) -> list[RunningStats]:
+    """Merge per-rank accumulators across the process group (identity with one process)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return list(stats)
+    import torch.distributed as dist
+
+    mine = [(s.shape, s.n, s.mean, s.m2) for s in stats]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if any(len(g) != len(mine) for g in gathered):
+        raise RuntimeError("ranks disagree on the number of statistics; every rank must see the same blocks.")
+    merged = []
+    for i in range(len(mine)):
+        acc = RunningStats(mine[i][0])
+        for g in gathered:  # rank order: the same result on every rank
+            part = RunningStats(g[i][0])
+            part.n, part.mean, part.m2 = g[i][1], g[i][2], g[i][3]
+            acc.merge(part)
+        merged.append(acc)
+    return merged

@@ -1,0 +1,137 @@
+"""Token groups against ground truth, and groups matched across blocks.
+
+- :func:`mask_scores`: per block and image, how well the spectral clusters of a
+  :class:`~fanlens.results.GroupsResult` recover a ground-truth object mask: the adjusted
+  Rand index (ARI) between cluster labels and object/background, and the IoU of the
+  cluster that best covers the object. Labels are upsampled (nearest) to the mask's
+  resolution, so every pixel counts once.
+- :func:`match_labels`: relabel each block's clusters to agree with the previous block's
+  (Hungarian matching on overlap), so that a colour means the same group from block to block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import numpy as np
+
+from ._stats import RunningStats
+from ._validation import FanlensError
+from .results import STATISTICS, BlockInfo, GroupsResult
+
+__all__ = ["GroupingScores", "mask_scores", "upsample_labels", "match_labels", "best_cluster_iou"]
+
+
+def upsample_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map ``(h, w)`` to ``shape``: pixel centres mapped to cells."""
+    h, w = labels.shape
+    H, W = shape
+    rows = np.minimum((np.arange(H) + 0.5) * h / H, h - 1).astype(int)
+    cols = np.minimum((np.arange(W) + 0.5) * w / W, w - 1).astype(int)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def best_cluster_iou(labels: np.ndarray, mask: np.ndarray) -> float:
+    """Largest IoU between one cluster and the object mask (same shape)."""
+    m = mask.astype(bool).ravel()
+    lab = labels.ravel()
+    best = 0.0
+    for c in np.unique(lab):
+        sel = lab == c
+        inter = np.count_nonzero(sel & m)
+        union = np.count_nonzero(sel | m)
+        if union:
+            best = max(best, inter / union)
+    return best
+
+
+@dataclass(frozen=True)
+class GroupingScores:
+    """Agreement of the groups of each block with ground-truth masks.
+
+    Attributes:
+        model: model name of the groups.
+        blocks: the blocks.
+        ari, iou: ``(L, n_images)`` per block and image.
+    """
+
+    METRICS: ClassVar[tuple[str, str]] = ("mask_ari", "mask_best_iou")
+
+    model: str
+    blocks: tuple[BlockInfo, ...]
+    ari: np.ndarray
+    iou: np.ndarray
+
+    def summary(self, metric: str) -> dict[str, np.ndarray]:
+        """Mean, std and 95 % interval over images, per block."""
+        vals = {"mask_ari": self.ari, "mask_best_iou": self.iou}.get(metric)
+        if vals is None:
+            raise FanlensError(f"metric must be one of {self.METRICS}. Got {metric!r} instead.")
+        st = RunningStats((vals.shape[0],))
+        st.update(vals.T)
+        s = st.summary()
+        return {"mean": s.mean, "std": s.std, "ci_low": s.ci_low, "ci_high": s.ci_high, "n": s.n}
+
+    def rows(self) -> list[dict]:
+        n = len(self.blocks)
+        depth = np.linspace(0, 1, n) if n > 1 else np.zeros(n)
+        rows = []
+        for metric in self.METRICS:
+            s = self.summary(metric)
+            for li, b in enumerate(self.blocks):
+                for stat in STATISTICS:
+                    rows.append({"model": self.model, "block_index": b.index, "block": b.name,
+                                 "depth": f"{depth[li]:.6g}", "metric": metric, "statistic": stat,
+                                 "value": f"{float(s[stat][li]):.8g}", "n": s["n"]})
+        return rows
+
+
+def mask_scores(groups: GroupsResult, masks: np.ndarray) -> GroupingScores:
+    """Score each block's clusters against object masks ``(n_images, H, W)`` (bool)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    masks = np.asarray(masks).astype(bool)
+    n_img = len(groups.images)
+    if masks.ndim != 3 or masks.shape[0] != n_img:
+        raise FanlensError(f"masks must have shape ({n_img}, H, W). Got {masks.shape} instead.")
+    L = len(groups.blocks)
+    ari = np.zeros((L, n_img))
+    iou = np.zeros((L, n_img))
+    for li in range(L):
+        for i in range(n_img):
+            lab = upsample_labels(groups.labels[li][i], masks.shape[1:])
+            ari[li, i] = adjusted_rand_score(masks[i].ravel().astype(int), lab.ravel())
+            iou[li, i] = best_cluster_iou(lab, masks[i])
+    return GroupingScores(groups.model, groups.blocks, ari, iou)
+
+
+def match_labels(label_maps: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Relabel a sequence of label maps (one per block, any grids) so colours persist.
+
+    Each map is compared with the previous (already matched) one at the finer of the two
+    resolutions; its clusters are assigned the previous labels by maximum overlap
+    (Hungarian algorithm); clusters left over get fresh labels.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    out: list[np.ndarray] = []
+    for lab in label_maps:
+        lab = np.asarray(lab)
+        if not out:
+            out.append(lab.copy())
+            continue
+        prev = out[-1]
+        shape = max(prev.shape, lab.shape, key=lambda s: s[0] * s[1])
+        a, b = upsample_labels(prev, shape).ravel(), upsample_labels(lab, shape).ravel()
+        pa, pb = np.unique(a), np.unique(b)
+        overlap = np.array([[np.count_nonzero((b == cb) & (a == ca)) for ca in pa] for cb in pb])
+        rows, cols = linear_sum_assignment(-overlap)
+        mapping = {int(pb[r]): int(pa[c]) for r, c in zip(rows, cols)}
+        nxt = int(max(prev.max(), max(mapping.values(), default=-1))) + 1
+        for c in pb:
+            if int(c) not in mapping:
+                mapping[int(c)] = nxt
+                nxt += 1
+        out.append(np.vectorize(mapping.get)(lab))
+    return out

@@ -1,0 +1,269 @@
+"""The main job, ``fanlens reproduce``: the paper's Figure 3 and Figure 4 analyses, end to end.
+
+With no models given it runs offline on the embedded zoo (ViT, FAN, CNN trained on the
+procedural shapes) and a fixed set of held-out generated images with object masks. With
+models given (timm names, FAN names, factories) it runs the paper's setting on real
+images. Every model is paired with its random-init twin as the baseline.
+
+Per model it computes the spectrum, the noise probe (several sigma), groups with 2
+clusters scored against the masks (when masks exist) and groups with 4 clusters for the
+Figure 4 panels; then writes the figures, ``results.csv`` and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import analysis, spectral
+from ._validation import FanlensError, check_positive_int
+from .grouping import GroupingScores, mask_scores
+from .models import LoadedModel, build_model
+from .results import CSV_COLUMNS, GroupsResult, ProbeResult, SpectrumResult, versions, write_atomic
+
+__all__ = ["ModelRun", "ReproduceResult", "reproduce", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_SIGMAS = (0.05, 0.1, 0.2)
+DEFAULT_N_IMAGES = 64
+MASK_CLUSTERS = 2
+FIGURE4_CLUSTERS = 4
+FIGURE4_IMAGES = (0, 1, 2)
+RANDOM_SUFFIX = "@random-init"
+ZOO_LABELS = {"vit": "ViT", "fan": "FAN", "cnn": "CNN"}
+
+
+@dataclass
+class ModelRun:
+    """Every result of one model (trained or its random-init twin)."""
+
+    label: str
+    short: str
+    trained: bool
+    spectrum: SpectrumResult
+    probe: ProbeResult
+    groups: GroupsResult
+    scores: GroupingScores | None
+
+    def rows(self) -> list[dict]:
+        rows = self.spectrum.rows() + self.probe.rows()
+        if self.scores is not None:
+            rows += self.scores.rows()
+        for r in rows:
+            r["model"] = self.label
+        return rows
+
+
+@dataclass
+class ReproduceResult:
+    runs: list[ModelRun]
+    written: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _zoo_images(n: int, seed: int):
+    from .synthetic import SyntheticShapes
+
+    ds = SyntheticShapes(n, seed=seed, split="test")
+    x, y, m = ds.batch(range(n))
+    return x, m.numpy(), [f"synthetic:test:{seed}:{i}" for i in range(n)]
+
+
+def _pairs(models: Sequence[str] | None, pretrained: bool, checkpoints: Sequence[str] | None,
+           seed: int) -> list[tuple[str, Callable[[], LoadedModel], Callable[[], LoadedModel]]]:
+    """(short label, trained loader, random-init loader) per model."""
+    if not models:
+        from . import zoo
+
+        missing = [n for n in zoo.ZOO_NAMES if n not in zoo.available()]
+        if missing:
+            raise FanlensError(f"the zoo weights of {missing} are not installed; run `fanlens train-zoo NAME` first.")
+        return [
+            (ZOO_LABELS[n], (lambda n=n: zoo.load(n)), (lambda n=n: zoo.load(n, random_init=True, seed=seed)))
+            for n in zoo.ZOO_NAMES
+        ]
+    checkpoints = list(checkpoints or [])
+    if checkpoints and len(checkpoints) != len(models):
+        raise FanlensError(
+            f"checkpoint must be given once per model ({len(models)}), or not at all. Got {len(checkpoints)} instead."
+        )
+    if checkpoints and pretrained:
+        raise FanlensError("--pretrained and --checkpoint exclude each other; pass one.")
+    out = []
+    for i, spec in enumerate(models):
+        ck = checkpoints[i] if checkpoints else None
+        ck = None if ck in (None, "", "none", "-") else ck
+        out.append(
+            (
+                spec,
+                (lambda spec=spec, ck=ck: build_model(spec, pretrained=pretrained, checkpoint=ck, seed=seed)),
+                (lambda spec=spec: build_model(spec, seed=seed)),
+            )
+        )
+    return out
+
+
+def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any, masks: np.ndarray | None,
+             sigmas: Sequence[float], seed: int, device: str, batch_size: int, progress: bool) -> ModelRun:
+    common = dict(seed=seed, device=device, batch_size=batch_size, progress=progress)
+    spec, probe = analysis.analyze(lm, images, sigmas=sigmas, **common)
+    if masks is not None:
+        groups = analysis.group_tokens(lm, images, n_clusters=MASK_CLUSTERS, **common)
+        scores = mask_scores(groups, masks)
+    else:
+        scores = None
+    vis_images = images[: len(FIGURE4_IMAGES)] if isinstance(images, torch.Tensor) else images
+    vis = analysis.group_tokens(lm, vis_images, n_clusters=FIGURE4_CLUSTERS, **common)
+    return ModelRun(label, short, trained, spec, probe, vis, scores)
+
+
+def _save_fig(fig, path: Path, written: list[Path]) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    written.append(path)
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s).strip("_").lower()
+
+
+def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], written: list[Path]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+
+    trained = [r for r in runs if r.trained]
+    twins = {r.short: r for r in runs if not r.trained}
+    sig = 0.1 if 0.1 in sigmas else max(sigmas)
+    # Figure 3a/3b per model
+    for r in trained:
+        fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
+        b = twins.get(r.short)
+        plotting.plot_figure3ab(r.spectrum, r.probe, baseline_spectrum=b.spectrum if b else None,
+                                baseline_probe=b.probe if b else None, sigma=sig, ax=ax, title=r.label)
+        _save_fig(fig, out / f"figure3ab_{_slug(r.short)}.png", written)
+    # Figure 3c: perturbation over relative depth, one panel per sigma
+    fig, axes = plt.subplots(1, len(sigmas), figsize=(4.2 * len(sigmas), 3.6), layout="constrained", squeeze=False)
+    for ax, s in zip(axes[0], sigmas):
+        plotting.plot_depth_comparison({r.short: r.probe for r in trained}, sigma=s,
+                                       baselines={k: v.probe for k, v in twins.items()}, ax=ax)
+    _save_fig(fig, out / "figure3c.png", written)
+    # Figure 4 per model: trained and random-init rows per image
+    for r in trained:
+        rows = [(r.short, r.groups)]
+        if r.short in twins:
+            rows.append((f"{r.short} (random)", twins[r.short].groups))
+        n = min(len(FIGURE4_IMAGES), len(r.groups.images))
+        fig = plotting.plot_groups_grid(rows, images=list(range(n)))
+        _save_fig(fig, out / f"figure4_{_slug(r.short)}.png", written)
+    # grouping against the masks
+    if all(r.scores is not None for r in runs):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
+        for ax, metric in zip(axes, GroupingScores.METRICS):
+            plotting.plot_mask_scores({r.short: r.scores for r in trained}, metric=metric,
+                                      baselines={k: v.scores for k, v in twins.items()}, ax=ax)
+        _save_fig(fig, out / "figure4_mask_agreement.png", written)
+
+
+def reproduce(
+    models: Sequence[str] | None = None,
+    *,
+    pretrained: bool = False,
+    checkpoints: Sequence[str] | None = None,
+    images: Any = None,
+    out: str | Path = "figures",
+    n_images: int = DEFAULT_N_IMAGES,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ReproduceResult:
+    """Run the Figure 3 / Figure 4 analyses and write figures and tables into ``out``.
+
+    Args:
+        models: model specs; ``None`` for the embedded zoo (offline).
+        pretrained: load each model's pretrained weights (real models).
+        checkpoints: one local weights file per model (real models).
+        images: images for real models (folder, files, ``"samples"``); the zoo uses
+            ``n_images`` held-out procedural images with masks.
+        sigmas: noise levels of the probe (pixel space).
+    """
+    t0 = time.perf_counter()
+    say = log or (lambda s: None)
+    check_positive_int("n_images", n_images)
+    sigmas = analysis._parse_sigmas(sigmas)
+    if not models and images is not None:
+        raise FanlensError("images applies to real models; the zoo uses its own held-out images with masks.")
+    pairs = _pairs(models, pretrained, checkpoints, seed)
+    if models:
+        imgs = "samples" if images is None else images
+        masks = None
+        image_names = None
+    else:
+        imgs, masks, image_names = _zoo_images(n_images, seed)
+    runs: list[ModelRun] = []
+    for short, load_trained, load_random in pairs:
+        for trained, loader in ((True, load_trained), (False, load_random)):
+            lm = loader()
+            label = lm.name if trained else f"{lm.name}{RANDOM_SUFFIX}"
+            if trained and lm.weights == "random init":
+                _log.warning("%s has no weights (no --pretrained or --checkpoint): it is its own random-init twin", label)
+            say(f"analysing {label}")
+            runs.append(_run_one(lm, label, short, trained, imgs, masks, sigmas, seed, device, batch_size, progress))
+    out = Path(out)
+    written: list[Path] = []
+    _figures(runs, out, sigmas, written)
+    # tables and provenance
+    buf = io.StringIO()
+    import csv
+
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in runs:
+        for row in r.rows():
+            w.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
+    write_atomic(out / "results.csv", buf.getvalue().encode())
+    written.append(out / "results.csv")
+    manifest = {
+        "kind": "reproduce",
+        "parameters": {
+            "models": list(models) if models else "zoo", "pretrained": pretrained, "checkpoints": checkpoints,
+            "images": image_names if image_names is not None else str(imgs), "n_images": n_images,
+            "sigmas": list(sigmas), "seed": seed, "mask_clusters": MASK_CLUSTERS,
+            "figure4_clusters": FIGURE4_CLUSTERS, "default_rule": spectral.DEFAULT_RULE,
+        },
+        "versions": versions(),
+        "runs": [
+            {
+                "label": r.label,
+                "trained": r.trained,
+                "spectrum": r.spectrum.manifest(),
+                "probe": r.probe.manifest(),
+                "groups": r.groups.manifest(),
+            }
+            for r in runs
+        ],
+    }
+    write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    written.append(out / "manifest.json")
+    return ReproduceResult(runs, written, time.perf_counter() - t0)

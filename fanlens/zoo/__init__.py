@@ -1,0 +1,123 @@
+"""The embedded default: small models trained by fanlens on its procedural shapes.
+
+Three architectures of similar size, 64 x 64 input, 8 classes (:mod:`fanlens.synthetic`):
+
+- ``vit``: a timm VisionTransformer (patch 8, width 192, depth 6, 3 heads, global average pool);
+- ``fan``: fanlens' FAN (patch 8, width 192, depth 6, 4 heads, one class-attention block);
+- ``cnn``: a timm ResNet-18 layout at half width.
+
+They are small models on small synthetic data, trained in minutes on a laptop CPU by
+``fanlens train-zoo`` (:mod:`fanlens.zoo.train`); they show the analysis working offline,
+not the behaviour of the paper's ImageNet models. Weights ship in ``fanlens/zoo/weights``
+as fp16 safetensors with a JSON card each (architecture, data seed, steps, wall time,
+validation accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .._validation import FanlensError
+from ..models._loading import RANDOM_INIT, LoadedModel, file_sha256, load_state_dict_checked
+
+__all__ = ["ZOO_NAMES", "WEIGHTS_DIR", "ZOO_DATA_CONFIG", "build", "load", "card", "available"]
+
+ZOO_NAMES = ("vit", "fan", "cnn")
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+ZOO_DATA_CONFIG = {
+    "input_size": (3, 64, 64),
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 1.0,
+    "crop_mode": "center",
+    "interpolation": "bilinear",
+    "num_classes": 8,
+}
+
+
+def _vit() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, num_classes=8,
+                             class_token=False, global_pool="avg")
+
+
+def _fan() -> nn.Module:
+    from ..models.fan import FAN
+
+    return FAN(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=4, mlp_ratio=3.0, num_classes=8,
+               tokens_norm=True, cls_attn_layers=1)
+
+
+def _cnn() -> nn.Module:
+    from timm.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=8, channels=(32, 64, 128, 256), stem_width=32)
+
+
+ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
+    "vit": (_vit, dict(cls="timm VisionTransformer", img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3,
+                       num_classes=8, class_token=False, global_pool="avg")),
+    "fan": (_fan, dict(cls="fanlens.models.fan.FAN", img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=4,
+                       mlp_ratio=3.0, num_classes=8, tokens_norm=True, cls_attn_layers=1)),
+    "cnn": (_cnn, dict(cls="timm ResNet", block="BasicBlock", layers=[2, 2, 2, 2], channels=[32, 64, 128, 256],
+                       stem_width=32, num_classes=8)),
+}
+
+
+def _check_name(name: str) -> str:
+    if name not in ZOO_NAMES:
+        raise FanlensError(f"zoo model must be one of {ZOO_NAMES}. Got {name!r} instead.")
+    return name
+
+
+def build(name: str, *, seed: int = 0) -> nn.Module:
+    """A randomly initialised zoo architecture (seeded, the caller's RNG untouched), eval mode."""
+    _check_name(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = ARCHITECTURES[name][0]()
+    model.pretrained_cfg = dict(ZOO_DATA_CONFIG, architecture=f"zoo:{name}")
+    return model.eval()
+
+
+def _paths(name: str) -> tuple[Path, Path]:
+    return WEIGHTS_DIR / f"{name}.safetensors", WEIGHTS_DIR / f"{name}.json"
+
+
+def available() -> list[str]:
+    """Zoo models whose trained weights are installed."""
+    return [n for n in ZOO_NAMES if all(p.is_file() for p in _paths(n))]
+
+
+def card(name: str) -> dict:
+    """The JSON card of a trained zoo model."""
+    _check_name(name)
+    path = _paths(name)[1]
+    if not path.is_file():
+        raise FanlensError(f"zoo model {name!r} has no trained weights installed; run `fanlens train-zoo {name}`.")
+    return json.loads(path.read_text())
+
+
+def load(name: str, *, random_init: bool = False, seed: int = 0) -> LoadedModel:
+    """A zoo model in eval mode: trained weights (offline, from the package) or its random-init twin.
+
+    Args:
+        name: ``"vit"``, ``"fan"`` or ``"cnn"``.
+        random_init: the same architecture, randomly initialised with ``seed`` (the baseline).
+    """
+    model = build(name, seed=seed)
+    if random_init:
+        return LoadedModel(model, f"zoo:{name}", RANDOM_INIT, RANDOM_INIT)
+    weights, _ = _paths(name)
+    card(name)  # clear error when missing
+    from safetensors.torch import load_file
+
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    load_state_dict_checked(model, sd, repr(str(weights)))
+    return LoadedModel(model.eval(), f"zoo:{name}", str(weights.name), file_sha256(weights))

@@ -1,0 +1,66 @@
+"""`fanlens reproduce`: the real-model path on random-init models and a temporary folder,
+and the zoo path on a few held-out procedural images."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from fanlens import FanlensError, cli, zoo
+from fanlens.pipeline import RANDOM_SUFFIX, reproduce
+
+from conftest import TINY
+
+FIGS_REAL = {"figure3ab_{}.png", "figure4_{}.png"}
+
+
+def test_real_model_path_with_random_init_models(tmp_path, image_dir, capsys):
+    out = tmp_path / "figs"
+    code = cli.main(["reproduce", "--model", TINY, "--model", "resnet18", "--images", str(image_dir),
+                     "--out", str(out), "--sigmas", "0,0.1", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    names = {p.name for p in out.iterdir()}
+    assert {"figure3ab_resnet18.png", "figure4_resnet18.png", "figure3c.png", "results.csv", "manifest.json"} <= names
+    assert "figure4_mask_agreement.png" not in names  # real images carry no masks
+    assert sum(n.startswith("figure3ab_") for n in names) == 2
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    models = {r["model"] for r in rows}
+    assert models == {TINY, TINY + RANDOM_SUFFIX, "resnet18", "resnet18" + RANDOM_SUFFIX}
+    zero = [float(r["value"]) for r in rows if r["metric"] == "relative_perturbation" and r["sigma"] == "0"
+            and r["statistic"] == "mean"]
+    assert zero and all(v == 0.0 for v in zero)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["kind"] == "reproduce" and len(man["runs"]) == 4
+    assert man["parameters"]["sigmas"] == [0.0, 0.1]
+    for f in sorted(out.glob("*.png")):
+        assert f"wrote {f}" in captured.out
+
+
+def test_checkpoint_count_must_match_models(tmp_path, image_dir):
+    with pytest.raises(FanlensError, match="once per model"):
+        reproduce(["resnet18", "resnet18"], checkpoints=["a.pth"], images=image_dir, out=tmp_path)
+
+
+def test_zoo_images_are_rejected_as_images_argument(tmp_path):
+    with pytest.raises(FanlensError, match="images applies to real models"):
+        reproduce(None, images="samples", out=tmp_path)
+
+
+@pytest.mark.skipif(zoo.available() != list(zoo.ZOO_NAMES), reason="zoo weights not installed")
+def test_zoo_path_writes_every_figure(tmp_path):
+    res = reproduce(None, out=tmp_path, n_images=6, sigmas=(0.1, 0.2), progress=False)
+    names = {p.name for p in res.written}
+    expected = {f"figure3ab_{n}.png" for n in ("vit", "fan", "cnn")} | {f"figure4_{n}.png" for n in ("vit", "fan", "cnn")}
+    expected |= {"figure3c.png", "figure4_mask_agreement.png", "results.csv", "manifest.json"}
+    assert names == expected
+    assert len(res.runs) == 6 and [r.trained for r in res.runs] == [True, False] * 3
+    for r in res.runs:
+        assert r.scores is not None and r.scores.iou.shape == (len(r.groups.blocks), 6)
+        assert np.all((r.scores.iou >= 0) & (r.scores.iou <= 1))
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert {r["metric"] for r in rows} == {"significant_eigenvalues", "relative_perturbation", "mask_ari",
+                                           "mask_best_iou"}
