@@ -1,10 +1,11 @@
-"""Peak RSS of a streamed analysis for a small and a 10x larger image folder.
+"""(c) Peak RSS of a streamed analysis for a small and a 10x larger image folder.
 
 Each count runs in a fresh process (so peaks do not mix): it writes N images into a
-temporary folder, runs the spectrum and the noise probe over the folder in batches,
-and reports the process's peak resident set size (ru_maxrss).
+temporary folder, runs the spectrum and the noise probe over the folder in batches
+(``--mode separate``: two streamed passes; ``--mode analyze``: one pass for both), and
+reports the process's peak resident set size (ru_maxrss).
 
-Run: python benchmarks/memory_rss.py --counts 64 640 [--model vit_tiny_patch16_224]
+Run: python benchmarks/memory_rss.py --counts 100 1000 --model vit_small_patch16_224 --mode analyze
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 
-def _child(model: str, n: int, batch_size: int) -> None:
+def _child(model: str, n: int, batch_size: int, mode: str) -> None:
     import numpy as np
     from PIL import Image
 
@@ -30,8 +31,11 @@ def _child(model: str, n: int, batch_size: int) -> None:
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (240, 240, 3), dtype=np.uint8)).save(Path(d) / f"{i:05d}.png")
         t0 = time.perf_counter()
-        s = fanlens.spectrum(model, d, batch_size=batch_size, progress=False)
-        p = fanlens.noise_probe(model, d, sigmas=(0.1,), batch_size=batch_size, progress=False)
+        if mode == "analyze":
+            s, p = fanlens.analyze(model, d, sigmas=(0.1,), batch_size=batch_size, progress=False)
+        else:
+            s = fanlens.spectrum(model, d, batch_size=batch_size, progress=False)
+            p = fanlens.noise_probe(model, d, sigmas=(0.1,), batch_size=batch_size, progress=False)
         dt = time.perf_counter() - t0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"n": n, "peak_rss_mib": peak_mib, "seconds": dt, "n_spectrum": s.n_images,
@@ -43,17 +47,18 @@ def main() -> None:
     ap.add_argument("--model", default="vit_tiny_patch16_224")
     ap.add_argument("--counts", type=int, nargs="+", default=[64, 640])
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--mode", choices=("separate", "analyze"), default="separate")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        _child(args.model, args.child, args.batch_size)
+        _child(args.model, args.child, args.batch_size, args.mode)
         return
     rows = []
     for n in args.counts:
         out = subprocess.run([sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size),
-                              "--child", str(n)], capture_output=True, text=True, check=True)
+                              "--mode", args.mode, "--child", str(n)], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{args.model}: {n:5d} images  peak RSS {rows[-1]['peak_rss_mib']:8.1f} MiB  "
+        print(f"{args.model} ({args.mode}): {n:5d} images  peak RSS {rows[-1]['peak_rss_mib']:8.1f} MiB  "
               f"({rows[-1]['seconds']:.1f} s for spectrum + probe)")
     if len(rows) > 1:
         print(f"growth {rows[-1]['n'] / rows[0]['n']:.0f}x images -> "

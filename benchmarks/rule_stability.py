@@ -9,7 +9,8 @@ the spread over images, and
 - split-half r: Pearson correlation of the per-block mean profiles computed on two
   disjoint halves of the images (how reproducible the depth profile is).
 
-Run: python benchmarks/rule_stability.py [--models NAME ...] [--checkpoints FILE ...] [--images samples|DIR]
+Run: python benchmarks/rule_stability.py [--models NAME ...] [--checkpoints FILE ...] [--images samples|synthetic|DIR]
+(``synthetic``: held-out procedural shapes, for the zoo models: ``--models zoo:vit zoo:fan zoo:cnn``)
 """
 
 from __future__ import annotations
@@ -33,8 +34,13 @@ def main() -> None:
     args = ap.parse_args()
     for i, name in enumerate(args.models):
         lm = fanlens.build_model(name, checkpoint=args.checkpoints[i] if args.checkpoints else None)
-        imgs = resolve_images(args.images, data_config(lm.model))
-        x = torch.cat([b for b, _ in imgs.batches(16)])[: args.max_images]
+        if args.images == "synthetic":
+            from fanlens.synthetic import SyntheticShapes
+
+            x = SyntheticShapes(args.max_images, seed=0, split="test").batch(range(args.max_images))[0]
+        else:
+            imgs = resolve_images(args.images, data_config(lm.model))
+            x = torch.cat([b for b, _ in imgs.batches(16)])[: args.max_images]
         half = x.shape[0] // 2
         for center in (True, False):
             full = fanlens.spectrum(lm, x, center=center, progress=False)
