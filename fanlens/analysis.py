@@ -198,7 +198,8 @@ class _SpectralAcc:
             groups.setdefault(tok.shape[1], []).append(li)
             affs.append(sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1])))
         for lis in groups.values():
-            spec = sp.spectrum(torch.cat([affs[li] for li in lis], dim=0), dtype=self.eig_dtype)
+            need_norm = any(r in sp.NORMALIZED_RULES for r in self.rules)
+            spec = sp.spectrum(torch.cat([affs[li] for li in lis], dim=0), dtype=self.eig_dtype, normalized=need_norm)
             counts = torch.stack(
                 [sp.count_significant(spec, r, threshold=self.thresholds.get(r), max_k=self.max_k) for r in self.rules],
                 dim=-1,

@@ -152,16 +152,19 @@ class Spectrum:
 
     Attributes:
         affinity: ``(B, N)`` eigenvalues of ``A``.
-        normalized: ``(B, N)`` eigenvalues of ``D^{-1/2} A D^{-1/2}``.
+        normalized: ``(B, N)`` eigenvalues of ``D^{-1/2} A D^{-1/2}``, or ``None`` when not computed.
     """
 
     affinity: torch.Tensor
-    normalized: torch.Tensor
+    normalized: torch.Tensor | None
 
 
-def spectrum(a: torch.Tensor, *, dtype: torch.dtype | None = None) -> Spectrum:
-    """Eigenvalues of ``A`` and of its normalised form, in two batched calls."""
-    return Spectrum(eigvalsh(a, dtype=dtype), eigvalsh(normalized_affinity(a), dtype=dtype))
+NORMALIZED_RULES = ("norm_threshold", "eigengap")
+
+
+def spectrum(a: torch.Tensor, *, dtype: torch.dtype | None = None, normalized: bool = True) -> Spectrum:
+    """Eigenvalues of ``A`` and (unless ``normalized=False``) of its normalised form, batched."""
+    return Spectrum(eigvalsh(a, dtype=dtype), eigvalsh(normalized_affinity(a), dtype=dtype) if normalized else None)
 
 
 def _eigengap(mu: torch.Tensor, max_k: int) -> torch.Tensor:
@@ -192,6 +195,8 @@ def count_significant(
         ``(B,)`` float tensor (integers for the threshold and eigengap rules).
     """
     check_choice("rule", rule, RULES)
+    if rule in NORMALIZED_RULES and spec.normalized is None:
+        raise FanlensError(f"rule {rule!r} needs the normalised spectrum; compute it with spectrum(a, normalized=True).")
     if rule in DEFAULT_THRESHOLDS:
         tau = DEFAULT_THRESHOLDS[rule] if threshold is None else check_fraction("threshold", threshold)
         if rule == "rel_threshold":

@@ -193,3 +193,12 @@ def test_bad_inputs():
         sp.count_significant(sp.spectrum(block_diagonal(2)), "rel_threshold", threshold=1.5)
     with pytest.raises(FanlensError, match="finite"):
         sp.affinity(torch.full((1, 3, 4), float("nan")))
+
+
+def test_normalized_spectrum_is_optional():
+    a = block_diagonal(3)
+    spec = sp.spectrum(a, normalized=False)
+    assert spec.normalized is None
+    assert sp.count_significant(spec, "rel_threshold").item() == 3
+    with pytest.raises(FanlensError, match="needs the normalised spectrum"):
+        sp.count_significant(spec, "eigengap")
