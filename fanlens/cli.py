@@ -8,7 +8,6 @@ run leaves earlier results intact.
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import sys
 from pathlib import Path
@@ -137,19 +136,6 @@ def _images_arg(images: Sequence[str]):
     return images[0] if len(images) == 1 else list(images)
 
 
-def _save_figure(fig, path: Path) -> None:
-    from .results import write_atomic
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=130)
-    finally:
-        plt.close(fig)
-    write_atomic(path, buf.getvalue())
-
-
 def _run_reproduce(args: argparse.Namespace) -> list[Path]:
     from .pipeline import reproduce
 
@@ -238,7 +224,9 @@ def _run(args: argparse.Namespace) -> list[Path]:
 
         obj = getattr(plotting, draw)(res)
         fig = obj if hasattr(obj, "savefig") else obj.figure
-        _save_figure(fig, out / fig_name)
+        from .results import save_png
+
+        save_png(fig, out / fig_name)
         written.append(out / fig_name)
     return written
 

@@ -27,7 +27,7 @@ from . import analysis, spectral
 from ._validation import FanlensError, check_positive_int
 from .grouping import GroupingScores, mask_scores
 from .models import LoadedModel, build_model
-from .results import CSV_COLUMNS, GroupsResult, ProbeResult, SpectrumResult, versions, write_atomic
+from .results import CSV_COLUMNS, GroupsResult, ProbeResult, SpectrumResult, save_png, versions, write_atomic
 
 __all__ = ["ModelRun", "ReproduceResult", "reproduce", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
 
@@ -127,14 +127,7 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
 
 
 def _save_fig(fig, path: Path, written: list[Path]) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=120)
-    finally:
-        plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    save_png(fig, path, dpi=120)
     written.append(path)
 
 

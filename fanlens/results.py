@@ -39,6 +39,7 @@ __all__ = [
     "load",
     "versions",
     "write_atomic",
+    "save_png",
 ]
 
 CSV_COLUMNS = ("model", "block_index", "block", "depth", "metric", "rule", "sigma", "image", "statistic", "value", "n")
@@ -81,6 +82,18 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_png(fig, path: str | Path, *, dpi: int = 130) -> None:
+    """Render a matplotlib figure to PNG, write it atomically, and close the figure."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    write_atomic(path, buf.getvalue())
 
 
 @dataclass(frozen=True)
