@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import fnmatch
-import logging
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -38,7 +37,6 @@ __all__ = [
     "infer_grid",
 ]
 
-_log = logging.getLogger(__name__)
 
 LAYOUTS = ("NLC", "NCHW", "NHWC")
 MAX_CANDIDATES_SHOWN = 12

@@ -22,7 +22,6 @@ DEFAULT_OUT = "fanlens_out"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from .analysis import DEFAULT_TOKEN_BUDGET  # noqa: F401
     from .data import DEFAULT_BATCH_SIZE
 
     g = p.add_argument_group("model")

@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .._validation import FanlensError
 from ..capture import BlockSpec
-from .fan import ChannelProcessing, _linspace
+from .fan import ChannelProcessing, ClassMlp, _linspace
 
 __all__ = ["FANSwinTransformer", "FAN_SWIN_NAMES"]
 
@@ -81,16 +81,11 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class PlainMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
+class PlainMlp(ClassMlp):
+    """fc1 -> GELU -> fc2 (stage 3 of FAN-Swin), called with the grid like the FAN MLPs."""
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return super().forward(x)
 
 
 class SwinFANBlock(nn.Module):
