@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from ._validation import FanlensError
 from .analysis import analyze, group_tokens, make_noise, noise_probe, spectrum
+from .attribution import AttributionResult, AttributionShare, FlipResult, attribute, attribution_share, min_flip_sigma
 from .capture import BlockTokens, TokenCapture, TokenLayout, find_blocks
 from .models import build_model, load_checkpoint
 from .results import GroupsResult, ProbeResult, SpectrumResult, load
@@ -25,6 +26,12 @@ __all__ = [
     "analyze",
     "group_tokens",
     "make_noise",
+    "attribute",
+    "attribution_share",
+    "min_flip_sigma",
+    "AttributionResult",
+    "AttributionShare",
+    "FlipResult",
     "build_model",
     "load_checkpoint",
     "SpectrumResult",

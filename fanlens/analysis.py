@@ -73,6 +73,7 @@ def _setup(
     grid: Any,
     seed: int = 0,
     need_images: bool = True,
+    check_blocks: bool = True,
 ) -> _Setup:
     if isinstance(model, LoadedModel):
         lm = model
@@ -90,8 +91,8 @@ def _setup(
         raise FanlensError("images must hold at least one image. Got none.")
     lm.model.to(dev).eval()
     ck = dict(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
-    # validate the block selection before any image is read
-    TokenCapture(lm.model, **ck)
+    if check_blocks:  # validate the block selection before any image is read
+        TokenCapture(lm.model, **ck)
     return _Setup(lm, cfg, imgs, dev, ck)
 
 

@@ -60,6 +60,7 @@ def _add_spectral(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .attribution import DEFAULT_IG_STEPS
     from .spectral import RULES
 
     parser = argparse.ArgumentParser(prog="fanlens", description="Look inside vision models the way the FAN paper does.")
@@ -81,11 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--space", choices=("pixel", "normalized"), default="pixel",
                     help="add the noise to pixels in [0,1] or to the normalised input")
     pp.add_argument("--n-noise", type=int, default=16, help="noise samples in --mode pure")
+    from .attribution import DEFAULT_FLIP_MAX_SIGMA, DEFAULT_FLIP_STEP, DEFAULT_IG_STEPS
+
+    fl = pp.add_argument_group("prediction flips (captum MinParamPerturbation)")
+    fl.add_argument("--flip", action="store_true",
+                    help="also find, per image, the smallest sigma of the same noise that changes the prediction "
+                         "(writes flip/ and probe_flip.png)")
+    fl.add_argument("--flip-max-sigma", type=float, default=DEFAULT_FLIP_MAX_SIGMA, help="largest sigma tried")
+    fl.add_argument("--flip-step", type=float, default=DEFAULT_FLIP_STEP, help="sigma grid step (the resolution)")
 
     gp = sub.add_parser("groups", help="spectral clusters of the tokens of each block, per image")
     _add_common(gp)
     _add_spectral(gp)
     gp.add_argument("--n-clusters", default="4", help="clusters per block, or 'auto' (eigengap)")
+    at = gp.add_argument_group("attributions (captum)")
+    at.add_argument("--attribution", choices=("ig", "gradcam"), default=None,
+                    help="also attribute the predicted class (Integrated Gradients or Grad-CAM on a block) and "
+                         "report per block the share of the mass in the best group (writes attribution/, "
+                         "attribution_share.csv and groups_attribution.png)")
+    at.add_argument("--attribution-block", default=None, metavar="NAME",
+                    help="Grad-CAM block (default: the last block)")
+    at.add_argument("--ig-steps", type=int, default=DEFAULT_IG_STEPS, help="Integrated Gradients steps")
 
     from .pipeline import DEFAULT_N_IMAGES, DEFAULT_SIGMAS
 
@@ -212,9 +229,15 @@ def _run(args: argparse.Namespace) -> list[Path]:
             token_budget=args.token_budget, **common,
         )
         fig_name, draw = "groups.png", "plot_groups"
+    if args.command == "probe" and args.flip and args.mode != "additive":
+        raise FanlensError("--flip goes with --mode additive (the noise it scales is the additive noise).")
+    if args.command == "groups" and args.attribution is None and args.attribution_block is not None:
+        raise FanlensError("--attribution-block goes with --attribution gradcam.")
+    extra = _extras(args, lm, images, common, res) if is_main() else {}
     if not is_main():  # every rank holds the merged statistics; rank 0 writes them
         return []
     written = res.save(out)
+    written += _save_extras(args, res, extra, out)
     if not args.no_figure:
         import matplotlib
 
@@ -227,6 +250,67 @@ def _run(args: argparse.Namespace) -> list[Path]:
 
         save_png(fig, out / fig_name)
         written.append(out / fig_name)
+    return written
+
+
+def _extras(args: argparse.Namespace, lm, images, common: dict, res) -> dict:
+    """The captum analyses that go with a probe (--flip) or groups (--attribution)."""
+    from . import attribution
+
+    if args.command == "probe" and args.flip:
+        flip = attribution.min_flip_sigma(
+            lm, images, max_sigma=args.flip_max_sigma, step=args.flip_step, space=args.space,
+            input_size=common["input_size"], device=args.device, seed=args.seed, progress=common["progress"],
+        )
+        print(f"smallest sigma flipping the prediction: median {flip.median:.4g} "
+              f"({flip.n_flipped}/{len(flip.images)} images flipped up to {flip.max_sigma:g})")
+        return {"flip": flip}
+    if args.command == "groups" and args.attribution is not None:
+        attr = attribution.attribute(
+            lm, images, method=args.attribution, block=args.attribution_block, n_steps=args.ig_steps,
+            input_size=common["input_size"], num_prefix_tokens=args.num_prefix_tokens, layout=args.layout,
+            device=args.device, seed=args.seed, progress=common["progress"],
+        )
+        share = attribution.attribution_share(res, attr)
+        s = share.summary("attribution_share")
+        a = share.summary("attribution_group_area")
+        print(f"share of the {args.attribution} attribution mass in the best group (mean over {s['n']} images):")
+        for li, b in enumerate(share.blocks):
+            print(f"  {b.name:<24} share {s['mean'][li]:.3f}   area of that group {a['mean'][li]:.3f}")
+        return {"attribution": attr, "share": share}
+    return {}
+
+
+def _save_extras(args: argparse.Namespace, res, extra: dict, out: Path) -> list[Path]:
+    import csv
+    import io
+
+    from .results import CSV_COLUMNS, save_png, write_atomic
+
+    written: list[Path] = []
+    if "flip" in extra:
+        written += extra["flip"].save(out / "flip")
+    if "attribution" in extra:
+        written += extra["attribution"].save(out / "attribution")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in extra["share"].rows():
+            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+        write_atomic(out / "attribution_share.csv", buf.getvalue().encode())
+        written.append(out / "attribution_share.csv")
+    if extra and not args.no_figure:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from . import plotting
+
+        if "flip" in extra:
+            save_png(plotting.plot_probe_flip(res, extra["flip"]), out / "probe_flip.png")
+            written.append(out / "probe_flip.png")
+        if "attribution" in extra:
+            save_png(plotting.plot_attribution_groups(res, extra["attribution"]), out / "groups_attribution.png")
+            written.append(out / "groups_attribution.png")
     return written
 
 

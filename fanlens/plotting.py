@@ -22,6 +22,11 @@ __all__ = [
     "plot_depth_comparison",
     "plot_mask_scores",
     "plot_groups_grid",
+    "plot_attribution",
+    "plot_attribution_groups",
+    "plot_attribution_share",
+    "plot_probe_flip",
+    "plot_comparison",
 ]
 
 # Okabe-Ito: colour-blind safe
@@ -233,4 +238,182 @@ def plot_groups_grid(rows: list, *, images: Sequence[int] = (0,), fig=None, alph
         ax.set_yticks([])
         for s in ax.spines.values():
             s.set_visible(False)
+    return fig
+
+
+# --------------------------------------------------------------------------- attributions and flips
+def _check_type(name: str, obj, cls) -> None:
+    if not isinstance(obj, cls):
+        raise FanlensError(f"{name} must be a {cls.__name__}. Got {type(obj).__name__} instead.")
+
+
+def _check_image(image: int, n: int) -> None:
+    if not isinstance(image, (int, np.integer)) or not 0 <= image < n:
+        raise FanlensError(f"image must be in [0, {n - 1}]. Got {image!r} instead.")
+
+
+def plot_attribution(result, *, image: int = 0, ax=None, alpha: float = 0.65, cmap: str = "magma",
+                     percentile: float = 99.0):
+    """One image with its attribution map on top, scaled to the map's ``percentile`` (so a few
+    extreme pixels do not hide the rest); returns the Axes."""
+    from .attribution import AttributionResult
+
+    _check_type("result", result, AttributionResult)
+    _check_image(image, len(result.images))
+    ax = _axes(ax)
+    px = result.pixels[image]
+    m = np.asarray(result.maps[image], dtype=float)
+    top = float(np.percentile(m, percentile)) if m.size else 0.0
+    top = top if top > 0 else float(m.max())
+    h, w = px.shape[:2]
+    ax.imshow(px)
+    ax.imshow(np.clip(m / top, 0, 1) if top > 0 else m, cmap=cmap, vmin=0, vmax=1, alpha=alpha, extent=(0, w, h, 0))
+    where = f" @ {result.blocks[0].name}" if result.blocks else ""
+    ax.set_title(f"{result.method}{where}, class {int(result.targets[image])}", fontsize=8)
+    ax.set_axis_off()
+    return ax
+
+
+def plot_attribution_share(share, *, ax=None, label: str | None = None, color: str | None = None):
+    """Per block: the share of the attribution mass in its best group (mean, 95 % interval),
+    and that group's share of the area (dotted: what a uniform map would give). Returns the Axes."""
+    from .attribution import AttributionShare
+
+    _check_type("share", share, AttributionShare)
+    ax = _axes(ax)
+    color = color or PALETTE[(len(ax.lines) // 2) % len(PALETTE)]
+    x = np.arange(len(share.blocks))
+    s = share.summary("attribution_share")
+    a = share.summary("attribution_group_area")
+    name = label or share.model
+    ax.plot(x, s["mean"], marker="o", ms=3, color=color, label=f"{name}: mass in best group")
+    ax.fill_between(x, s["ci_low"], s["ci_high"], color=color, alpha=0.15)
+    ax.plot(x, a["mean"], ":", color=color, label=f"{name}: its area (uniform map)")
+    ax.set_xticks(x)
+    ax.set_xticklabels([b.name for b in share.blocks], rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("block")
+    ax.set_ylabel(f"share of {share.method} attribution")
+    ax.legend(frameon=False, fontsize=7)
+    return ax
+
+
+def plot_attribution_groups(groups: GroupsResult, attributions, *, image: int = 0, blocks: Sequence[int] | None = None,
+                            fig=None, alpha: float = 0.55):
+    """The paper's grouped tokens next to an attribution map.
+
+    Top row: the image, its attribution, and the (colour-matched) groups of each block,
+    each titled with the share of the attribution mass in its best group for this image.
+    Bottom row: that share per block over all images, against the area baseline.
+    Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    from .attribution import attribution_share
+    from .grouping import match_labels
+
+    _check_type("groups", groups, GroupsResult)
+    share = attribution_share(groups, attributions)
+    _check_image(image, len(groups.images))
+    idx = list(range(len(groups.blocks))) if blocks is None else list(blocks)
+    for li in idx:
+        if not isinstance(li, (int, np.integer)) or not 0 <= li < len(groups.blocks):
+            raise FanlensError(f"blocks must index the groups' blocks [0, {len(groups.blocks) - 1}]. Got {li!r} instead.")
+    ncols = len(idx) + 2
+    if fig is None:
+        fig = plt.figure(figsize=(max(1.45 * ncols, 6.0), 4.6), layout="constrained")
+    gs = fig.add_gridspec(2, ncols, height_ratios=[1.0, 1.15])
+    top = [fig.add_subplot(gs[0, j]) for j in range(ncols)]
+    px = groups.pixels[image]
+    h, w = px.shape[:2]
+    top[0].imshow(px)
+    top[0].set_title("image", fontsize=8)
+    top[0].set_axis_off()
+    plot_attribution(attributions, image=image, ax=top[1])
+    cmap = ListedColormap(list(PALETTE) * 4)
+    matched = match_labels([groups.labels[li][image] for li in idx])
+    for ax, li, lab in zip(top[2:], idx, matched):
+        ax.imshow(px)
+        ax.imshow(lab % cmap.N, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, alpha=alpha, extent=(0, w, h, 0),
+                  interpolation="nearest")
+        v = share.share[li, image]
+        ax.set_title(f"{groups.blocks[li].name}\nshare {v:.2f}" if np.isfinite(v) else groups.blocks[li].name,
+                     fontsize=7)
+        ax.set_axis_off()
+    bottom = fig.add_subplot(gs[1, :])
+    plot_attribution_share(share, ax=bottom, label=groups.model)
+    bottom.set_title(f"over {len(groups.images)} images (mean, 95 % interval)", fontsize=8)
+    return fig
+
+
+def plot_probe_flip(probe: ProbeResult, flip, *, fig=None):
+    """The per-block perturbation curve with, beside it, the smallest sigma that flips each
+    image's prediction (same noise, same units). The probe's sigma levels are drawn as
+    dotted lines in the right panel in their curve colours. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    from .attribution import FlipResult
+
+    _check_type("probe", probe, ProbeResult)
+    _check_type("flip", flip, FlipResult)
+    if probe.mode != "additive":
+        raise FanlensError(f"probe must be an additive-mode ProbeResult. Got mode {probe.mode!r} instead.")
+    if probe.space != flip.space:
+        raise FanlensError(f"probe and flip must add noise in the same space. Got {probe.space!r} and {flip.space!r}.")
+    if fig is None:
+        fig = plt.figure(figsize=(8.0, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.2]})
+    plot_probe(probe, ax=left)
+    v = np.asarray(flip.min_sigma, dtype=float)
+    ok = ~np.isnan(v)
+    rng = np.random.default_rng(0)
+    jitter = rng.uniform(-0.15, 0.15, v.size)
+    right.scatter(jitter[ok], v[ok], s=14, color=PALETTE[0], alpha=0.8, label="flipped")
+    if (~ok).any():
+        right.scatter(jitter[~ok], np.full((~ok).sum(), flip.max_sigma), marker="^", s=18, color=PALETTE[7],
+                      label=f"not flipped up to {flip.max_sigma:g}")
+    med = flip.median
+    if np.isfinite(med):
+        right.axhline(med, color=PALETTE[3], lw=1.5, label=f"median {med:.3g}")
+    for i, sg in enumerate(probe.sigmas):
+        right.axhline(sg, color=PALETTE[i % len(PALETTE)], ls=":", lw=1)
+    right.set_xlim(-0.5, 0.5)
+    right.set_xticks([])
+    right.set_ylim(0, flip.max_sigma * 1.05)
+    right.set_ylabel(f"sigma ({flip.space} space)")
+    right.set_title(f"smallest sigma flipping\nthe prediction ({flip.n_flipped}/{len(flip.images)})", fontsize=8)
+    right.legend(frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.02))
+    return fig
+
+
+def plot_comparison(results: dict, *, sigma: float | None = None, rule: str | None = None, fig=None):
+    """Several models side by side over relative depth: significant-eigenvalue count (left)
+    and relative perturbation (right). ``results`` maps a label to ``(SpectrumResult,
+    ProbeResult)``; labels ending in ``"(random init)"`` are drawn dashed. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise FanlensError("results must map at least one label to (SpectrumResult, ProbeResult).")
+    if fig is None:
+        fig = plt.figure(figsize=(9.0, 3.6), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    colours: dict[str, str] = {}
+    for label, pair in results.items():
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], SpectrumResult)
+                and isinstance(pair[1], ProbeResult)):
+            raise FanlensError(f"results[{label!r}] must be a (SpectrumResult, ProbeResult) pair.")
+        spec, prob = pair
+        base = label.replace("(random init)", "").strip()
+        c = colours.setdefault(base, PALETTE[len(colours) % len(PALETTE)])
+        style = "--" if label.endswith("(random init)") else "-"
+        r = rule or spec.rules[0]
+        sg = max(prob.sigmas) if sigma is None else sigma
+        left.plot(_depth(len(spec.blocks)), spec.count(r), style, marker="o", ms=3, color=c, label=label)
+        right.plot(_depth(len(prob.blocks)), prob.values(sg), style, marker="o", ms=3, color=c, label=label)
+    left.set_xlabel("relative depth")
+    left.set_ylabel(f"significant eigenvalues ({r})")
+    right.set_xlabel("relative depth")
+    right.set_ylabel(f"relative perturbation (sigma={sg:g})")
+    left.legend(frameon=False, fontsize=7)
     return fig

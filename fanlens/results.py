@@ -422,16 +422,19 @@ class GroupsResult(_ResultIO):
 _KINDS = {c.KIND: c for c in (SpectrumResult, ProbeResult, GroupsResult)}
 
 
-def load(directory: str | Path) -> SpectrumResult | ProbeResult | GroupsResult:
-    """Restore a result written by ``save``."""
+def load(directory: str | Path):
+    """Restore a result written by ``save`` (spectrum, probe, groups, attribution or flip)."""
     d = Path(directory)
     man_path, arr_path = d / "manifest.json", d / "arrays.npz"
     if not man_path.is_file() or not arr_path.is_file():
         raise FanlensError(f"directory must hold manifest.json and arrays.npz from result.save(). Got {str(d)!r} instead.")
     manifest = json.loads(man_path.read_text())
     kind = manifest.get("kind")
-    if kind not in _KINDS:
-        raise FanlensError(f"manifest kind must be one of {tuple(_KINDS)}. Got {kind!r} instead.")
+    from .attribution import AttributionResult, FlipResult
+
+    kinds = {**_KINDS, AttributionResult.KIND: AttributionResult, FlipResult.KIND: FlipResult}
+    if kind not in kinds:
+        raise FanlensError(f"manifest kind must be one of {tuple(kinds)}. Got {kind!r} instead.")
     with np.load(arr_path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    return _KINDS[kind]._from_parts(manifest, arrays)
+    return kinds[kind]._from_parts(manifest, arrays)
