@@ -196,7 +196,15 @@ def _run(args: argparse.Namespace) -> list[Path]:
     distributed = init_from_env(args.device)
     if distributed and args.command == "groups":
         raise FanlensError("groups runs in one process; launch it without torchrun.")
+    if args.command == "probe" and args.flip and args.mode != "additive":
+        raise FanlensError("--flip goes with --mode additive (the noise it scales is the additive noise).")
+    if args.command == "groups" and args.attribution != "gradcam" and args.attribution_block is not None:
+        raise FanlensError("--attribution-block goes with --attribution gradcam.")
     lm = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, seed=args.seed)
+    if args.command == "groups" and args.attribution == "gradcam":  # check the block before any analysis
+        from .attribution import _gradcam_block
+
+        _gradcam_block(lm.model, args.attribution_block, layout=args.layout, num_prefix_tokens=args.num_prefix_tokens)
     common = dict(
         blocks=args.blocks,
         num_prefix_tokens=args.num_prefix_tokens,
@@ -229,10 +237,6 @@ def _run(args: argparse.Namespace) -> list[Path]:
             token_budget=args.token_budget, **common,
         )
         fig_name, draw = "groups.png", "plot_groups"
-    if args.command == "probe" and args.flip and args.mode != "additive":
-        raise FanlensError("--flip goes with --mode additive (the noise it scales is the additive noise).")
-    if args.command == "groups" and args.attribution is None and args.attribution_block is not None:
-        raise FanlensError("--attribution-block goes with --attribution gradcam.")
     extra = _extras(args, lm, images, common, res) if is_main() else {}
     if not is_main():  # every rank holds the merged statistics; rank 0 writes them
         return []

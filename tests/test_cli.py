@@ -117,3 +117,57 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("fanlens: error: images must be")
     assert "Traceback" not in proc.stderr
+
+
+def test_groups_with_attribution_writes_the_share_per_block(tmp_path, image_dir, capsys):
+    import numpy as np
+
+    import fanlens
+    from fanlens.attribution import attribution_share
+
+    out = tmp_path / "g"
+    code, stdout, err = run(["groups", "--model", TINY, "--images", str(image_dir), "--out", str(out),
+                             "--n-clusters", "2", "--attribution", "gradcam", "--attribution-block", "blocks.1"], capsys)
+    assert code == 0, err
+    for f in ("groups_attribution.png", "attribution_share.csv", "attribution/manifest.json", "groups.png"):
+        assert (out / f).is_file()
+    groups, attr = fanlens.load(out), fanlens.load(out / "attribution")
+    assert attr.method == "gradcam" and attr.blocks[0].name == "blocks.1"
+    expected = attribution_share(groups, attr).summary("attribution_share")["mean"]
+    rows = [r for r in csv.DictReader(open(out / "attribution_share.csv"))
+            if r["metric"] == "attribution_share_gradcam" and r["statistic"] == "mean"]
+    assert [r["block"] for r in rows] == ["blocks.0", "blocks.1", "blocks.2"]
+    np.testing.assert_allclose([float(r["value"]) for r in rows], expected, rtol=1e-6)
+    assert f"share {expected[0]:.3f}" in stdout
+
+
+def test_probe_flip_matches_the_api(tmp_path, image_dir, capsys):
+    import numpy as np
+
+    import fanlens
+    from fanlens.attribution import min_flip_sigma
+    from fanlens.models import build_model
+
+    out = tmp_path / "p"
+    code, stdout, err = run(["probe", "--model", TINY, "--images", str(image_dir), "--out", str(out), "--sigmas",
+                             "0.1,0.2", "--flip", "--flip-max-sigma", "2", "--flip-step", "0.05", "--seed", "2"], capsys)
+    assert code == 0, err
+    assert (out / "probe_flip.png").is_file()
+    flip = fanlens.load(out / "flip")
+    api = min_flip_sigma(build_model(TINY, seed=2), str(image_dir), max_sigma=2, step=0.05, seed=2, progress=False)
+    np.testing.assert_array_equal(flip.min_sigma, api.min_sigma)
+    assert flip.step == 0.05 and flip.provenance.seed == 2
+    assert f"median {api.median:.4g}" in stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["probe", "--mode", "pure", "--flip"], "--flip goes with --mode additive"),
+    (["groups", "--attribution-block", "blocks.0"], "--attribution-block goes with --attribution gradcam"),
+    (["groups", "--attribution", "gradcam", "--attribution-block", "blocks.*"], "exactly one block"),
+])
+def test_captum_option_errors(tmp_path, image_dir, capsys, args, match):
+    code, _, err = run([args[0], "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "x"),
+                        *args[1:]], capsys)
+    assert code == 2
+    assert match in err and err.startswith("fanlens: error:")
+    assert not (tmp_path / "x").exists()  # nothing written on failure
