@@ -12,6 +12,7 @@ from .analysis import analyze, group_tokens, make_noise, noise_probe, spectrum
 from .attribution import AttributionResult, AttributionShare, FlipResult, attribute, attribution_share, min_flip_sigma
 from .capture import BlockTokens, TokenCapture, TokenLayout, find_blocks
 from .models import build_model, load_checkpoint
+from .pipeline import Comparison, compare
 from .results import GroupsResult, ProbeResult, SpectrumResult, load
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "AttributionShare",
     "FlipResult",
     "build_model",
+    "compare",
+    "Comparison",
     "load_checkpoint",
     "SpectrumResult",
     "ProbeResult",

@@ -566,6 +566,7 @@ def group_tokens(
     num_prefix_tokens: int | None = None,
     layout: str | None = None,
     grid: tuple[int, int] | None = None,
+    n_images: int | None = None,
     progress: bool = True,
 ) -> GroupsResult:
     """Spectral clustering of the patch tokens of every block: one label map per block and image.
@@ -573,6 +574,7 @@ def group_tokens(
     Args:
         n_clusters: groups per block, or ``None`` to choose per block and image by the eigengap.
         seed: seeds k-means (labels are deterministic for a seed).
+        n_images: only the first ``n_images`` images (default: all).
         Other arguments as in :func:`spectrum`.
 
     Returns:
@@ -582,6 +584,8 @@ def group_tokens(
     if n_clusters is not None:
         check_positive_int("n_clusters", n_clusters)
     check_positive_int("token_budget", token_budget, minimum=2)
+    if n_images is not None:
+        check_positive_int("n_images", n_images)
     s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
                blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
     labels: list[list[np.ndarray]] = []
@@ -589,8 +593,9 @@ def group_tokens(
     pix: list[np.ndarray] = []
     infos: list[BlockInfo] = []
     with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
-        batches = s.images.batches(batch_size)
-        for pixels, _idx in _progress(batches, _n_batches(len(s.images), batch_size), "groups", progress):
+        names = s.images.names[:n_images]
+        batches = s.images.batches(batch_size, stop=n_images)
+        for pixels, _idx in _progress(batches, _n_batches(len(names), batch_size), "groups", progress):
             cap.clear()
             _forward(cap, s.cfg.normalize(pixels.to(s.device)))
             pix.append((pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
@@ -613,14 +618,14 @@ def group_tokens(
     params = dict(
         analysis="groups", n_clusters=n_clusters, blocks=blocks, affinity=affinity, center=center, knn=knn,
         max_k=max_k, token_budget=token_budget, n_init=n_init, batch_size=batch_size,
-        num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid,
+        num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, n_images=n_images,
         clustering="normalised spectral clustering (Ng-Jordan-Weiss) + batched k-means++; labels by first appearance",
     )
     return GroupsResult(
         blocks=tuple(infos),
-        images=tuple(s.images.names),
+        images=tuple(names),
         labels=tuple(np.concatenate(l) for l in labels),
         n_clusters=np.stack([np.concatenate(k) for k in ks]),
         pixels=np.concatenate(pix),
-        provenance=_provenance(s, seed, params, s.images.names),
+        provenance=_provenance(s, seed, params, names),
     )

@@ -29,7 +29,7 @@ from .grouping import GroupingScores, mask_scores
 from .models import LoadedModel, build_model
 from .results import CSV_COLUMNS, GroupsResult, ProbeResult, SpectrumResult, save_png, versions, write_atomic
 
-__all__ = ["ModelRun", "ReproduceResult", "reproduce", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
+__all__ = ["Comparison", "compare", "ModelRun", "ReproduceResult", "reproduce", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
 
 _log = logging.getLogger(__name__)
 
@@ -260,3 +260,98 @@ def reproduce(
     write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     written.append(out / "manifest.json")
     return ReproduceResult(runs, written, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- several models, a few lines
+@dataclass
+class Comparison:
+    """Spectrum, probe (and groups) of several models on the same images.
+
+    Attributes:
+        results: label -> ``(SpectrumResult, ProbeResult)``.
+        groups: label -> :class:`GroupsResult` (empty unless ``n_clusters`` was given).
+        seconds: wall time of the whole comparison.
+    """
+
+    results: dict[str, tuple[SpectrumResult, ProbeResult]]
+    groups: dict[str, GroupsResult] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def plot(self, *, sigma: float | None = None, rule: str | None = None, fig=None):
+        """Counts and perturbation over relative depth, one line per model (see
+        :func:`fanlens.plotting.plot_comparison`); returns the Figure."""
+        from .plotting import plot_comparison
+
+        return plot_comparison(self.results, sigma=sigma, rule=rule, fig=fig)
+
+    def plot_groups(self, *, images: Sequence[int] = (0,), fig=None):
+        """Grouped tokens of every block, one row per model and image; returns the Figure."""
+        from .plotting import plot_groups_grid
+
+        if not self.groups:
+            raise FanlensError("groups were not computed: call compare(..., n_clusters=K).")
+        return plot_groups_grid(list(self.groups.items()), images=images, fig=fig)
+
+    def rows(self) -> list[dict]:
+        """Tidy rows (:data:`~fanlens.results.CSV_COLUMNS`), ``model`` set to each label."""
+        rows = []
+        for label, (spec, probe) in self.results.items():
+            for r in spec.rows() + probe.rows():
+                rows.append({**r, "model": label})
+        return rows
+
+    def to_csv(self) -> str:
+        import csv
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in self.rows():
+            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+        return buf.getvalue()
+
+
+def compare(
+    models: dict[str, Any],
+    images: Any = "samples",
+    *,
+    sigmas: Sequence[float] | float | str = DEFAULT_SIGMAS,
+    n_clusters: int | None = None,
+    group_images: int = 3,
+    pretrained: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+    **kwargs: Any,
+) -> Comparison:
+    """Run :func:`fanlens.analyze` (and, with ``n_clusters``, :func:`fanlens.group_tokens`
+    on the first ``group_images`` images) on every model with the same images and noise.
+
+    Args:
+        models: label -> model (a module, a spec string such as ``"zoo:fan"`` or a
+            :class:`~fanlens.models.LoadedModel`). Labels ending in ``"(random init)"``
+            are drawn dashed by :meth:`Comparison.plot`.
+        images: as in :func:`fanlens.spectrum`.
+        pretrained: load timm's pretrained weights for models given as names (download).
+        kwargs: passed to :func:`fanlens.analyze` (``rules``, ``blocks``, ``input_size``, ...).
+    """
+    if not isinstance(models, dict) or not models:
+        raise FanlensError(f"models must map at least one label to a model. Got {models!r} instead.")
+    check_positive_int("group_images", group_images)
+    t0 = time.perf_counter()
+    out = Comparison({})
+    common = dict(seed=seed, device=device, batch_size=batch_size, progress=progress)
+    for label, model in models.items():
+        lm = model if isinstance(model, LoadedModel) else build_model(model, pretrained=pretrained, seed=seed)
+        out.results[label] = analysis.analyze(lm, images, sigmas=sigmas, **common, **kwargs)
+        if n_clusters is not None:
+            out.groups[label] = analysis.group_tokens(lm, images, n_clusters=n_clusters, n_images=group_images,
+                                                      **common,
+                                                      **{k: v for k, v in kwargs.items() if k in _GROUP_KEYS})
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+_GROUP_KEYS = ("blocks", "affinity", "center", "knn", "token_budget", "input_size", "num_prefix_tokens", "layout",
+               "grid")

@@ -27,6 +27,7 @@ __all__ = [
     "plot_attribution_share",
     "plot_probe_flip",
     "plot_comparison",
+    "plot_attention",
 ]
 
 # Okabe-Ito: colour-blind safe
@@ -417,3 +418,44 @@ def plot_comparison(results: dict, *, sigma: float | None = None, rule: str | No
     right.set_ylabel(f"relative perturbation (sigma={sg:g})")
     left.legend(frameon=False, fontsize=7)
     return fig
+
+
+def plot_attention(attn, pixels, *, grid: tuple[int, int], query: tuple[int, int], head: int | None = None, ax=None,
+                   alpha: float = 0.6, cmap: str = "viridis"):
+    """Where one query token attends, over the image.
+
+    Args:
+        attn: one image's attention, ``(heads, N, N)`` or ``(N, N)`` (rows: queries), e.g.
+            ``FAN.attention_maps(x)[i][b]``; heads are averaged unless ``head`` is given.
+        pixels: ``(H, W, 3)`` uint8 or float image.
+        grid: the token grid ``(h, w)``, ``h * w == N`` (row-major tokens).
+        query: ``(row, col)`` of the query token; outlined in the plot.
+
+    Returns the Axes.
+    """
+    from matplotlib.patches import Rectangle
+
+    a = attn.detach().cpu().numpy() if hasattr(attn, "detach") else np.asarray(attn)
+    a = a.astype(float)
+    if a.ndim == 2:
+        a = a[None]
+    gh, gw = (int(v) for v in grid)
+    if a.ndim != 3 or a.shape[1] != a.shape[2] or a.shape[1] != gh * gw:
+        raise FanlensError(f"attn must be (heads, N, N) or (N, N) with N = {gh}*{gw}. Got shape {np.shape(attn)} instead.")
+    if head is not None:
+        if not isinstance(head, (int, np.integer)) or not 0 <= head < a.shape[0]:
+            raise FanlensError(f"head must be in [0, {a.shape[0] - 1}]. Got {head!r} instead.")
+        a = a[head : head + 1]
+    r, c = query
+    if not (0 <= r < gh and 0 <= c < gw):
+        raise FanlensError(f"query must be (row, col) inside the {gh}x{gw} grid. Got {query!r} instead.")
+    row = a[:, r * gw + c, :].mean(0).reshape(gh, gw)
+    ax = _axes(ax)
+    px = np.asarray(pixels)
+    h, w = px.shape[:2]
+    ax.imshow(px)
+    ax.imshow(row, cmap=cmap, alpha=alpha, extent=(0, w, h, 0), interpolation="nearest")
+    ax.add_patch(Rectangle((c * w / gw, r * h / gh), w / gw, h / gh, fill=False, edgecolor="white", lw=1.5))
+    ax.set_title(f"attention of token ({r}, {c})" + ("" if head is None else f", head {head}"), fontsize=8)
+    ax.set_axis_off()
+    return ax

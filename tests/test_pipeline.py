@@ -64,3 +64,25 @@ def test_zoo_path_writes_every_figure(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert {r["metric"] for r in rows} == {"significant_eigenvalues", "relative_perturbation", "mask_ari",
                                            "mask_best_iou"}
+
+
+def test_compare_equals_analyze_per_model_and_tabulates(image_dir):
+    import numpy as np
+    import timm
+
+    import fanlens
+
+    models = {"ViT": TINY, "CNN (random init)": timm.create_model("resnet18", num_classes=3)}
+    cmp = fanlens.compare(models, str(image_dir), sigmas=(0.1,), n_clusters=2, group_images=2, progress=False)
+    assert list(cmp.results) == list(models) and list(cmp.groups) == list(models)
+    spec, probe = fanlens.analyze(fanlens.build_model(TINY), str(image_dir), sigmas=(0.1,), progress=False)
+    np.testing.assert_allclose(cmp.results["ViT"][0].count(), spec.count())
+    np.testing.assert_allclose(cmp.results["ViT"][1].values(0.1), probe.values(0.1), rtol=1e-5)
+    assert len(cmp.groups["ViT"].images) == 2
+    rows = cmp.rows()
+    assert {r["model"] for r in rows} == set(models)
+    assert cmp.to_csv().splitlines()[0].startswith("model,block_index")
+    fig = cmp.plot()
+    assert len(fig.get_axes()[0].get_lines()) == 2
+    with pytest.raises(fanlens.FanlensError, match="models must map"):
+        fanlens.compare({})

@@ -214,3 +214,19 @@ def test_plotting_never_shows_and_draws_into_a_given_axes(monkeypatch):
     assert out is ax and len(plt.get_fignums()) == n
     plotting.plot_probe(_probe([0.1] * L), ax=ax)
     assert len(ax.get_lines()) == 2
+
+
+def test_plot_attention_shows_the_query_row_on_the_grid():
+    attn = np.zeros((2, 6, 6))
+    attn[0, 4] = np.arange(6)  # query (1, 1) of a 2x3 grid is token 4
+    attn[1, 4] = np.arange(6)[::-1]
+    ax = plotting.plot_attention(attn, np.zeros((20, 30, 3), np.uint8), grid=(2, 3), query=(1, 1))
+    np.testing.assert_allclose(ax.get_images()[1].get_array(), np.full((2, 3), 2.5))  # mean over heads
+    ax = plotting.plot_attention(attn, np.zeros((20, 30, 3), np.uint8), grid=(2, 3), query=(1, 1), head=0)
+    np.testing.assert_allclose(ax.get_images()[1].get_array(), [[0, 1, 2], [3, 4, 5]])
+    (box,) = ax.patches
+    assert box.get_xy() == (10.0, 10.0) and box.get_width() == 10.0
+    with pytest.raises(FanlensError, match="query must be"):
+        plotting.plot_attention(attn, np.zeros((20, 30, 3)), grid=(2, 3), query=(2, 0))
+    with pytest.raises(FanlensError, match="attn must be"):
+        plotting.plot_attention(attn, np.zeros((20, 30, 3)), grid=(3, 3), query=(0, 0))
