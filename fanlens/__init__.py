@@ -7,6 +7,14 @@ like. Works on timm models, fanlens' FAN, and any ``nn.Module``.
 
 __version__ = "0.1.0"
 
+import warnings as _warnings
+
+# timm imports huggingface_hub, which imports tqdm.auto: inside Jupyter without ipywidgets that
+# warns "IProgress not found". fanlens draws text bars there instead (analysis.progress_bar).
+with _warnings.catch_warnings():
+    _warnings.filterwarnings("ignore", message="IProgress not found")
+    import timm as _timm  # noqa: F401
+
 from ._validation import FanlensError
 from .analysis import analyze, group_tokens, make_noise, noise_probe, spectrum
 from .attribution import AttributionResult, AttributionShare, FlipResult, attribute, attribution_share, min_flip_sigma

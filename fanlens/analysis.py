@@ -108,9 +108,18 @@ def _shard(shard: tuple[int, int] | None, n_items: int) -> tuple[int, int]:
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    return progress_bar(iterable, total=total, desc=desc, unit="batch", leave=False)
 
-    return tqdm(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+def progress_bar(iterable: Iterable, **kwargs):
+    """tqdm's notebook bar where ipywidgets is installed, its text bar elsewhere (no warning)."""
+    try:
+        import ipywidgets  # noqa: F401
+
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm import tqdm
+    return tqdm(iterable, **kwargs)
 
 
 def _n_batches(n: int, batch_size: int) -> int:

@@ -18,6 +18,7 @@ Bridges to captum, on the same models, images and noise as the rest of fanlens:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -205,6 +206,16 @@ class FlipResult(_ResultIO):
         return rows
 
 
+def _import_captum():
+    """Import captum's attribution and robustness APIs. captum imports ``tqdm.auto`` at import
+    time, which warns inside Jupyter when ipywidgets is absent; fanlens shows no captum bars."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import captum.attr
+        import captum.robust
+    return captum
+
+
 # --------------------------------------------------------------------------- forward helpers
 class _PixelForward(nn.Module):
     """``model(normalize(x))`` for inputs in pixel space; checks the output is ``(B, classes)`` logits."""
@@ -343,6 +354,7 @@ def attribute(
     Returns:
         :class:`AttributionResult`.
     """
+    _import_captum()
     from captum.attr import IntegratedGradients, LayerGradCam
 
     check_choice("method", method, ATTRIBUTION_METHODS)
@@ -495,6 +507,7 @@ def min_flip_sigma(
     Returns:
         :class:`FlipResult`; ``min_sigma`` is NaN for images not flipped up to ``max_sigma``.
     """
+    _import_captum()
     from captum.robust import MinParamPerturbation
 
     check_choice("space", space, NOISE_SPACES)

@@ -150,7 +150,9 @@ def plot_figure3ab(spectrum: SpectrumResult, probe: ProbeResult, *, baseline_spe
     right.set_ylabel(f"relative perturbation (sigma={sigma:g})", color=c_pert)
     ax.set_title(title or spectrum.model)
     lines = ax.get_lines() + right.get_lines()
-    ax.legend(lines, [l.get_label() for l in lines], frameon=False, fontsize=7, loc="best")
+    # below the axes: "best" cannot see the twin axis' lines
+    ax.legend(lines, [l.get_label() for l in lines], frameon=False, fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), ncol=2)
     return ax, right
 
 

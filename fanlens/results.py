@@ -84,15 +84,17 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
-def save_png(fig, path: str | Path, *, dpi: int = 130) -> None:
-    """Render a matplotlib figure to PNG, write it atomically, and close the figure."""
+def save_png(fig, path: str | Path, *, dpi: int = 130, close: bool = True) -> None:
+    """Render a matplotlib figure to PNG and write it atomically; close the figure unless
+    ``close=False`` (in Jupyter, to still show it)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi)
     finally:
-        plt.close(fig)
+        if close:
+            plt.close(fig)
     write_atomic(path, buf.getvalue())
 
 

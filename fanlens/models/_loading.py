@@ -215,8 +215,10 @@ def build_model(
         pretrained: load timm's pretrained weights (needs a download, or a local file
             through ``pretrained_cfg_overlay=dict(file=...)`` in ``kwargs``).
         checkpoint: a local weights file (``.safetensors``, ``.pth``, ``.pth.tar``), loaded strictly.
-        seed: seeds the random initialisation (under a forked RNG, so the caller's
-            global RNG state is untouched), making random-init models reproducible.
+        seed: seeds the random initialisation of models built from a name or factory
+            (under a forked RNG, so the caller's global RNG state is untouched), making
+            random-init models reproducible. A module passed in is already initialised:
+            seed the code that built it.
         kwargs: passed to ``timm.create_model`` or the factory.
     """
     with torch.random.fork_rng(devices=[]):

@@ -54,9 +54,9 @@ def _render(ds: SyntheticShapes, progress: bool, desc: str) -> tuple[torch.Tenso
     ys = torch.empty(len(ds), dtype=torch.long)
     it = range(len(ds))
     if progress:
-        from tqdm.auto import tqdm
+        from ..analysis import progress_bar
 
-        it = tqdm(it, desc=desc, unit="img", leave=False)
+        it = progress_bar(it, desc=desc, unit="img", leave=False)
     for i in it:
         x, y, _ = ds[i]
         xs[i] = (x * 255).round().to(torch.uint8)
@@ -119,9 +119,9 @@ def train(
     it = range(total)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..analysis import progress_bar
 
-        bar = tqdm(it, desc=f"train {name}", unit="step")
+        bar = progress_bar(it, desc=f"train {name}", unit="step")
         it = bar
     losses = []
     t_train = time.perf_counter()
