@@ -17,6 +17,7 @@ Bridges to captum, on the same models, images and noise as the rest of fanlens:
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,13 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._stats import RunningStats
 from ._validation import FanlensError, check_choice, check_positive_int
 from .analysis import NOISE_SPACES, _n_batches, _progress, _provenance, _setup, make_noise
 from .capture import BlockSpec, find_blocks, to_tokens
-from .data import DEFAULT_BATCH_SIZE
-from .grouping import upsample_labels
-from .results import STATISTICS, BlockInfo, GroupsResult, Provenance, _ResultIO
+from .grouping import per_block_rows, per_block_summary, upsample_labels
+from .results import BlockInfo, GroupsResult, Provenance, _ResultIO
 
 __all__ = [
     "ATTRIBUTION_METHODS",
@@ -47,9 +46,12 @@ __all__ = [
 
 ATTRIBUTION_METHODS = ("ig", "gradcam")
 IG_BASELINES = ("black", "mean")
-DEFAULT_IG_STEPS = 32
+DEFAULT_IG_STEPS = 64
+IG_CONVERGENCE_WARN = 0.1  # completeness error above which attribute() warns
 DEFAULT_FLIP_MAX_SIGMA = 1.0
 DEFAULT_FLIP_STEP = 0.01
+
+_log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- results
@@ -125,29 +127,14 @@ class AttributionShare:
     group: np.ndarray
 
     def summary(self, metric: str = "attribution_share") -> dict[str, np.ndarray]:
-        """Mean, std and 95 % interval over images (NaN entries skipped), per block."""
+        """Mean, std and 95 % interval over images (images with NaN left out), per block."""
         vals = {"attribution_share": self.share, "attribution_group_area": self.area}.get(metric)
         if vals is None:
             raise FanlensError(f"metric must be one of {self.METRICS}. Got {metric!r} instead.")
-        keep = ~np.isnan(vals).any(axis=0)
-        st = RunningStats((vals.shape[0],))
-        if keep.any():
-            st.update(vals[:, keep].T)
-        s = st.summary()
-        return {"mean": s.mean, "std": s.std, "ci_low": s.ci_low, "ci_high": s.ci_high, "n": s.n}
+        return per_block_summary(vals)
 
     def rows(self) -> list[dict]:
-        n = len(self.blocks)
-        depth = np.linspace(0, 1, n) if n > 1 else np.zeros(n)
-        rows = []
-        for metric in self.METRICS:
-            s = self.summary(metric)
-            for li, b in enumerate(self.blocks):
-                for stat in STATISTICS:
-                    rows.append({"model": self.model, "block_index": b.index, "block": b.name,
-                                 "depth": f"{depth[li]:.6g}", "metric": f"{metric}_{self.method}", "statistic": stat,
-                                 "value": f"{float(s[stat][li]):.8g}", "n": s["n"]})
-        return rows
+        return per_block_rows(self.model, self.blocks, {f"{m}_{self.method}": self.summary(m) for m in self.METRICS})
 
 
 @dataclass(frozen=True)
@@ -345,7 +332,8 @@ def attribute(
             ``None`` for each image's predicted class.
         block: Grad-CAM block: a module name or pattern matching one block (default: the
             last of the model family's blocks).
-        n_steps: IG steps of the Riemann (Gauss-Legendre) path integral.
+        n_steps: IG steps of the path integral (captum's Gauss-Legendre rule); a warning is
+            logged when the completeness error of an image exceeds 0.1.
         baseline: IG baseline in pixel space: ``"black"`` (all zeros) or ``"mean"`` (the
             normalisation mean, i.e. a zero input to the network).
         internal_batch_size: IG: evaluate the path in chunks of this many inputs.
@@ -417,6 +405,13 @@ def attribute(
     finally:
         if tap is not None:
             tap.__exit__()
+    conv_all = np.concatenate(conv).astype(np.float64)
+    if method == "ig" and np.nanmax(conv_all) > IG_CONVERGENCE_WARN:
+        _log.warning(
+            "Integrated Gradients with n_steps=%d: completeness error above %.2g on %d of %d images (max %.3g); "
+            "raise n_steps for a more exact path integral", n_steps, IG_CONVERGENCE_WARN,
+            int(np.sum(conv_all > IG_CONVERGENCE_WARN)), len(conv_all), float(np.nanmax(conv_all)),
+        )
     params = dict(
         analysis="attribution", method=method, target=None if target is None else np.asarray(target).tolist(),
         block=infos[0].name if infos else None, n_steps=n_steps if method == "ig" else None,
@@ -428,7 +423,7 @@ def attribute(
     return AttributionResult(
         blocks=infos, method=method, images=tuple(s.images.names), maps=np.concatenate(maps).astype(np.float32),
         targets=np.concatenate(tgts).astype(np.int64), predicted=np.concatenate(preds).astype(np.int64),
-        convergence=np.concatenate(conv).astype(np.float64), pixels=np.concatenate(pix),
+        convergence=conv_all, pixels=np.concatenate(pix),
         provenance=_provenance(s, seed, params, s.images.names),
     )
 

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--space", choices=("pixel", "normalized"), default="pixel",
                     help="add the noise to pixels in [0,1] or to the normalised input")
     pp.add_argument("--n-noise", type=int, default=16, help="noise samples in --mode pure")
-    from .attribution import DEFAULT_FLIP_MAX_SIGMA, DEFAULT_FLIP_STEP, DEFAULT_IG_STEPS
+    from .attribution import DEFAULT_FLIP_MAX_SIGMA, DEFAULT_FLIP_STEP
 
     fl = pp.add_argument_group("prediction flips (captum MinParamPerturbation)")
     fl.add_argument("--flip", action="store_true",
@@ -286,22 +286,14 @@ def _extras(args: argparse.Namespace, lm, images, common: dict, res) -> dict:
 
 
 def _save_extras(args: argparse.Namespace, res, extra: dict, out: Path) -> list[Path]:
-    import csv
-    import io
-
-    from .results import CSV_COLUMNS, save_png, write_atomic
+    from .results import rows_to_csv, save_png, write_atomic
 
     written: list[Path] = []
     if "flip" in extra:
         written += extra["flip"].save(out / "flip")
     if "attribution" in extra:
         written += extra["attribution"].save(out / "attribution")
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for r in extra["share"].rows():
-            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
-        write_atomic(out / "attribution_share.csv", buf.getvalue().encode())
+        write_atomic(out / "attribution_share.csv", rows_to_csv(extra["share"].rows()).encode())
         written.append(out / "attribution_share.csv")
     if extra and not args.no_figure:
         import matplotlib

@@ -68,23 +68,35 @@ class GroupingScores:
         vals = {"mask_ari": self.ari, "mask_best_iou": self.iou}.get(metric)
         if vals is None:
             raise FanlensError(f"metric must be one of {self.METRICS}. Got {metric!r} instead.")
-        st = RunningStats((vals.shape[0],))
-        st.update(vals.T)
-        s = st.summary()
-        return {"mean": s.mean, "std": s.std, "ci_low": s.ci_low, "ci_high": s.ci_high, "n": s.n}
+        return per_block_summary(vals)
 
     def rows(self) -> list[dict]:
-        n = len(self.blocks)
-        depth = np.linspace(0, 1, n) if n > 1 else np.zeros(n)
-        rows = []
-        for metric in self.METRICS:
-            s = self.summary(metric)
-            for li, b in enumerate(self.blocks):
-                for stat in STATISTICS:
-                    rows.append({"model": self.model, "block_index": b.index, "block": b.name,
-                                 "depth": f"{depth[li]:.6g}", "metric": metric, "statistic": stat,
-                                 "value": f"{float(s[stat][li]):.8g}", "n": s["n"]})
-        return rows
+        return per_block_rows(self.model, self.blocks, {m: self.summary(m) for m in self.METRICS})
+
+
+def per_block_summary(values: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean, std and 95 % interval over images of ``(L, n_images)`` values, per block; images
+    with a NaN in any block are left out (``n`` counts the images kept)."""
+    values = np.asarray(values, dtype=float)
+    keep = ~np.isnan(values).any(axis=0)
+    st = RunningStats((values.shape[0],))
+    if keep.any():
+        st.update(values[:, keep].T)
+    s = st.summary()
+    return {"mean": s.mean, "std": s.std, "ci_low": s.ci_low, "ci_high": s.ci_high, "n": s.n}
+
+
+def per_block_rows(model: str, blocks: Sequence[BlockInfo], summaries: dict[str, dict]) -> list[dict]:
+    """Tidy rows (one per block, metric and statistic) from :func:`per_block_summary` outputs."""
+    n = len(blocks)
+    depth = np.linspace(0, 1, n) if n > 1 else np.zeros(n)
+    rows = []
+    for metric, s in summaries.items():
+        for li, b in enumerate(blocks):
+            for stat in STATISTICS:
+                rows.append({"model": model, "block_index": b.index, "block": b.name, "depth": f"{depth[li]:.6g}",
+                             "metric": metric, "statistic": stat, "value": f"{float(s[stat][li]):.8g}", "n": s["n"]})
+    return rows
 
 
 def mask_scores(groups: GroupsResult, masks: np.ndarray) -> GroupingScores:

@@ -12,7 +12,6 @@ Figure 4 panels; then writes the figures, ``results.csv`` and ``manifest.json``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -27,7 +26,7 @@ from . import analysis, spectral
 from ._validation import FanlensError, check_positive_int
 from .grouping import GroupingScores, mask_scores
 from .models import LoadedModel, build_model
-from .results import CSV_COLUMNS, GroupsResult, ProbeResult, SpectrumResult, save_png, versions, write_atomic
+from .results import GroupsResult, ProbeResult, SpectrumResult, rows_to_csv, save_png, versions, write_atomic
 
 __all__ = ["Comparison", "compare", "ModelRun", "ReproduceResult", "reproduce", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
 
@@ -227,15 +226,7 @@ def reproduce(
     written: list[Path] = []
     _figures(runs, out, sigmas, written)
     # tables and provenance
-    buf = io.StringIO()
-    import csv
-
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in runs:
-        for row in r.rows():
-            w.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
-    write_atomic(out / "results.csv", buf.getvalue().encode())
+    write_atomic(out / "results.csv", rows_to_csv([row for r in runs for row in r.rows()]).encode())
     written.append(out / "results.csv")
     manifest = {
         "kind": "reproduce",
@@ -301,14 +292,7 @@ class Comparison:
         return rows
 
     def to_csv(self) -> str:
-        import csv
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for r in self.rows():
-            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
-        return buf.getvalue()
+        return rows_to_csv(self.rows())
 
 
 def compare(

@@ -39,6 +39,7 @@ __all__ = [
     "load",
     "versions",
     "write_atomic",
+    "rows_to_csv",
     "save_png",
 ]
 
@@ -82,6 +83,16 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def rows_to_csv(rows) -> str:
+    """Tidy rows (dicts keyed by :data:`CSV_COLUMNS`, missing keys empty) as CSV text."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+    return buf.getvalue()
 
 
 def save_png(fig, path: str | Path, *, dpi: int = 130, close: bool = True) -> None:
@@ -194,12 +205,7 @@ class _ResultIO:
         raise NotImplementedError
 
     def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for r in self.rows():
-            w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
-        return buf.getvalue()
+        return rows_to_csv(self.rows())
 
     def manifest(self) -> dict:
         return {

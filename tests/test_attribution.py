@@ -290,3 +290,14 @@ def test_non_logit_output_is_rejected():
 def test_flip_errors(kwargs, match):
     with pytest.raises(FanlensError, match=match):
         min_flip_sigma(_cfg(Linear(), 8), _pixels(1, 8), progress=False, **kwargs)
+
+
+def test_ig_warns_when_the_path_integral_is_inexact(caplog):
+    torch.manual_seed(0)
+    model = _cfg(nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.Tanh(), nn.Linear(16, 3)), 8)
+    x = _pixels(4, 8) * 8  # steep tanh: a 2-step integral is far off
+    with caplog.at_level("WARNING", logger="fanlens.attribution"):
+        res = attribute(model, x.clamp(0, 1), n_steps=2, progress=False)
+    bad = int((res.convergence > 0.1).sum())
+    assert bad > 0
+    assert f"on {bad} of 4 images" in caplog.text and "raise n_steps" in caplog.text
