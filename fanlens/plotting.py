@@ -218,6 +218,7 @@ def plot_groups_grid(rows: list, *, images: Sequence[int] = (0,), fig=None, alph
         fig = plt.figure(figsize=(1.25 * ncols, 1.35 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     cmap = ListedColormap(list(PALETTE) * 4)
+    same_blocks = len({tuple(g.block_names) for _, g in rows}) == 1
     r = 0
     for img in images:
         for label, g in rows:
@@ -233,8 +234,8 @@ def plot_groups_grid(rows: list, *, images: Sequence[int] = (0,), fig=None, alph
                 ax.imshow(px)
                 ax.imshow(lab % cmap.N, cmap=cmap, vmin=-0.5, vmax=cmap.N - 0.5, alpha=alpha, extent=(0, w, h, 0),
                           interpolation="nearest")
-                if r == 0:
-                    ax.set_title(g.blocks[li].name, fontsize=7)
+                if r == 0 or not same_blocks:  # models with other blocks: every panel names its own
+                    ax.set_title(g.blocks[li].name, fontsize=7 if same_blocks else 6)
             r += 1
     for ax in axes.ravel():
         ax.set_xticks([])

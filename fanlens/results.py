@@ -102,7 +102,7 @@ def save_png(fig, path: str | Path, *, dpi: int = 130, close: bool = True) -> No
 
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=dpi)
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.05)  # twin-axis labels too
     finally:
         if close:
             plt.close(fig)

@@ -230,3 +230,19 @@ def test_plot_attention_shows_the_query_row_on_the_grid():
         plotting.plot_attention(attn, np.zeros((20, 30, 3)), grid=(2, 3), query=(2, 0))
     with pytest.raises(FanlensError, match="attn must be"):
         plotting.plot_attention(attn, np.zeros((20, 30, 3)), grid=(3, 3), query=(0, 0))
+
+
+def test_groups_grid_titles_every_panel_when_models_have_different_blocks():
+    g4, g2 = _groups(4), _groups(2)
+    fig = plotting.plot_groups_grid([("a", g4), ("b", g4)], images=[0])
+    titles = [ax.get_title() for ax in fig.get_axes()]
+    assert titles[1:5] == [f"blocks.{i}" for i in range(4)] and titles[6:10] == [""] * 4  # same blocks: top row only
+    cnn = GroupsResult(blocks=tuple(BlockInfo(i, f"layer{i + 1}", TokenLayout("NCHW", 0, (2, 2), 8), (2, 2))
+                                    for i in range(2)),
+                       images=g2.images, labels=g2.labels, n_clusters=g2.n_clusters, pixels=g2.pixels,
+                       provenance=g2.provenance)
+    fig = plotting.plot_groups_grid([("vit", g4), ("cnn", cnn)], images=[0])
+    axes = fig.get_axes()
+    assert len(axes) == 2 * 5
+    assert [ax.get_title() for ax in axes[6:8]] == ["layer1", "layer2"]
+    assert axes[8].get_images() == []  # the CNN row has two blocks: the rest stays empty
