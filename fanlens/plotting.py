@@ -393,7 +393,7 @@ def plot_probe_flip(probe: ProbeResult, flip, *, fig=None):
 
 def plot_comparison(results: dict, *, sigma: float | None = None, rule: str | None = None, fig=None):
     """Several models side by side over relative depth: significant-eigenvalue count (left)
-    and relative perturbation (right). ``results`` maps a label to ``(SpectrumResult,
+    and relative perturbation (right), each with its 95 % interval. ``results`` maps a label to ``(SpectrumResult,
     ProbeResult)``; labels ending in ``"(random init)"`` are drawn dashed. Returns the Figure."""
     import matplotlib.pyplot as plt
 
@@ -413,8 +413,11 @@ def plot_comparison(results: dict, *, sigma: float | None = None, rule: str | No
         style = "--" if label.endswith("(random init)") else "-"
         r = rule or spec.rules[0]
         sg = max(prob.sigmas) if sigma is None else sigma
-        left.plot(_depth(len(spec.blocks)), spec.count(r), style, marker="o", ms=3, color=c, label=label)
-        right.plot(_depth(len(prob.blocks)), prob.values(sg), style, marker="o", ms=3, color=c, label=label)
+        xs, xp = _depth(len(spec.blocks)), _depth(len(prob.blocks))
+        left.plot(xs, spec.count(r), style, marker="o", ms=3, color=c, label=label)
+        left.fill_between(xs, spec.count(r, "ci_low"), spec.count(r, "ci_high"), color=c, alpha=0.12)
+        right.plot(xp, prob.values(sg), style, marker="o", ms=3, color=c, label=label)
+        right.fill_between(xp, prob.values(sg, "ci_low"), prob.values(sg, "ci_high"), color=c, alpha=0.12)
     left.set_xlabel("relative depth")
     left.set_ylabel(f"significant eigenvalues ({r})")
     right.set_xlabel("relative depth")

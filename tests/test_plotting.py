@@ -201,6 +201,7 @@ def test_plot_comparison_one_line_per_model_dashed_random_init():
     assert left.get_lines()[0].get_color() == left.get_lines()[1].get_color()  # same model, same colour
     np.testing.assert_allclose(left.get_lines()[2].get_xdata(), [0, 1])
     np.testing.assert_allclose(right.get_lines()[0].get_ydata(), [0.3, 0.2, 0.1, 0.05])
+    assert len(left.collections) == 3 and len(right.collections) == 3  # one 95 % band per model
     assert right.get_ylabel() == "relative perturbation (sigma=0.1)"
     with pytest.raises(FanlensError, match="results"):
         plotting.plot_comparison({"x": _spectrum([1])})
