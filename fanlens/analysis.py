@@ -140,6 +140,11 @@ def _forward(cap: TokenCapture, x: torch.Tensor) -> None:
         ) from e
 
 
+def uint8_images(pixels: torch.Tensor) -> np.ndarray:
+    """Pixel batch ``(B, 3, H, W)`` in [0, 1] as ``(B, H, W, 3)`` uint8, for overlays in results."""
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def make_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
     """The N(0, 1) noise of image ``index`` for ``seed``: same for every model, batch size and device."""
     state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
@@ -607,7 +612,7 @@ def group_tokens(
         for pixels, _idx in _progress(batches, _n_batches(len(names), batch_size), "groups", progress):
             cap.clear()
             _forward(cap, s.cfg.normalize(pixels.to(s.device)))
-            pix.append((pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+            pix.append(uint8_images(pixels))
             for li, bt in enumerate(cap.block_tokens()):
                 tok, g = sp.pool_tokens(bt.tokens, bt.layout.grid, token_budget)
                 if n_clusters is not None and n_clusters > tok.shape[1]:

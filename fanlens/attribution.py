@@ -17,6 +17,7 @@ Bridges to captum, on the same models, images and noise as the rest of fanlens:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from ._validation import FanlensError, check_choice, check_positive_int
-from .analysis import NOISE_SPACES, _n_batches, _progress, _provenance, _setup, make_noise
+from .analysis import NOISE_SPACES, _n_batches, _progress, _provenance, _setup, make_noise, uint8_images
 from .capture import BlockSpec, find_blocks, to_tokens
 from .grouping import per_block_rows, per_block_summary, upsample_labels
 from .results import BlockInfo, GroupsResult, Provenance, _ResultIO
@@ -364,15 +365,13 @@ def attribute(
         tap = _GridTap(s.lm.model, spec, grid)
     maps, tgts, preds, conv, pix = [], [], [], [], []
     batches = s.images.batches(batch_size)
-    try:
-        if tap is not None:
-            tap.__enter__()
+    with tap if tap is not None else contextlib.nullcontext():
         for pixels, idx in _progress(batches, _n_batches(len(s.images), batch_size), f"attribution ({method})",
                                      progress):
             x = pixels.to(s.device).float()
+            if tap is not None:
+                tap.input_hw = tuple(x.shape[-2:])
             with torch.no_grad():
-                if tap is not None:
-                    tap.input_hw = tuple(x.shape[-2:])
                 logits = fwd(x)
             pred = logits.argmax(-1)
             tgt = pred if targets_all is None else targets_all[idx].to(s.device)
@@ -388,11 +387,10 @@ def attribute(
                 attr, delta = ig.attribute(x, baselines=base, target=tgt, n_steps=n_steps,
                                            internal_batch_size=internal_batch_size, return_convergence_delta=True)
                 with torch.no_grad():
-                    gap = (fwd(x) - fwd(base)).gather(1, tgt[:, None])[:, 0]
+                    gap = (logits - fwd(base)).gather(1, tgt[:, None])[:, 0]
                 conv.append((delta.abs() / gap.abs().clamp_min(1e-12)).detach().cpu().numpy())
                 maps.append(attr.detach().abs().sum(1).cpu().numpy())
             else:
-                tap.input_hw = tuple(x.shape[-2:])
                 cam = LayerGradCam(fwd, tap.adapter).attribute(x, target=tgt, relu_attributions=True)
                 up = torch.nn.functional.interpolate(cam.detach(), size=tuple(x.shape[-2:]), mode="nearest")
                 maps.append(up[:, 0].clamp_min(0).cpu().numpy())
@@ -401,10 +399,7 @@ def attribute(
                     infos = (BlockInfo(0, spec.name, tap.layout, tap.layout.grid),)
             tgts.append(tgt.cpu().numpy())
             preds.append(pred.cpu().numpy())
-            pix.append((pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-    finally:
-        if tap is not None:
-            tap.__exit__()
+            pix.append(uint8_images(pixels))
     conv_all = np.concatenate(conv).astype(np.float64)
     if method == "ig" and np.nanmax(conv_all) > IG_CONVERGENCE_WARN:
         _log.warning(

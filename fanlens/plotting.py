@@ -156,6 +156,18 @@ def plot_figure3ab(spectrum: SpectrumResult, probe: ProbeResult, *, baseline_spe
     return ax, right
 
 
+def _with_baselines(results: dict, baselines: dict | None):
+    """``(result, colour, line style, label)`` for each labelled result, solid, followed by its
+    random-init baseline of the same label (same colour, dashed) when there is one."""
+    for i, (label, res) in enumerate(results.items()):
+        c = PALETTE[i % len(PALETTE)]
+        if res is not None:
+            yield res, c, "-", label
+        base = (baselines or {}).get(label)
+        if base is not None:
+            yield base, c, "--", f"{label} (random init)"
+
+
 def plot_depth_comparison(probes: dict, *, sigma: float, baselines: dict | None = None, ax=None,
                           normalize: bool = True):
     """Relative perturbation over relative depth for several models (the paper's Figure 3c).
@@ -164,15 +176,11 @@ def plot_depth_comparison(probes: dict, *, sigma: float, baselines: dict | None 
     dashed. With ``normalize``, each curve is divided by its first block's value.
     """
     ax = _axes(ax)
-    for i, (label, pr) in enumerate(probes.items()):
-        c = PALETTE[i % len(PALETTE)]
-        for res, style, tag in ((pr, "-", ""), ((baselines or {}).get(label), "--", " (random init)")):
-            if res is None:
-                continue
-            y = res.values(sigma)
-            if normalize:
-                y = y / max(float(y[0]), 1e-12)
-            ax.plot(_depth(len(res.blocks)), y, style, marker="o", ms=3, color=c, label=f"{label}{tag}")
+    for res, c, style, label in _with_baselines(probes, baselines):
+        y = res.values(sigma)
+        if normalize:
+            y = y / max(float(y[0]), 1e-12)
+        ax.plot(_depth(len(res.blocks)), y, style, marker="o", ms=3, color=c, label=label)
     ax.set_xlabel("relative depth")
     ax.set_ylabel("perturbation / first block" if normalize else "relative perturbation")
     ax.set_title(f"sigma={sigma:g}")
@@ -183,15 +191,11 @@ def plot_depth_comparison(probes: dict, *, sigma: float, baselines: dict | None 
 def plot_mask_scores(scores: dict, *, metric: str = "mask_best_iou", baselines: dict | None = None, ax=None):
     """Agreement of each block's groups with the object masks, over relative depth."""
     ax = _axes(ax)
-    for i, (label, sc) in enumerate(scores.items()):
-        c = PALETTE[i % len(PALETTE)]
-        for res, style, tag in ((sc, "-", ""), ((baselines or {}).get(label), "--", " (random init)")):
-            if res is None:
-                continue
-            s = res.summary(metric)
-            x = _depth(len(res.blocks))
-            ax.plot(x, s["mean"], style, marker="o", ms=3, color=c, label=f"{label}{tag}")
-            ax.fill_between(x, s["ci_low"], s["ci_high"], color=c, alpha=0.12)
+    for res, c, style, label in _with_baselines(scores, baselines):
+        s = res.summary(metric)
+        x = _depth(len(res.blocks))
+        ax.plot(x, s["mean"], style, marker="o", ms=3, color=c, label=label)
+        ax.fill_between(x, s["ci_low"], s["ci_high"], color=c, alpha=0.12)
     ax.set_xlabel("relative depth")
     ax.set_ylabel({"mask_ari": "ARI with object mask", "mask_best_iou": "best-cluster IoU with object"}.get(metric, metric))
     ax.legend(frameon=False, fontsize=7)

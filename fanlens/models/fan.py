@@ -53,6 +53,18 @@ def _linspace(end: float, n: int) -> list[float]:
     return [end * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
 
+def init_weights(m: nn.Module) -> None:
+    """The official FAN initialisation of one module: truncated normal (std 0.02) for linear
+    weights, zero biases, unit LayerNorm scales (applied with ``model.apply``)."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over channels of an NCHW map, as in the ConvNeXt used by FAN's hybrids.
 
@@ -601,20 +613,10 @@ class FAN(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(head_init_scale)
             self.head.bias.data.mul_(head_init_scale)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .._validation import FanlensError
 from ..capture import BlockSpec
-from .fan import ChannelProcessing, ClassMlp, _linspace
+from .fan import ChannelProcessing, ClassMlp, _linspace, init_weights
 
 __all__ = ["FANSwinTransformer", "FAN_SWIN_NAMES"]
 
@@ -225,17 +225,7 @@ class FANSwinTransformer(nn.Module):
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(init_weights)
 
     def fanlens_blocks(self) -> list[BlockSpec]:
         return [BlockSpec(f"layers.{i}.blocks.{j}", "NLC", 0) for i, l in enumerate(self.layers)
