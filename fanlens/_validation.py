@@ -17,7 +17,11 @@ __all__ = [
     "check_nonneg_float",
     "check_fraction",
     "check_shape",
+    "check_seed",
+    "MAX_SEED",
 ]
+
+MAX_SEED = 2**63 - 1
 
 
 class FanlensError(ValueError):
@@ -78,3 +82,10 @@ def check_shape(name: str, x: torch.Tensor, dims: Sequence[str]) -> None:
     for d, size in zip(dims, x.shape):
         if d.isdigit() and int(d) != size:
             raise FanlensError(_fmt(name, f"a tensor of shape ({', '.join(dims)})", tuple(x.shape)))
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed is an int in ``[0, 2**63 - 1]`` (numpy's SeedSequence and torch both take it)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or not 0 <= value.__index__() <= MAX_SEED:
+        raise FanlensError(_fmt(name, "an int in [0, 2**63 - 1]", value))
+    return int(value.__index__())

@@ -9,7 +9,9 @@ bounded by the batch, not by the number of images.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -18,12 +20,14 @@ import torch
 
 from . import spectral as sp
 from ._stats import RunningStats
-from ._validation import FanlensError, check_choice, check_fraction, check_nonneg_float, check_positive_int
+from ._validation import (FanlensError, check_choice, check_fraction, check_nonneg_float, check_positive_int,
+                          check_seed)
 from .capture import TokenCapture
-from .distributed import merge_stats, rank_and_world
+from .distributed import check_peers, merge_stats, rank_and_world
 from .data import DEFAULT_BATCH_SIZE, DataConfig, ImageSet, data_config, resolve_images
 from .models import LoadedModel, build_model
 from .results import BlockInfo, GroupsResult, ProbeResult, Provenance, SpectrumResult
+from .runner import Interrupted, RunState, signal_guard
 
 __all__ = [
     "DEFAULT_TOKEN_BUDGET",
@@ -45,6 +49,7 @@ DEFAULT_TOKEN_BUDGET = 1024
 DEFAULT_SIGMAS = (0.1,)
 DEFAULT_N_EIG = 32
 DEFAULT_N_NOISE = 16
+DEFAULT_CHECKPOINT_EVERY = 10
 PROBE_MODES = ("additive", "pure")
 NOISE_SPACES = ("pixel", "normalized")
 
@@ -75,25 +80,75 @@ def _setup(
     need_images: bool = True,
     check_blocks: bool = True,
 ) -> _Setup:
+    check_seed(seed)
+    dev = check_device(device)
     if isinstance(model, LoadedModel):
         lm = model
     else:
         lm = build_model(model, pretrained=pretrained, checkpoint=checkpoint, seed=seed)
+    cfg = data_config(lm.model, input_size=input_size)
+    _fit_input_size(lm.model, cfg.input_size, lm.owned)
+    imgs = resolve_images(images, cfg) if need_images else None
+    if imgs is not None and len(imgs) == 0:
+        raise FanlensError("images must hold at least one image. Got none.")
+    try:
+        lm.model.to(dev).eval()
+    except RuntimeError as e:
+        raise FanlensError(f"device {str(dev)!r} cannot hold the model: {str(e).splitlines()[0]}") from None
+    ck = dict(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+    if check_blocks:  # validate the block selection before any image is read
+        TokenCapture(lm.model, **ck)
+    return _Setup(lm, cfg, imgs, dev, ck)
+
+
+def check_device(device: Any) -> torch.device:
+    """A torch device that exists on this machine (a tensor can be made on it)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise FanlensError(f"device must be a torch device such as 'cpu' or 'cuda'. Got {device!r} instead.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FanlensError(f"device must be available on this machine. Got {device!r}, but CUDA is not available.")
-    cfg = data_config(lm.model, input_size=input_size)
-    imgs = resolve_images(images, cfg) if need_images else None
-    if imgs is not None and len(imgs) == 0:
-        raise FanlensError("images must hold at least one image. Got none.")
-    lm.model.to(dev).eval()
-    ck = dict(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
-    if check_blocks:  # validate the block selection before any image is read
-        TokenCapture(lm.model, **ck)
-    return _Setup(lm, cfg, imgs, dev, ck)
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        first = str(e).strip().split(". ")[0] if str(e).strip() else type(e).__name__
+        raise FanlensError(f"device must be available on this machine. Got {device!r}: {first[:200]}.") from None
+    return dev
+
+
+def _fit_input_size(model: torch.nn.Module, size: tuple[int, int], owned: bool) -> None:
+    """A timm model built for one input size (strict patch embedding) is resized to ``size`` when
+    fanlens built it (``set_input_size`` resamples the position embedding); a model passed in is
+    left alone and a clear error says what to do."""
+    pe = getattr(model, "patch_embed", None)
+    pe_size = getattr(pe, "img_size", None)
+    if pe_size is None or not getattr(pe, "strict_img_size", False) or getattr(model, "dynamic_img_size", False):
+        return
+    pe_size = tuple(int(v) for v in (pe_size if isinstance(pe_size, (tuple, list)) else (pe_size, pe_size)))
+    if pe_size == tuple(size):
+        return
+    if owned and hasattr(model, "set_input_size"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # timm's interpolation helpers warn about torch internals
+            try:
+                model.set_input_size(img_size=tuple(size))
+            except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+                raise FanlensError(
+                    f"input_size {size[0]}x{size[1]} does not fit {type(model).__name__} (built for "
+                    f"{pe_size[0]}x{pe_size[1]}): {str(e).splitlines()[0]}"
+                ) from None
+        _log.info("resized %s from %s to input size %s (timm set_input_size)", type(model).__name__, pe_size, size)
+        return
+    hint = (f"call model.set_input_size(img_size={tuple(size)}) first" if hasattr(model, "set_input_size")
+            else f"build it with img_size={tuple(size)}")
+    raise FanlensError(
+        f"input_size must be the {pe_size[0]}x{pe_size[1]} this model was built for. Got {size[0]}x{size[1]} instead; "
+        f"to analyse at {size[0]}x{size[1]}, {hint} (timm resamples the position embedding), or pass the model "
+        f"by name."
+    )
 
 
 def _shard(shard: tuple[int, int] | None, n_items: int) -> tuple[int, int]:
@@ -105,12 +160,6 @@ def _shard(shard: tuple[int, int] | None, n_items: int) -> tuple[int, int]:
     return rank, world
 
 
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    return progress_bar(iterable, total=total, desc=desc, unit="batch", leave=False)
-
-
 def progress_bar(iterable: Iterable, **kwargs):
     """tqdm's notebook bar where ipywidgets is installed, its text bar elsewhere (no warning)."""
     try:
@@ -120,6 +169,12 @@ def progress_bar(iterable: Iterable, **kwargs):
     except ImportError:
         from tqdm import tqdm
     return tqdm(iterable, **kwargs)
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    return progress_bar(iterable, total=total, desc=desc, unit="batch", leave=False)
 
 
 def _n_batches(n: int, batch_size: int) -> int:
@@ -183,7 +238,45 @@ def _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig) -> tu
     return rules, thresholds
 
 
-class _SpectralAcc:
+def _finite_or_raise(values: np.ndarray, block: str, what: str) -> None:
+    if not np.isfinite(values).all():
+        raise FanlensError(
+            f"block {block!r}: the {what} is not finite (NaN or inf) for {int((~np.isfinite(values)).any(axis=tuple(range(1, values.ndim))).sum())} "
+            f"image(s); fanlens never reports a non-finite value as a result."
+        )
+
+
+class _AccState:
+    """Checkpoint state shared by the streaming accumulators: block infos and Welford stats."""
+
+    infos: list[BlockInfo]
+
+    def _stat_lists(self) -> dict[str, list[RunningStats]]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        arrays = {}
+        meta = {"infos": [b.to_dict() for b in self.infos], "n": {}}
+        for name, lst in self._stat_lists().items():
+            meta["n"][name] = [st.n for st in lst]
+            for i, st in enumerate(lst):
+                arrays[f"{name}.{i}.mean"] = st.mean
+                arrays[f"{name}.{i}.m2"] = st.m2
+        return meta, arrays
+
+    def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        self.infos = [BlockInfo.from_dict(b) for b in meta["infos"]]
+        for name, ns in meta["n"].items():
+            lst = []
+            for i, n in enumerate(ns):
+                mean, m2 = arrays[f"{name}.{i}.mean"], arrays[f"{name}.{i}.m2"]
+                st = RunningStats(mean.shape)
+                st.n, st.mean, st.m2 = int(n), mean.astype(np.float64), m2.astype(np.float64)
+                lst.append(st)
+            setattr(self, name, lst)
+
+
+class _SpectralAcc(_AccState):
     """Per-block significant-eigenvalue counts of the clean images, accumulated over batches."""
 
     def __init__(self, rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig,
@@ -201,6 +294,7 @@ class _SpectralAcc:
             tok, g = sp.pool_tokens(bt.tokens[:b], bt.layout.grid, self.token_budget)
             if self.include_prefix and bt.prefix.shape[1]:
                 tok = torch.cat([bt.prefix[:b], tok], dim=1)
+            _check_token_count(bt.label, tok.shape[1], bt.layout.grid)
             pooled.append((tok, g))
         if not self.infos:
             self.infos = [BlockInfo(i, bt.label, bt.layout, g) for i, (bt, (_t, g)) in enumerate(zip(bts, pooled))]
@@ -224,8 +318,12 @@ class _SpectralAcc:
             top = np.full((rel.shape[0], self.n_eig), np.nan)
             top[:, : min(self.n_eig, rel.shape[1])] = rel[:, : self.n_eig]
             for j, li in enumerate(lis):
+                _finite_or_raise(counts[j * b : (j + 1) * b], self.infos[li].name, "significant-eigenvalue count")
                 self.stats[li].update(counts[j * b : (j + 1) * b])
                 self.eig[li].update(top[j * b : (j + 1) * b])
+
+    def _stat_lists(self) -> dict[str, list[RunningStats]]:
+        return {"stats": self.stats, "eig": self.eig}
 
     def params(self) -> dict:
         return dict(
@@ -253,12 +351,21 @@ class _SpectralAcc:
         )
 
 
+def _check_token_count(block: str, n: int, grid: tuple[int, int]) -> None:
+    if n < 2:
+        raise FanlensError(
+            f"block {block!r} has {n} token ({grid[0]}x{grid[1]} grid) at this input size; a token affinity needs "
+            f"at least 2. Use a larger input_size, or leave the block out (blocks=...)."
+        )
+
+
 def _block_norm(t: torch.Tensor) -> torch.Tensor:
-    """Frobenius norm of each image's patch tokens: ``(B, N, C) -> (B,)``."""
-    return t.float().flatten(1).norm(dim=1)
+    """Frobenius norm of each image's patch tokens: ``(B, N, C) -> (B,)`` (in float64, so that
+    large but finite features do not overflow)."""
+    return t.double().flatten(1).norm(dim=1)
 
 
-class _ProbeAcc:
+class _ProbeAcc(_AccState):
     """Per-block relative perturbation (additive) or relative feature norm (pure)."""
 
     def __init__(self, mode: str, sigmas: tuple[float, ...]) -> None:
@@ -284,7 +391,15 @@ class _ProbeAcc:
             self.infos = [BlockInfo(i, bt.label, bt.layout) for i, bt in enumerate(bts)]
             self.stats = [RunningStats((len(self.sigmas),)) for _ in bts]
         for li, v in enumerate(vals):
+            _finite_or_raise(v, self.infos[li].name, self._what)
             self.stats[li].update(v)
+
+    @property
+    def _what(self) -> str:
+        return "relative perturbation" if self.mode == "additive" else "relative feature norm"
+
+    def _stat_lists(self) -> dict[str, list[RunningStats]]:
+        return {"stats": self.stats}
 
     def result(self, provenance: Provenance, space: str) -> ProbeResult:
         summ = [st.summary() for st in merge_stats(self.stats)]
@@ -302,12 +417,41 @@ class _ProbeAcc:
         )
 
 
-def _stream(s: _Setup, batches: Iterable, total: int, desc: str, progress: bool,
-            make_input: Callable[[torch.Tensor, list[int]], torch.Tensor], accs: Sequence) -> None:
-    """One forward pass per batch under the capture; each accumulator reads the block tokens."""
-    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
-        n_blocks = None
-        for x, idx in _progress(batches, total, desc, progress):
+def _nonfinite_message(bt, b: int, copies: Sequence[str] | None) -> str:
+    bad = (~torch.isfinite(bt.tokens.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+    first = bad[0]
+    where = ""
+    if copies is not None and b:
+        where = f" ({copies[first // b]})"
+    return (
+        f"block {bt.label!r} output non-finite values (NaN or inf) for {len(bad)} of {bt.tokens.shape[0]} inputs of "
+        f"the batch{where}; fanlens never reports a non-finite value as a result. Check the model's weights and "
+        f"the noise level."
+    )
+
+
+def _stream(s: _Setup, batches: Callable[[int], Iterable], total: int, desc: str, progress: bool,
+            make_input: Callable[[torch.Tensor, list[int]], torch.Tensor], accs: Sequence,
+            state: RunState | None = None, copies: Sequence[str] | None = None) -> None:
+    """One forward pass per batch under the capture; each accumulator reads the block tokens.
+
+    ``batches(skip)`` yields the batches after the first ``skip`` (those a checkpoint holds).
+    With an enabled ``state`` the accumulators are checkpointed every ``state.every`` batches,
+    at the end, and when SIGINT/SIGTERM arrives (then :class:`~fanlens.runner.Interrupted`
+    is raised after the current batch). ``copies`` names the parts of a batch (clean,
+    sigma=...) for the message when a block outputs non-finite values.
+    """
+    done = state.restore(accs) if state is not None else 0
+    checkpointing = state is not None and state.enabled
+    it = batches(done)
+    if progress:
+        it = progress_bar(it, total=total, initial=done, desc=desc, unit="batch", leave=False)
+    n_blocks = None
+    # closing(): the progress bar is gone before an error message is printed
+    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap, \
+            signal_guard(checkpointing) as signals, contextlib.closing(it) if hasattr(it, "close") else \
+            contextlib.nullcontext():
+        for x, idx in it:
             cap.clear()
             _forward(cap, make_input(x, idx))
             bts = list(cap.block_tokens())
@@ -316,9 +460,37 @@ def _stream(s: _Setup, batches: Iterable, total: int, desc: str, progress: bool,
                 n_blocks = len(bts)
             elif len(bts) != n_blocks:
                 raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
+            for bt in bts:
+                if not bool(torch.isfinite(bt.tokens).all()):
+                    raise FanlensError(_nonfinite_message(bt, x.shape[0], copies))
             for acc in accs:
                 acc.update(bts, x.shape[0])
             del bts
+            done += 1
+            check_peers()
+            if signals:
+                state.save(accs, done)
+                name = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(signals[0], f"signal {signals[0]}")
+                raise Interrupted(
+                    signals[0],
+                    f"interrupted by {name} after batch {done} of {total}; the checkpoint in "
+                    f"{str(state.path.parent)!r} keeps the work done: run again with --resume (resume=True) to "
+                    f"continue.",
+                )
+            if checkpointing and state.due(done):
+                state.save(accs, done)
+    if checkpointing:
+        state.save(accs, done, complete=True)
+
+
+def _state(state_dir: Any, key: dict, world: int, rank: int, every: int, resume: bool) -> RunState:
+    check_positive_int("checkpoint_every", every)
+    return RunState(state_dir, key, rank=rank, world=world, every=every, resume=resume)
+
+
+def _state_key(s: _Setup, seed: int, params: dict) -> dict:
+    return dict(params=params, model=s.lm.name, weights_sha256=s.lm.weights_sha256, seed=seed,
+                data_config=s.cfg.to_dict(), images=list(s.images.names) if s.images is not None else None)
 
 
 def _noisy_input(s: _Setup, sigmas: tuple[float, ...], space: str, seed: int):
@@ -381,6 +553,9 @@ def spectrum(
     grid: tuple[int, int] | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    state_dir: str | None = None,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    resume: bool = False,
 ) -> SpectrumResult:
     """Significant-eigenvalue counts of the token affinity of every block.
 
@@ -405,6 +580,10 @@ def spectrum(
         shard: ``(rank, world_size)``: this process takes images ``rank, rank + world_size, ...``
             and the statistics are merged across the process group (default: from
             ``torch.distributed`` when initialised, else all images).
+        state_dir: a folder for checkpoints: the accumulators are saved there every
+            ``checkpoint_every`` batches and on SIGINT/SIGTERM (see :mod:`fanlens.runner`).
+        resume: continue the run whose checkpoint is in ``state_dir`` (same parameters and
+            images, else refused); the result equals an uninterrupted run exactly.
 
     Returns:
         :class:`~fanlens.results.SpectrumResult`.
@@ -416,10 +595,12 @@ def spectrum(
     rank, world = _shard(shard, len(s.images))
     acc = _SpectralAcc(rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig, eig_dtype)
     n_local = len(range(rank, len(s.images), world))
-    _stream(s, s.images.batches(batch_size, start=rank, step=world), _n_batches(n_local, batch_size), "spectrum",
-            progress, lambda x, idx: s.cfg.normalize(x.to(s.device)), [acc])
     params = dict(analysis="spectrum", blocks=blocks, **acc.params(), batch_size=batch_size,
                   num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, processes=world, ci=_CI_DOC)
+    state = _state(state_dir, _state_key(s, seed, params), world, rank, checkpoint_every, resume)
+    _stream(s, lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
+            _n_batches(n_local, batch_size), "spectrum", progress, lambda x, idx: s.cfg.normalize(x.to(s.device)),
+            [acc], state)
     return acc.result(_provenance(s, seed, params, s.images.names))
 
 
@@ -444,6 +625,9 @@ def noise_probe(
     grid: tuple[int, int] | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    state_dir: str | None = None,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    resume: bool = False,
 ) -> ProbeResult:
     """How much noise still moves the features, block by block.
 
@@ -473,18 +657,6 @@ def noise_probe(
     rank, world = _shard(shard, n_total)
     acc = _ProbeAcc(mode, sig)
     n_local = len(range(rank, n_total, world))
-    if mode == "additive":
-        batches = s.images.batches(batch_size, start=rank, step=world)
-        make = _noisy_input(s, sig, space, seed)
-    else:
-        h, w = s.cfg.input_size
-        ids = list(range(n_noise))[rank::world]
-        batches = (
-            (torch.stack([make_noise(seed, j, (3, h, w)) for j in ids[i : i + batch_size]]), ids[i : i + batch_size])
-            for i in range(0, len(ids), batch_size)
-        )
-        make = lambda x, idx: x.to(s.device)  # noqa: E731
-    _stream(s, batches, _n_batches(n_local, batch_size), f"probe ({mode})", progress, make, [acc])
     space_used = space if mode == "additive" else "normalized"
     params = dict(
         analysis="probe", mode=mode, sigmas=list(sig), space=space_used,
@@ -493,6 +665,23 @@ def noise_probe(
         norm="Frobenius norm over patch tokens" if mode == "additive" else "mean patch-token L2 norm / block 0",
         ci=_CI_DOC,
     )
+    state = _state(state_dir, _state_key(s, seed, params), world, rank, checkpoint_every, resume)
+    if mode == "additive":
+        batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
+        make = _noisy_input(s, sig, space, seed)
+        copies = ["clean"] + [f"sigma={v:g}" for v in sig]
+    else:
+        h, w = s.cfg.input_size
+        ids = list(range(n_noise))[rank::world]
+
+        def batches(skip: int):
+            rest = ids[skip * batch_size:]
+            for i in range(0, len(rest), batch_size):
+                yield torch.stack([make_noise(seed, j, (3, h, w)) for j in rest[i : i + batch_size]]), rest[i : i + batch_size]
+
+        make = lambda x, idx: x.to(s.device)  # noqa: E731
+        copies = ["pure noise"]
+    _stream(s, batches, _n_batches(n_local, batch_size), f"probe ({mode})", progress, make, [acc], state, copies)
     names = s.images.names if s.images is not None else [f"noise[{j}]" for j in range(n_noise)]
     return acc.result(_provenance(s, seed, params, names), space_used)
 
@@ -526,6 +715,9 @@ def analyze(
     grid: tuple[int, int] | None = None,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    state_dir: str | None = None,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    resume: bool = False,
 ) -> tuple[SpectrumResult, ProbeResult]:
     """:func:`spectrum` and the additive :func:`noise_probe` from the same forward passes.
 
@@ -544,17 +736,18 @@ def analyze(
     sacc = _SpectralAcc(rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig, eig_dtype)
     pacc = _ProbeAcc("additive", sig)
     n_local = len(range(rank, len(s.images), world))
-    _stream(s, s.images.batches(batch_size, start=rank, step=world), _n_batches(n_local, batch_size), "analyze",
-            progress, _noisy_input(s, sig, space, seed), [sacc, pacc])
     common = dict(blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens, layout=layout,
                   grid=grid, processes=world, ci=_CI_DOC, computed_by="fanlens.analyze (one pass for spectrum and probe)")
-    sprov = _provenance(s, seed, dict(analysis="spectrum", **sacc.params(), **common), s.images.names)
-    pprov = _provenance(
-        s, seed,
-        dict(analysis="probe", mode="additive", sigmas=list(sig), space=space, n_noise=None, noise=_NOISE_DOC,
-             norm="Frobenius norm over patch tokens", **common),
-        s.images.names,
-    )
+    sparams = dict(analysis="spectrum", **sacc.params(), **common)
+    pparams = dict(analysis="probe", mode="additive", sigmas=list(sig), space=space, n_noise=None, noise=_NOISE_DOC,
+                   norm="Frobenius norm over patch tokens", **common)
+    state = _state(state_dir, _state_key(s, seed, {"spectrum": sparams, "probe": pparams}), world, rank,
+                   checkpoint_every, resume)
+    _stream(s, lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
+            _n_batches(n_local, batch_size), "analyze", progress, _noisy_input(s, sig, space, seed), [sacc, pacc],
+            state, ["clean"] + [f"sigma={v:g}" for v in sig])
+    sprov = _provenance(s, seed, sparams, s.images.names)
+    pprov = _provenance(s, seed, pparams, s.images.names)
     return sacc.result(sprov), pacc.result(pprov, space)
 
 
@@ -587,7 +780,8 @@ def group_tokens(
 
     Args:
         n_clusters: groups per block, or ``None`` to choose per block and image by the eigengap.
-        seed: seeds k-means (labels are deterministic for a seed).
+        seed: seeds k-means: the labels of an image are a function of (seed, image index)
+            alone, the same for every batch size.
         n_images: only the first ``n_images`` images (default: all).
         Other arguments as in :func:`spectrum`.
 
@@ -609,19 +803,22 @@ def group_tokens(
     with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
         names = s.images.names[:n_images]
         batches = s.images.batches(batch_size, stop=n_images)
-        for pixels, _idx in _progress(batches, _n_batches(len(names), batch_size), "groups", progress):
+        for pixels, idx in _progress(batches, _n_batches(len(names), batch_size), "groups", progress):
             cap.clear()
             _forward(cap, s.cfg.normalize(pixels.to(s.device)))
             pix.append(uint8_images(pixels))
             for li, bt in enumerate(cap.block_tokens()):
+                if not bool(torch.isfinite(bt.tokens).all()):
+                    raise FanlensError(_nonfinite_message(bt, pixels.shape[0], None))
                 tok, g = sp.pool_tokens(bt.tokens, bt.layout.grid, token_budget)
+                _check_token_count(bt.label, tok.shape[1], g)
                 if n_clusters is not None and n_clusters > tok.shape[1]:
                     raise FanlensError(
                         f"n_clusters must be <= the token count of every block; block {bt.label!r} has "
                         f"{tok.shape[1]} tokens ({g[0]}x{g[1]}). Got {n_clusters} instead."
                     )
                 a = sp.affinity(tok.float(), kind=affinity, center=center, knn=min(knn, tok.shape[1]))
-                lab, k = sp.spectral_clustering(a, n_clusters, max_k=max_k, n_init=n_init, seed=seed)
+                lab, k = sp.spectral_clustering(a, n_clusters, max_k=max_k, n_init=n_init, seed=seed, indices=idx)
                 if len(infos) <= li:
                     infos.append(BlockInfo(li, bt.label, bt.layout, g))
                     labels.append([])
@@ -633,7 +830,8 @@ def group_tokens(
         analysis="groups", n_clusters=n_clusters, blocks=blocks, affinity=affinity, center=center, knn=knn,
         max_k=max_k, token_budget=token_budget, n_init=n_init, batch_size=batch_size,
         num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, n_images=n_images,
-        clustering="normalised spectral clustering (Ng-Jordan-Weiss) + batched k-means++; labels by first appearance",
+        clustering="normalised spectral clustering (Ng-Jordan-Weiss) + batched k-means++ drawn from "
+                   "SeedSequence([seed, image_index, 1]); labels by first appearance",
     )
     return GroupsResult(
         blocks=tuple(infos),

@@ -293,6 +293,16 @@ def infer_grid(num_tokens: int, input_hw: tuple[int, int], *, where: str = "bloc
     return best
 
 
+def grid_follows_input(grid: tuple[int, int], input_hw: tuple[int, int]) -> bool:
+    """Whether an ``h x w`` token grid can be the ``H x W`` input seen through one stride ``s``
+    (each side the floor or ceil of the input side over ``s``, or within one of it):
+    the stride intervals ``(H/(h+1), H/(h-1))`` and ``(W/(w+1), W/(w-1))`` must meet."""
+    (h, w), (H, W) = grid, input_hw
+    lo = max(H / (h + 1), W / (w + 1))
+    hi = min(H / (h - 1) if h > 1 else math.inf, W / (w - 1) if w > 1 else math.inf)
+    return lo < hi
+
+
 def _as_tensor(output, name: str) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -352,6 +362,13 @@ def to_tokens(
     else:
         b, h, w, c = out.shape
         tokens = out.reshape(b, h * w, c)
+    if grid is None and input_hw is not None and not grid_follows_input((h, w), input_hw):
+        other = "NHWC" if layout == "NCHW" else "NCHW"
+        raise FanlensError(
+            f"block {spec.name!r}: read as {layout}, its output {tuple(out.shape)} gives a {h}x{w} token grid with "
+            f"{c} channels, which does not follow the {input_hw[0]}x{input_hw[1]} input. Check layout (is it "
+            f"{other}?), or pass grid=(H, W) if the grid is right."
+        )
     return tokens, out.new_zeros((b, 0, c)), TokenLayout(layout, 0, (h, w), c)
 
 

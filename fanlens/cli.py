@@ -1,8 +1,12 @@
 """``fanlens`` command line: parse, call the analysis, save. No computation lives here.
 
-Bad input ends with a one-line ``fanlens: error: ...`` on stderr and exit code 2.
-Files are written only once an analysis has finished, each atomically, so a failing
-run leaves earlier results intact.
+Bad input ends with a one-line ``fanlens: error: ...`` on stderr and exit code 2 (option
+errors from argparse included). Every run writes through :class:`fanlens.runner.OutputFolder`:
+the output folder (default ``fanlens_out/<command>``) is checked before any work, must be new
+or empty unless ``--overwrite`` is given, and receives the run's files as one unit once the
+analysis has finished, so a failing or interrupted run leaves earlier results intact.
+``spectrum`` and ``probe`` checkpoint their accumulators (every ``--checkpoint-every``
+batches and on Ctrl-C/SIGTERM); ``--resume`` continues an interrupted run.
 """
 
 from __future__ import annotations
@@ -19,6 +23,31 @@ __all__ = ["main", "build_parser"]
 
 EXIT_USAGE = 2
 DEFAULT_OUT = "fanlens_out"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with fanlens' one-line error format (``fanlens: error: ...``, exit 2)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        hint = f" (see fanlens {sub} --help)" if sub else " (see fanlens --help)"
+        print(f"fanlens: error: {' '.join(message.split())}{hint}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _add_output(p: argparse.ArgumentParser, command: str, *, resumable: bool = False) -> None:
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None,
+                   help=f"output folder, new or empty unless --overwrite (default: {DEFAULT_OUT}/{command})")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier run in --out (other files there are kept)")
+    if resumable:
+        from .analysis import DEFAULT_CHECKPOINT_EVERY
+
+        o.add_argument("--resume", action="store_true",
+                       help="continue the interrupted run whose checkpoint is in --out (same options and images)")
+        o.add_argument("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY, metavar="N",
+                       help=f"checkpoint every N batches (default: {DEFAULT_CHECKPOINT_EVERY}; also on Ctrl-C/SIGTERM)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -38,7 +67,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data and run")
     d.add_argument("--images", nargs="+", default=["samples"],
                    help="a folder, image files, or 'samples' (photos shipped with scikit-image / scikit-learn)")
-    d.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="cpu")
     d.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
@@ -63,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .attribution import DEFAULT_IG_STEPS
     from .spectral import RULES
 
-    parser = argparse.ArgumentParser(prog="fanlens", description="Look inside vision models the way the FAN paper does.")
+    parser = _Parser(prog="fanlens", description="Look inside vision models the way the FAN paper does.")
     parser.add_argument("--version", action="version", version=f"fanlens {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sp = sub.add_parser("spectrum", help="significant-eigenvalue counts of the token affinity per block")
     _add_common(sp)
@@ -74,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", action="append", default=[], metavar="RULE=TAU",
                     help="threshold of a threshold rule, e.g. rel_threshold=0.05")
     sp.add_argument("--include-prefix", action="store_true", help="include CLS/register tokens")
+    _add_output(sp, "spectrum", resumable=True)
 
     pp = sub.add_parser("probe", help="relative feature change under N(0,1) noise per block")
     _add_common(pp)
@@ -90,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(writes flip/ and probe_flip.png)")
     fl.add_argument("--flip-max-sigma", type=float, default=DEFAULT_FLIP_MAX_SIGMA, help="largest sigma tried")
     fl.add_argument("--flip-step", type=float, default=DEFAULT_FLIP_STEP, help="sigma grid step (the resolution)")
+    _add_output(pp, "probe", resumable=True)
 
     gp = sub.add_parser("groups", help="spectral clusters of the tokens of each block, per image")
     _add_common(gp)
@@ -103,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--attribution-block", default=None, metavar="NAME",
                     help="Grad-CAM block (default: the last block)")
     at.add_argument("--ig-steps", type=int, default=DEFAULT_IG_STEPS, help="Integrated Gradients steps")
+    _add_output(gp, "groups")
 
     from .pipeline import DEFAULT_N_IMAGES, DEFAULT_SIGMAS
 
@@ -117,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--checkpoint", action="append", default=None, metavar="FILE",
                     help="local weights, once per --model in the same order ('-' for none)")
     rp.add_argument("--images", nargs="+", default=None, help="images for real models (default: samples)")
-    rp.add_argument("--out", default="figures", help="output folder (default: figures)")
+    _add_output(rp, "reproduce")
     rp.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES, help="held-out zoo images")
     rp.add_argument("--sigmas", default=",".join(f"{s:g}" for s in DEFAULT_SIGMAS))
     rp.add_argument("--seed", type=int, default=0)
@@ -130,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--data-seed", type=int, default=0)
     tp.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
-    tp.add_argument("--out", default=None, help="output folder (default: the package's zoo weights)")
+    _add_output(tp, "train-zoo")
+    tp.add_argument("--into-package", action="store_true",
+                    help="maintainers only: replace the weights shipped inside the installed package "
+                         "(the embedded default); excludes --out")
     tp.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -152,13 +186,32 @@ def _images_arg(images: Sequence[str]):
     return images[0] if len(images) == 1 else list(images)
 
 
+def _out_path(args: argparse.Namespace) -> str:
+    if args.out is not None and not args.out.strip():
+        raise FanlensError(f"--out must name a folder. Got {args.out!r} instead.")
+    return args.out if args.out is not None else f"{DEFAULT_OUT}/{args.command}"
+
+
+def _check_images_outside(images: Sequence[str], out: Path) -> None:
+    """A run never reads its own output folder as input."""
+    o = out.resolve()
+    for im in images:
+        if im == "samples":
+            continue
+        p = Path(im).resolve()
+        if p == o or o in p.parents:
+            raise FanlensError(f"images must lie outside the output folder {str(out)!r}. Got {im!r} instead.")
+
+
 def _run_reproduce(args: argparse.Namespace) -> list[Path]:
     from .pipeline import reproduce
 
     images = None if args.images is None else _images_arg(args.images)
+    if args.images:
+        _check_images_outside(args.images, Path(_out_path(args)))
     res = reproduce(
-        args.model, pretrained=args.pretrained, checkpoints=args.checkpoint, images=images, out=args.out,
-        n_images=args.n_images, sigmas=args.sigmas, seed=args.seed, device=args.device,
+        args.model, pretrained=args.pretrained, checkpoints=args.checkpoint, images=images, out=_out_path(args),
+        overwrite=args.overwrite, n_images=args.n_images, sigmas=args.sigmas, seed=args.seed, device=args.device,
         batch_size=args.batch_size, progress=not args.no_progress,
         log=lambda m: print(f"fanlens: {m}", file=sys.stderr, flush=True),
     )
@@ -167,22 +220,29 @@ def _run_reproduce(args: argparse.Namespace) -> list[Path]:
 
 
 def _run_train(args: argparse.Namespace) -> list[Path]:
-    from .zoo import WEIGHTS_DIR
-    from .zoo.train import train
+    from .zoo.train import _output_folder, train_model, write_trained
 
-    out = Path(args.out) if args.out else WEIGHTS_DIR
-    written = []
+    from ._validation import check_seed
+
+    if args.into_package and args.out is not None:
+        raise FanlensError(f"--into-package and --out exclude each other. Got --out {args.out!r} instead.")
+    check_seed(args.seed, "--seed")
+    check_seed(args.data_seed, "--data-seed")
+    out = _output_folder(None if args.into_package else _out_path(args), overwrite=args.overwrite,
+                         into_package=args.into_package)
+    trained = []
     for name in args.names:
-        card = train(name, seed=args.seed, data_seed=args.data_seed, steps=args.steps, out_dir=out,
-                     progress=not args.no_progress)
-        print(f"{name}: validation accuracy {card['validation_accuracy']:.3f}, {card['wall_time_s']:.0f} s")
-        written += [out / f"{name}.safetensors", out / f"{name}.json"]
-    return written
+        m = train_model(name, seed=args.seed, data_seed=args.data_seed, steps=args.steps,
+                        progress=not args.no_progress)
+        print(f"{name}: validation accuracy {m.card['validation_accuracy']:.3f}, {m.card['wall_time_s']:.0f} s")
+        trained.append(m)
+    return write_trained(out, trained)
 
 
 def _run(args: argparse.Namespace) -> list[Path]:
     from . import analysis
     from .models import build_model
+    from .runner import OutputFolder
 
     if args.command == "reproduce":
         return _run_reproduce(args)
@@ -191,8 +251,14 @@ def _run(args: argparse.Namespace) -> list[Path]:
 
     if args.pretrained and args.checkpoint:
         raise FanlensError("--pretrained and --checkpoint exclude each other; pass one.")
+    from .data import parse_input_size
     from .distributed import init_from_env, is_main
 
+    input_size = parse_input_size(args.input_size, "--input-size") if args.input_size else None
+    analysis.check_device(args.device)
+    from ._validation import check_seed
+
+    check_seed(args.seed, "--seed")
     distributed = init_from_env(args.device)
     if distributed and args.command == "groups":
         raise FanlensError("groups runs in one process; launch it without torchrun.")
@@ -200,23 +266,59 @@ def _run(args: argparse.Namespace) -> list[Path]:
         raise FanlensError("--flip goes with --mode additive (the noise it scales is the additive noise).")
     if args.command == "groups" and args.attribution != "gradcam" and args.attribution_block is not None:
         raise FanlensError("--attribution-block goes with --attribution gradcam.")
+    resumable = args.command in ("spectrum", "probe")
+    out = Path(_out_path(args))
+    _check_images_outside(args.images, out)
+    # the output folder is checked (and created) before any work; rank 0 writes it
+    folder = OutputFolder(out, overwrite=args.overwrite, resume=resumable and args.resume,
+                          command=args.command) if is_main() else None
+    try:
+        res, extra, fig_name, draw = _analyse(args, analysis, build_model, input_size, out, folder)
+    except BaseException:
+        if folder is not None:
+            folder.abandon()
+        raise
+    if not is_main():  # every rank holds the merged statistics; rank 0 writes them
+        return []
+    with folder.staging() as tmp:
+        res.write_files(tmp)
+        _save_extras(args, res, extra, tmp)
+        if not args.no_figure:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            from . import plotting
+            from .results import save_png
+
+            obj = getattr(plotting, draw)(res)
+            save_png(obj if hasattr(obj, "savefig") else obj.figure, tmp / fig_name)
+    return folder.written
+
+
+def _analyse(args: argparse.Namespace, analysis, build_model, input_size, out: Path, folder):
+    """Build the model and run the command's analysis (and its captum extras)."""
     lm = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, seed=args.seed)
     if args.command == "groups" and args.attribution == "gradcam":  # check the block before any analysis
         from .attribution import _gradcam_block
 
         _gradcam_block(lm.model, args.attribution_block, layout=args.layout, num_prefix_tokens=args.num_prefix_tokens)
+    from .distributed import is_main, rank_and_world
+    from .runner import STATE_DIRNAME
+
     common = dict(
         blocks=args.blocks,
         num_prefix_tokens=args.num_prefix_tokens,
         layout=args.layout,
-        input_size=tuple(args.input_size) if args.input_size else None,
+        input_size=input_size,
         device=args.device,
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.no_progress and is_main(),
     )
+    if args.command in ("spectrum", "probe"):
+        common.update(state_dir=out / STATE_DIRNAME / args.command, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume)
     images = _images_arg(args.images)
-    out = Path(args.out)
     if args.command == "spectrum":
         rules = tuple(r.strip() for r in args.rules.split(",") if r.strip())
         res = analysis.spectrum(
@@ -238,23 +340,7 @@ def _run(args: argparse.Namespace) -> list[Path]:
         )
         fig_name, draw = "groups.png", "plot_groups"
     extra = _extras(args, lm, images, common, res) if is_main() else {}
-    if not is_main():  # every rank holds the merged statistics; rank 0 writes them
-        return []
-    written = res.save(out)
-    written += _save_extras(args, res, extra, out)
-    if not args.no_figure:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from . import plotting
-
-        obj = getattr(plotting, draw)(res)
-        fig = obj if hasattr(obj, "savefig") else obj.figure
-        from .results import save_png
-
-        save_png(fig, out / fig_name)
-        written.append(out / fig_name)
-    return written
+    return res, extra, fig_name, draw
 
 
 def _extras(args: argparse.Namespace, lm, images, common: dict, res) -> dict:
@@ -285,16 +371,15 @@ def _extras(args: argparse.Namespace, lm, images, common: dict, res) -> dict:
     return {}
 
 
-def _save_extras(args: argparse.Namespace, res, extra: dict, out: Path) -> list[Path]:
+def _save_extras(args: argparse.Namespace, res, extra: dict, out: Path) -> None:
+    """Files of the captum extras, into ``out`` (the run's staging folder)."""
     from .results import rows_to_csv, save_png, write_atomic
 
-    written: list[Path] = []
     if "flip" in extra:
-        written += extra["flip"].save(out / "flip")
+        extra["flip"].write_files(out / "flip")
     if "attribution" in extra:
-        written += extra["attribution"].save(out / "attribution")
+        extra["attribution"].write_files(out / "attribution")
         write_atomic(out / "attribution_share.csv", rows_to_csv(extra["share"].rows()).encode())
-        written.append(out / "attribution_share.csv")
     if extra and not args.no_figure:
         import matplotlib
 
@@ -303,11 +388,8 @@ def _save_extras(args: argparse.Namespace, res, extra: dict, out: Path) -> list[
 
         if "flip" in extra:
             save_png(plotting.plot_probe_flip(res, extra["flip"]), out / "probe_flip.png")
-            written.append(out / "probe_flip.png")
         if "attribution" in extra:
             save_png(plotting.plot_attribution_groups(res, extra["attribution"]), out / "groups_attribution.png")
-            written.append(out / "groups_attribution.png")
-    return written
 
 
 def _int_arg(name: str, value: str) -> int:
@@ -319,23 +401,41 @@ def _int_arg(name: str, value: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fanlens`` console script; returns the exit code."""
+    from .runner import Interrupted
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fanlens: %(message)s")
     try:
         written = _run(args)
     except FanlensError as e:
-        _leave_process_group()
-        msg = " ".join(str(e).split())
-        print(f"fanlens: error: {msg}", file=sys.stderr)
+        _fail(e)
         return EXIT_USAGE
+    except Interrupted as e:
+        _leave_process_group()
+        print(f"fanlens: {e.message}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
+        _leave_process_group()
         print("fanlens: interrupted", file=sys.stderr)
         return 130
     _leave_process_group()
-    for p in written:
+    for p in sorted(written):
         print(f"wrote {p}")
     return 0
+
+
+def _fail(e: FanlensError) -> None:
+    """Print the one-line error; under torchrun, publish it so that every rank stops with it."""
+    from .distributed import PeerError, rank_and_world, report_error
+
+    msg = " ".join(str(e).split())
+    rank, world = rank_and_world()
+    if world > 1 and not isinstance(e, PeerError):
+        msg = f"rank {rank}: {msg}"
+        report_error(msg)
+    print(f"fanlens: error: {msg}", file=sys.stderr)
+    _leave_process_group()
 
 
 def _leave_process_group() -> None:

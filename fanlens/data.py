@@ -95,14 +95,7 @@ def data_config(
     if pe_size is not None and getattr(pe, "strict_img_size", False) and not getattr(pe, "dynamic_img_pad", False):
         size = tuple(int(v) for v in (pe_size if isinstance(pe_size, (tuple, list)) else (pe_size, pe_size)))
     if input_size is not None:
-        if isinstance(input_size, int):
-            size = (input_size, input_size)
-        else:
-            size = tuple(int(s) for s in input_size)[-2:]
-            if len(size) != 2:
-                raise FanlensError(f"input_size must be an int or (H, W). Got {input_size!r} instead.")
-        for s in size:
-            check_positive_int("input_size", s)
+        size = parse_input_size(input_size)
     m = tuple(float(v) for v in (mean if mean is not None else cfg["mean"]))
     s_ = tuple(float(v) for v in (std if std is not None else cfg["std"]))
     if len(m) != 3 or len(s_) != 3 or any(v <= 0 for v in s_):
@@ -115,6 +108,19 @@ def data_config(
         crop_pct=float(cfg.get("crop_pct") or 0.875),
         crop_mode=str(cfg.get("crop_mode") or "center"),
     )
+
+
+def parse_input_size(input_size: Any, name: str = "input_size") -> tuple[int, int]:
+    """``N`` (square) or ``(H, W)`` as a pair of positive ints; anything else is an error."""
+    vals = (input_size,) if isinstance(input_size, (int, np.integer)) and not isinstance(input_size, bool) else input_size
+    try:
+        vals = tuple(vals)
+    except TypeError:
+        raise FanlensError(f"{name} must be an int N or a pair (H, W). Got {input_size!r} instead.") from None
+    if len(vals) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1
+                                      for v in vals):
+        raise FanlensError(f"{name} must be one positive int N (N x N) or two (H W). Got {input_size!r} instead.")
+    return (int(vals[0]), int(vals[-1]))
 
 
 def load_sample(name: str) -> np.ndarray:
@@ -190,11 +196,47 @@ def _check_pixel_tensor(x: Any, what: str) -> torch.Tensor:
         raise FanlensError(f"{what} must have shape (B, 3, H, W). Got {tuple(x.shape)} instead.")
     if not x.is_floating_point():
         raise FanlensError(f"{what} must hold float pixels in [0, 1]. Got dtype {x.dtype} instead.")
+    check_pixels(x, what)
     return x
 
 
+PIXEL_TOLERANCE = 1e-3
+
+
+def check_pixels(x: torch.Tensor, what: str = "images") -> None:
+    """Pixels must be finite and in [0, 1] (a tolerance of 1e-3 for resampling overshoot).
+
+    Values in 0..255 or already normalised values would silently give other numbers."""
+    if x.numel() == 0:
+        return
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise FanlensError(f"{what} must hold finite pixel values. Got {bad} NaN or infinite value(s) instead.")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
+        hint = " (divide 0..255 values by 255)" if hi > 1 + PIXEL_TOLERANCE and hi <= 255 and lo >= 0 else (
+            " (pass pixels before normalisation: fanlens applies the model's mean/std itself)" if lo < 0 else "")
+        raise FanlensError(f"{what} must hold pixel values in [0, 1]{hint}. Got values in [{lo:.4g}, {hi:.4g}] instead.")
+
+
+MAX_IMAGE_PIXELS = 200_000_000
+"""Largest image (width x height) fanlens decodes: 200 megapixels, about 600 MB as RGB.
+Larger files (or decompression bombs) are refused with a message instead of PIL's warning;
+set ``fanlens.data.MAX_IMAGE_PIXELS`` to change it."""
+
+
 def _list_folder(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files under ``folder``, sorted; output folders of fanlens runs and hidden folders are skipped."""
+    from .runner import RUN_MARKER
+
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (Path(root) / d / RUN_MARKER).is_file())
+        if RUN_MARKER in names and Path(root) != folder:
+            continue
+        files += [Path(root) / n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    files.sort()
     if not files:
         raise FanlensError(
             f"images must be a folder holding image files ({', '.join(IMAGE_EXTENSIONS)}). "
@@ -203,13 +245,39 @@ def _list_folder(folder: Path) -> list[Path]:
     return files
 
 
+def _open_image(path: Path):
+    """``PIL.Image.open`` with fanlens' own size limit instead of PIL's DecompressionBombWarning."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # the check below replaces PIL's
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise FanlensError(
+            f"image {str(path)!r} must have at most fanlens.data.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS:,} pixels. "
+            f"Got {w} x {h} = {w * h:,} instead (downscale it, or raise the limit if the file is trusted)."
+        )
+    return im
+
+
 def _check_image_file(path: Path) -> None:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             mode = im.mode
             im.verify()
+    except FanlensError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise FanlensError(f"image {str(path)!r} cannot be read: {e}") from None
     if mode not in ("RGB", "P") and not (mode == "CMYK" or mode.startswith("YCbCr")):
@@ -289,10 +357,12 @@ def resolve_images(
         _check_image_file(f)
 
     def load_file(i: int) -> torch.Tensor:
+        from PIL import ImageOps
+
         try:
-            with Image.open(files[i]) as im:
-                img = im.convert("RGB")
-        except OSError as e:
+            with _open_image(files[i]) as im:
+                img = ImageOps.exif_transpose(im).convert("RGB")  # a phone photo is seen upright
+        except (OSError, SyntaxError, ValueError) as e:
             raise FanlensError(f"image {str(files[i])!r} cannot be read: {e}") from None
         return _pil_to_pixels(img, transform)
 

@@ -6,18 +6,79 @@ on CPU, NCCL for CUDA). :func:`fanlens.spectrum` and :func:`fanlens.noise_probe`
 every ``world_size``-th image starting at their rank and merge the per-rank accumulators
 (count, mean, squared deviations; Chan et al.) in rank order, so every rank ends with the
 statistics of all images: equal to a single-process run up to float rounding.
+
+Errors end every rank: a rank that fails publishes its one-line message in the process
+group's key-value store (:func:`report_error`); the others look for it after every batch
+(:func:`check_peers`) and while waiting for each other before the final merge, and stop
+with the same message (:class:`PeerError`) instead of waiting in a collective.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Sequence
 
 import torch
 
 from ._stats import RunningStats
+from ._validation import FanlensError
 
-__all__ = ["init_from_env", "rank_and_world", "merge_stats", "is_main"]
+__all__ = ["init_from_env", "rank_and_world", "merge_stats", "is_main", "report_error", "check_peers", "PeerError",
+           "wait_for_all"]
+
+_ERROR_KEY = "fanlens/error"
+_POLL_S = 0.02
+
+
+class PeerError(FanlensError):
+    """Another rank of the process group failed; the message is that rank's."""
+
+
+def _store():
+    """The default process group's key-value store (``None`` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def report_error(message: str) -> None:
+    """Publish this rank's error so that every other rank stops with it (no-op in one process)."""
+    store = _store()
+    if store is not None and rank_and_world()[1] > 1:
+        try:
+            if not store.check([_ERROR_KEY]):
+                store.set(_ERROR_KEY, message)
+        except RuntimeError:  # the store is gone: the others end on their own
+            pass
+
+
+def check_peers() -> None:
+    """Raise :class:`PeerError` when another rank has reported an error (cheap; no collective)."""
+    store = _store()
+    if store is None or rank_and_world()[1] == 1:
+        return
+    if store.check([_ERROR_KEY]):
+        raise PeerError(store.get(_ERROR_KEY).decode())
+
+
+def wait_for_all(name: str) -> None:
+    """A barrier through the store that gives up with :class:`PeerError` as soon as a rank reports an error."""
+    store = _store()
+    rank, world = rank_and_world()
+    if store is None or world == 1:
+        return
+    key = f"fanlens/arrived/{name}"
+    store.add(key, 1)
+    while True:
+        check_peers()
+        if store.add(key, 0) >= world:
+            return
+        time.sleep(_POLL_S)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -47,6 +108,9 @@ def init_from_env(device: str | torch.device = "cpu") -> bool:
     return True
 
 
+_merges = 0
+
+
 def merge_stats(stats: Sequence[RunningStats]) -> list[RunningStats]:
     """Merge per-rank accumulators across the process group (identity with one process)."""
     rank, world = rank_and_world()
@@ -54,6 +118,9 @@ def merge_stats(stats: Sequence[RunningStats]) -> list[RunningStats]:
         return list(stats)
     import torch.distributed as dist
 
+    global _merges
+    _merges += 1
+    wait_for_all(f"merge-{_merges}")  # every rank is here and none has failed: the collective cannot hang
     mine = [(s.shape, s.n, s.mean, s.m2) for s in stats]
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine)

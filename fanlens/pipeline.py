@@ -27,6 +27,7 @@ from ._validation import FanlensError, check_positive_int
 from .grouping import GroupingScores, mask_scores
 from .models import LoadedModel, build_model
 from .results import GroupsResult, ProbeResult, SpectrumResult, rows_to_csv, save_png, versions, write_atomic
+from .runner import OutputFolder
 
 __all__ = ["Comparison", "compare", "ModelRun", "ReproduceResult", "reproduce", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
 
@@ -34,6 +35,7 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_SIGMAS = (0.05, 0.1, 0.2)
 DEFAULT_N_IMAGES = 64
+DEFAULT_OUT = "fanlens_out/reproduce"
 MASK_CLUSTERS = 2
 FIGURE4_CLUSTERS = 4
 FIGURE4_IMAGES = (0, 1, 2)
@@ -125,16 +127,15 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
     return ModelRun(label, short, trained, spec, probe, vis, scores)
 
 
-def _save_fig(fig, path: Path, written: list[Path]) -> None:
+def _save_fig(fig, path: Path) -> None:
     save_png(fig, path, dpi=120)
-    written.append(path)
 
 
 def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s).strip("_").lower()
 
 
-def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], written: list[Path]) -> None:
+def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,13 +152,13 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], written: 
         b = twins.get(r.short)
         plotting.plot_figure3ab(r.spectrum, r.probe, baseline_spectrum=b.spectrum if b else None,
                                 baseline_probe=b.probe if b else None, sigma=sig, ax=ax, title=r.label)
-        _save_fig(fig, out / f"figure3ab_{_slug(r.short)}.png", written)
+        _save_fig(fig, out / f"figure3ab_{_slug(r.short)}.png")
     # Figure 3c: perturbation over relative depth, one panel per sigma
     fig, axes = plt.subplots(1, len(sigmas), figsize=(4.2 * len(sigmas), 3.6), layout="constrained", squeeze=False)
     for ax, s in zip(axes[0], sigmas):
         plotting.plot_depth_comparison({r.short: r.probe for r in trained}, sigma=s,
                                        baselines={k: v.probe for k, v in twins.items()}, ax=ax)
-    _save_fig(fig, out / "figure3c.png", written)
+    _save_fig(fig, out / "figure3c.png")
     # Figure 4 per model: trained and random-init rows per image
     for r in trained:
         rows = [(r.short, r.groups)]
@@ -165,69 +166,22 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], written: 
             rows.append((f"{r.short} (random)", twins[r.short].groups))
         n = min(len(FIGURE4_IMAGES), len(r.groups.images))
         fig = plotting.plot_groups_grid(rows, images=list(range(n)))
-        _save_fig(fig, out / f"figure4_{_slug(r.short)}.png", written)
+        _save_fig(fig, out / f"figure4_{_slug(r.short)}.png")
     # grouping against the masks
     if all(r.scores is not None for r in runs):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
         for ax, metric in zip(axes, GroupingScores.METRICS):
             plotting.plot_mask_scores({r.short: r.scores for r in trained}, metric=metric,
                                       baselines={k: v.scores for k, v in twins.items()}, ax=ax)
-        _save_fig(fig, out / "figure4_mask_agreement.png", written)
+        _save_fig(fig, out / "figure4_mask_agreement.png")
 
 
-def reproduce(
-    models: Sequence[str] | None = None,
-    *,
-    pretrained: bool = False,
-    checkpoints: Sequence[str] | None = None,
-    images: Any = None,
-    out: str | Path = "figures",
-    n_images: int = DEFAULT_N_IMAGES,
-    sigmas: Sequence[float] = DEFAULT_SIGMAS,
-    seed: int = 0,
-    device: str = "cpu",
-    batch_size: int = 32,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> ReproduceResult:
-    """Run the Figure 3 / Figure 4 analyses and write figures and tables into ``out``.
-
-    Args:
-        models: model specs; ``None`` for the embedded zoo (offline).
-        pretrained: load each model's pretrained weights (real models).
-        checkpoints: one local weights file per model (real models).
-        images: images for real models (folder, files, ``"samples"``); the zoo uses
-            ``n_images`` held-out procedural images with masks.
-        sigmas: noise levels of the probe (pixel space).
-    """
-    t0 = time.perf_counter()
-    say = log or (lambda s: None)
-    check_positive_int("n_images", n_images)
-    sigmas = analysis._parse_sigmas(sigmas)
-    if not models and images is not None:
-        raise FanlensError("images applies to real models; the zoo uses its own held-out images with masks.")
-    pairs = _pairs(models, pretrained, checkpoints, seed)
-    if models:
-        imgs = "samples" if images is None else images
-        masks = None
-        image_names = None
-    else:
-        imgs, masks, image_names = _zoo_images(n_images, seed)
-    runs: list[ModelRun] = []
-    for short, load_trained, load_random in pairs:
-        for trained, loader in ((True, load_trained), (False, load_random)):
-            lm = loader()
-            label = lm.name if trained else f"{lm.name}{RANDOM_SUFFIX}"
-            if trained and lm.weights == "random init":
-                _log.warning("%s has no weights (no --pretrained or --checkpoint): it is its own random-init twin", label)
-            say(f"analysing {label}")
-            runs.append(_run_one(lm, label, short, trained, imgs, masks, sigmas, seed, device, batch_size, progress))
-    out = Path(out)
-    written: list[Path] = []
-    _figures(runs, out, sigmas, written)
+def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], models, pretrained: bool, checkpoints,
+                   image_names, imgs, n_images: int, seed: int) -> None:
+    """Figures, ``results.csv`` and ``manifest.json`` of a reproduce run, into ``out`` (a staging folder)."""
+    _figures(runs, out, sigmas)
     # tables and provenance
     write_atomic(out / "results.csv", rows_to_csv([row for r in runs for row in r.rows()]).encode())
-    written.append(out / "results.csv")
     manifest = {
         "kind": "reproduce",
         "parameters": {
@@ -249,8 +203,62 @@ def reproduce(
         ],
     }
     write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    written.append(out / "manifest.json")
-    return ReproduceResult(runs, written, time.perf_counter() - t0)
+
+
+def reproduce(
+    models: Sequence[str] | None = None,
+    *,
+    pretrained: bool = False,
+    checkpoints: Sequence[str] | None = None,
+    images: Any = None,
+    out: str | Path = DEFAULT_OUT,
+    overwrite: bool = False,
+    n_images: int = DEFAULT_N_IMAGES,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ReproduceResult:
+    """Run the Figure 3 / Figure 4 analyses and write figures and tables into ``out``.
+
+    Args:
+        models: model specs; ``None`` for the embedded zoo (offline).
+        pretrained: load each model's pretrained weights (real models).
+        checkpoints: one local weights file per model (real models).
+        images: images for real models (folder, files, ``"samples"``); the zoo uses
+            ``n_images`` held-out procedural images with masks.
+        sigmas: noise levels of the probe (pixel space).
+        out: output folder, new or empty unless ``overwrite=True`` (checked before any
+            analysis; the files are written as one unit, see :class:`fanlens.runner.OutputFolder`).
+    """
+    t0 = time.perf_counter()
+    say = log or (lambda s: None)
+    check_positive_int("n_images", n_images)
+    sigmas = analysis._parse_sigmas(sigmas)
+    if not models and images is not None:
+        raise FanlensError("images applies to real models; the zoo uses its own held-out images with masks.")
+    pairs = _pairs(models, pretrained, checkpoints, seed)
+    folder = OutputFolder(out, overwrite=overwrite, command="reproduce")
+    if models:
+        imgs = "samples" if images is None else images
+        masks = None
+        image_names = None
+    else:
+        imgs, masks, image_names = _zoo_images(n_images, seed)
+    runs: list[ModelRun] = []
+    for short, load_trained, load_random in pairs:
+        for trained, loader in ((True, load_trained), (False, load_random)):
+            lm = loader()
+            label = lm.name if trained else f"{lm.name}{RANDOM_SUFFIX}"
+            if trained and lm.weights == "random init":
+                _log.warning("%s has no weights (no --pretrained or --checkpoint): it is its own random-init twin", label)
+            say(f"analysing {label}")
+            runs.append(_run_one(lm, label, short, trained, imgs, masks, sigmas, seed, device, batch_size, progress))
+    with folder.staging() as out:
+        _write_outputs(runs, out, sigmas, models, pretrained, checkpoints, image_names, imgs, n_images, seed)
+    return ReproduceResult(runs, folder.written, time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------- several models, a few lines

@@ -1,7 +1,9 @@
 """Result objects: frozen dataclasses that save, load and become tidy tables.
 
-``result.save(dir)`` writes three files, each atomically (written aside, then moved
-into place, so a failing run never leaves a half-written file or clobbers a good one):
+``result.save(dir)`` writes three files as one unit through the output-folder writer
+(:class:`fanlens.runner.OutputFolder`: a new or empty folder unless ``overwrite=True``;
+the files are staged aside and moved into place together, so a failing run never leaves a
+half-written file or a mix of old and new files):
 
 - ``results.csv``: tidy long form, one row per (model, block, metric, rule or sigma,
   statistic), columns :data:`CSV_COLUMNS`;
@@ -16,9 +18,8 @@ import csv
 import datetime as _dt
 import io
 import json
-import os
 import platform
-import tempfile
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ import numpy as np
 
 from ._validation import FanlensError
 from .capture import TokenLayout
+from .runner import OutputFolder, write_atomic
 
 __all__ = [
     "CSV_COLUMNS",
@@ -65,24 +67,6 @@ def versions() -> dict[str, str]:
         "scipy": scipy.__version__,
         "python": platform.python_version(),
     }
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rows_to_csv(rows) -> str:
@@ -216,11 +200,10 @@ class _ResultIO:
             **self._extra_manifest(),
         }
 
-    def save(self, directory: str | Path) -> list[Path]:
-        """Write ``results.csv``, ``manifest.json`` and ``arrays.npz`` into ``directory``."""
+    def write_files(self, directory: str | Path) -> list[Path]:
+        """Write ``results.csv``, ``manifest.json`` and ``arrays.npz`` into ``directory`` as they are
+        (the writer of a run's staging folder; users call :meth:`save`)."""
         d = Path(directory)
-        if d.exists() and not d.is_dir():
-            raise FanlensError(f"out must be a folder. Got {str(d)!r}, which is a file.")
         buf = io.BytesIO()
         np.savez(buf, **self._array_dict())
         csv_bytes = self.to_csv().encode()
@@ -230,6 +213,17 @@ class _ResultIO:
             write_atomic(d / name, data)
             written.append(d / name)
         return written
+
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> list[Path]:
+        """Write ``results.csv``, ``manifest.json`` and ``arrays.npz`` into ``directory`` as one unit.
+
+        ``directory`` must be new or empty unless ``overwrite=True``, which replaces the files of
+        the earlier result there (see :class:`fanlens.runner.OutputFolder`).
+        """
+        out = OutputFolder(directory, overwrite=overwrite, command=self.KIND, param="directory")
+        with out.staging() as tmp:
+            self.write_files(tmp)
+        return out.written
 
     @classmethod
     def _from_parts(cls, manifest: dict, arrays: dict[str, np.ndarray]):
@@ -436,13 +430,20 @@ def load(directory: str | Path):
     man_path, arr_path = d / "manifest.json", d / "arrays.npz"
     if not man_path.is_file() or not arr_path.is_file():
         raise FanlensError(f"directory must hold manifest.json and arrays.npz from result.save(). Got {str(d)!r} instead.")
-    manifest = json.loads(man_path.read_text())
-    kind = manifest.get("kind")
+    try:
+        manifest = json.loads(man_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FanlensError(f"directory must hold a readable manifest.json. Got {str(man_path)!r}, which is not valid "
+                           f"JSON ({e}).") from None
+    kind = manifest.get("kind") if isinstance(manifest, dict) else None
     from .attribution import AttributionResult, FlipResult
 
     kinds = {**_KINDS, AttributionResult.KIND: AttributionResult, FlipResult.KIND: FlipResult}
     if kind not in kinds:
         raise FanlensError(f"manifest kind must be one of {tuple(kinds)}. Got {kind!r} instead.")
-    with np.load(arr_path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    return kinds[kind]._from_parts(manifest, arrays)
+    try:
+        with np.load(arr_path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return kinds[kind]._from_parts(manifest, arrays)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise FanlensError(f"directory {str(d)!r} holds a damaged result ({type(e).__name__}: {e}).") from None

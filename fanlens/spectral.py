@@ -30,6 +30,9 @@ On an affinity made of ``k`` disconnected equal blocks every rule gives ``k``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
 
 import torch
 
@@ -237,6 +240,20 @@ def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], budget: int) -> tup
 
 
 # --------------------------------------------------------------------------- clustering
+_KMEANS_STREAM = 1  # k-means draws: a stream of their own, apart from the probe's noise of (seed, index)
+
+
+def _row_uniforms(seed: int, indices: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """``(B, *shape)`` uniforms in [0, 1): row ``i`` drawn from ``SeedSequence([seed, indices[i], 1])`` alone, so a
+    row's numbers do not depend on the batch it travels in."""
+    out = []
+    for j in indices:
+        st = np.random.SeedSequence([int(seed), int(j), _KMEANS_STREAM]).generate_state(2, dtype=np.uint32)
+        g = torch.Generator(device="cpu").manual_seed(int(st[0]) << 32 | int(st[1]))
+        out.append(torch.rand(shape, generator=g, dtype=torch.float64))
+    return torch.stack(out) if out else torch.empty((0, *shape), dtype=torch.float64)
+
+
 def kmeans(
     x: torch.Tensor,
     k: int,
@@ -244,42 +261,51 @@ def kmeans(
     n_init: int = 4,
     max_iter: int = 50,
     seed: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Batched k-means (k-means++ seeding, Lloyd iterations), deterministic for a seed.
+
+    The random draws of row ``i`` come from ``(seed, indices[i])`` only (default
+    ``indices = range(B)``), so the labels of a point set do not depend on the batch size
+    or on which other point sets share the batch.
 
     Args:
         x: ``(B, N, D)`` points.
         k: clusters per batch element.
+        indices: one id per row (e.g. the image's dataset index).
 
     Returns:
         ``(B, N)`` int64 labels; the best of ``n_init`` runs by inertia.
     """
     check_shape("x", x, ["B", "N", "D"])
     b, n, d = x.shape
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    indices = list(range(b)) if indices is None else [int(i) for i in indices]
+    if len(indices) != b:
+        raise FanlensError(f"indices must hold one id per row ({b}). Got {len(indices)} instead.")
+    draws = _row_uniforms(seed, indices, (n_init, k)).to(x.device)  # (B, n_init, k)
     best_labels = None
     best_inertia = None
     ar = torch.arange(b, device=x.device)
-    for _ in range(n_init):
+    for r in range(n_init):
         # k-means++ seeding, batched
-        first = torch.randint(n, (b,), generator=g).to(x.device)
+        first = (draws[:, r, 0] * n).long().clamp_max(n - 1)
         centers = x[ar, first][:, None, :]
         d2 = ((x - centers) ** 2).sum(-1)
         for _c in range(1, k):
-            probs = d2.clamp_min(0.0)
+            probs = d2.clamp_min(0.0).double()
             probs = probs / probs.sum(-1, keepdim=True).clamp_min(_EPS)
             # rows with all-zero distance: pick uniformly
             zero = probs.sum(-1) <= 0
             if zero.any():
                 probs[zero] = 1.0 / n
-            u = torch.rand((b, 1), generator=g).to(x.device, x.dtype)
+            u = draws[:, r, _c : _c + 1]
             idx = (probs.cumsum(-1) < u).sum(-1).clamp_max(n - 1)
             new = x[ar, idx][:, None, :]
             centers = torch.cat([centers, new], dim=1)
             d2 = torch.minimum(d2, ((x - new) ** 2).sum(-1))
         labels = None
         for _it in range(max_iter):
-            dist = torch.cdist(x, centers)
+            dist = torch.cdist(x, centers, compute_mode="donot_use_mm_for_euclid_dist")
             new_labels = dist.argmin(-1)
             if labels is not None and torch.equal(new_labels, labels):
                 break
@@ -327,6 +353,7 @@ def spectral_clustering(
     n_init: int = 4,
     seed: int = 0,
     dtype: torch.dtype | None = None,
+    indices: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spectral clustering of each affinity matrix of a batch.
 
@@ -339,6 +366,8 @@ def spectral_clustering(
         a: ``(B, N, N)`` affinities.
         n_clusters: ``k``, or ``None`` to choose it per matrix by the eigengap.
         max_k: largest ``k`` the eigengap may choose.
+        seed, indices: k-means draws of matrix ``i`` come from ``(seed, indices[i])``
+            (default ``indices = range(B)``): labels do not depend on the batch.
 
     Returns:
         ``(labels (B, N) int64, k (B,) int64)``.
@@ -351,6 +380,9 @@ def spectral_clustering(
             raise FanlensError(
                 f"n_clusters must be <= the number of tokens ({n}). Got {n_clusters} instead."
             )
+    indices = list(range(b)) if indices is None else [int(i) for i in indices]
+    if len(indices) != b:
+        raise FanlensError(f"indices must hold one id per matrix ({b}). Got {len(indices)} instead.")
     m = normalized_affinity(a)
     work = m.to(dtype) if dtype is not None else m
     evals, evecs = torch.linalg.eigh(0.5 * (work + work.transpose(1, 2)))
@@ -364,5 +396,5 @@ def spectral_clustering(
         sel = (ks == k).nonzero(as_tuple=True)[0]
         u = _fix_signs(evecs[sel, :, :k])
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        labels[sel] = kmeans(u, int(k), n_init=n_init, seed=seed)
+        labels[sel] = kmeans(u, int(k), n_init=n_init, seed=seed, indices=[indices[i] for i in sel.tolist()])
     return labels, ks

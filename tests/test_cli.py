@@ -99,7 +99,7 @@ def test_bad_input_is_one_line_exit_2_and_keeps_files(tmp_path, capsys, case):
     assert code == 0, err
     before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
     args, match = _bad_cases(tmp_path)[case]
-    code, out, err = run(args + ["--out", str(out_dir)], capsys)
+    code, out, err = run(args + ["--out", str(out_dir), "--overwrite"], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fanlens: error: ")

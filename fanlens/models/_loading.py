@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .._validation import FanlensError
+from .._validation import FanlensError, check_seed
 
 __all__ = [
     "LoadedModel",
@@ -43,12 +43,15 @@ class LoadedModel:
         weights: ``"random init"``, ``"pretrained"`` or the checkpoint path.
         weights_sha256: SHA-256 of the checkpoint file, of the pretrained state dict,
             or ``"random init"``.
+        owned: fanlens built the module from a spec (it may adapt it, e.g. to an input
+            size); ``False`` for a module the caller passed in, which is never changed.
     """
 
     model: nn.Module
     name: str
     weights: str
     weights_sha256: str
+    owned: bool = True
 
 
 def file_sha256(path: str | Path) -> str:
@@ -87,6 +90,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types
             raise FanlensError(f"checkpoint {str(p)!r} is not a readable safetensors file: {e}") from None
     else:
+        with open(p, "rb") as f:
+            head = f.read(8)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch zip archive, or a legacy pickle
+            raise FanlensError(
+                f"checkpoint must be a weights file (.safetensors, or a torch .pth/.pth.tar/.bin). Got "
+                f"{str(p)!r}, which is neither (it starts with {head!r})."
+            )
         try:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as e:
@@ -221,8 +231,9 @@ def build_model(
             seed the code that built it.
         kwargs: passed to ``timm.create_model`` or the factory.
     """
+    seed = check_seed(seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+        torch.manual_seed(seed)
         return _build(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
 
 
@@ -272,4 +283,4 @@ def _build(spec: Any, *, pretrained: bool, checkpoint: Any, **kwargs: Any) -> Lo
     else:
         weights, digest = RANDOM_INIT, RANDOM_INIT
     model.eval()
-    return LoadedModel(model, name, weights, digest)
+    return LoadedModel(model, name, weights, digest, owned=not isinstance(spec, nn.Module))

@@ -4,7 +4,10 @@
 :class:`~fanlens.synthetic.SyntheticShapes`, trains with AdamW, a linear warm-up and a
 cosine schedule, label smoothing and random flips, in float32 (bf16 autocast is slower on
 CPUs without bf16 matrix units), then evaluates on the validation split and writes
-``NAME.safetensors`` (fp16) and ``NAME.json`` (the card).
+``NAME.safetensors`` (fp16) and ``NAME.json`` (the card) into a folder of the caller's
+choosing, through the output-folder writer (:class:`fanlens.runner.OutputFolder`). The
+weights shipped inside the package are replaced only with ``into_package=True`` (CLI
+``fanlens train-zoo --into-package``), a maintainer option.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import math
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._validation import FanlensError, check_positive_int
-from ..results import write_atomic
+from .._validation import FanlensError, check_positive_int, check_seed
+from ..runner import OutputFolder
 from ..synthetic import SHAPE_CLASSES, SyntheticShapes
 from . import ARCHITECTURES, WEIGHTS_DIR, ZOO_DATA_CONFIG, _check_name, build
 
-__all__ = ["RECIPES", "train", "evaluate"]
+__all__ = ["RECIPES", "TrainedModel", "train", "train_model", "write_trained", "evaluate"]
 
 _log = logging.getLogger(__name__)
 
@@ -75,7 +79,55 @@ def evaluate(model: torch.nn.Module, xs: torch.Tensor, ys: torch.Tensor, batch_s
     return correct / len(xs)
 
 
+@dataclass(frozen=True)
+class TrainedModel:
+    """A trained zoo model in memory: its card and its files (name -> bytes)."""
+
+    name: str
+    card: dict
+    files: dict
+
+
 def train(
+    name: str,
+    *,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    into_package: bool = False,
+    **kwargs: Any,
+) -> dict:
+    """Train zoo model ``name`` and write ``NAME.safetensors`` and ``NAME.json`` into ``out_dir``.
+
+    ``out_dir`` must be new or empty unless ``overwrite=True``; it is checked before training.
+    ``into_package=True`` (maintainers) writes into the package's weights folder instead and
+    excludes ``out_dir``. Other keyword arguments as in :func:`train_model`. Returns the card.
+    """
+    out = _output_folder(out_dir, overwrite=overwrite, into_package=into_package)
+    trained = train_model(name, **kwargs)
+    write_trained(out, [trained])
+    return trained.card
+
+
+def _output_folder(out_dir: Any, *, overwrite: bool, into_package: bool) -> OutputFolder:
+    if into_package:
+        if out_dir is not None:
+            raise FanlensError(f"out_dir and into_package exclude each other. Got out_dir={str(out_dir)!r} instead.")
+        return OutputFolder(WEIGHTS_DIR, overwrite=True, command="train-zoo", allow_package=True, marker=False)
+    return OutputFolder(out_dir, overwrite=overwrite, command="train-zoo", param="out_dir")
+
+
+def write_trained(out: OutputFolder, models: list[TrainedModel]) -> list[Path]:
+    """Write the trained models' files into ``out`` as one unit; returns the paths."""
+    with out.staging() as tmp:
+        for m in models:
+            for fname, data in m.files.items():
+                (tmp / fname).write_bytes(data)
+    for m in models:
+        _log.info("wrote %s into %s", m.name, out.path)
+    return out.written
+
+
+def train_model(
     name: str,
     *,
     seed: int = 0,
@@ -84,11 +136,12 @@ def train(
     batch_size: int = DEFAULT_BATCH,
     pool: int = DEFAULT_POOL,
     val_size: int = DEFAULT_VAL,
-    out_dir: str | Path = WEIGHTS_DIR,
     progress: bool = True,
-) -> dict:
-    """Train zoo model ``name`` and write its weights and card into ``out_dir``; returns the card."""
+) -> TrainedModel:
+    """Train zoo model ``name`` in memory (nothing is written); see :func:`train` to write it."""
     _check_name(name)
+    check_seed(seed)
+    check_seed(data_seed, "data_seed")
     recipe = dict(RECIPES[name])
     if steps is not None:
         recipe["steps"] = check_positive_int("steps", steps)
@@ -152,8 +205,6 @@ def train(
 
     from .. import __version__
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in model.state_dict().items()}
     from safetensors.torch import save
 
@@ -190,7 +241,9 @@ def train(
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "processor": platform.machine()},
         "versions": {"fanlens": __version__, "torch": torch.__version__, "timm": timm.__version__},
     }
-    write_atomic(out / f"{name}.safetensors", save(sd, metadata={"name": name, "format": "pt"}))
-    write_atomic(out / f"{name}.json", (json.dumps(card, indent=2) + "\n").encode())
+    files = {
+        f"{name}.safetensors": save(sd, metadata={"name": name, "format": "pt"}),
+        f"{name}.json": (json.dumps(card, indent=2) + "\n").encode(),
+    }
     _log.info("trained %s: val acc %.3f in %.0f s", name, val_acc, wall)
-    return card
+    return TrainedModel(name, card, files)
