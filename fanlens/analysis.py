@@ -50,6 +50,7 @@ DEFAULT_SIGMAS = (0.1,)
 DEFAULT_N_EIG = 32
 DEFAULT_N_NOISE = 16
 DEFAULT_CHECKPOINT_EVERY = 10
+CLUSTER_DTYPE = torch.float64  # eigenvectors for clustering: float32 rounding reorders near-equal ones across CPUs
 PROBE_MODES = ("additive", "pure")
 NOISE_SPACES = ("pixel", "normalized")
 
@@ -480,7 +481,7 @@ def _stream(s: _Setup, batches: Callable[[int], Iterable], total: int, desc: str
             if checkpointing and state.due(done):
                 state.save(accs, done)
     if checkpointing:
-        state.save(accs, done, complete=True)
+        state.finish()
 
 
 def _state(state_dir: Any, key: dict, world: int, rank: int, every: int, resume: bool) -> RunState:
@@ -641,6 +642,10 @@ def noise_probe(
     ``mode="pure"``: ``n_noise`` pure N(0, 1) inputs (normalised input space); per block
     the mean patch-token L2 norm, divided by the first block's, per sample.
 
+    ``state_dir``, ``checkpoint_every`` and ``resume`` checkpoint and resume the run as in
+    :func:`spectrum`. A block whose output holds NaN or inf (e.g. at a huge sigma) is an
+    error naming the block and the sigma.
+
     Returns:
         :class:`~fanlens.results.ProbeResult` with ``(L, S)`` mean/std/95 % CI.
     """
@@ -724,7 +729,8 @@ def analyze(
     Each batch holds the clean images and one noisy copy per sigma; the spectral
     statistics read the clean part, the probe compares the noisy parts with it. The
     results equal those of the two separate calls (same arguments), at the cost of the
-    probe's forward passes alone.
+    probe's forward passes alone. ``state_dir``, ``checkpoint_every`` and ``resume`` as in
+    :func:`spectrum`.
     """
     rules, thresholds = _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
     check_choice("space", space, NOISE_SPACES)
@@ -818,7 +824,8 @@ def group_tokens(
                         f"{tok.shape[1]} tokens ({g[0]}x{g[1]}). Got {n_clusters} instead."
                     )
                 a = sp.affinity(tok.float(), kind=affinity, center=center, knn=min(knn, tok.shape[1]))
-                lab, k = sp.spectral_clustering(a, n_clusters, max_k=max_k, n_init=n_init, seed=seed, indices=idx)
+                lab, k = sp.spectral_clustering(a, n_clusters, max_k=max_k, n_init=n_init, seed=seed, indices=idx,
+                                                dtype=CLUSTER_DTYPE)
                 if len(infos) <= li:
                     infos.append(BlockInfo(li, bt.label, bt.layout, g))
                     labels.append([])
@@ -832,6 +839,7 @@ def group_tokens(
         num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, n_images=n_images,
         clustering="normalised spectral clustering (Ng-Jordan-Weiss) + batched k-means++ drawn from "
                    "SeedSequence([seed, image_index, 1]); labels by first appearance",
+        cluster_dtype=str(CLUSTER_DTYPE),
     )
     return GroupsResult(
         blocks=tuple(infos),

@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--data-seed", type=int, default=0)
     tp.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    from .zoo.train import DEFAULT_POOL, DEFAULT_VAL
+
+    tp.add_argument("--pool", type=int, default=DEFAULT_POOL, help=f"rendered training images (default: {DEFAULT_POOL})")
+    tp.add_argument("--val-size", type=int, default=DEFAULT_VAL, help=f"validation images (default: {DEFAULT_VAL})")
     _add_output(tp, "train-zoo")
     tp.add_argument("--into-package", action="store_true",
                     help="maintainers only: replace the weights shipped inside the installed package "
@@ -232,8 +236,8 @@ def _run_train(args: argparse.Namespace) -> list[Path]:
                          into_package=args.into_package)
     trained = []
     for name in args.names:
-        m = train_model(name, seed=args.seed, data_seed=args.data_seed, steps=args.steps,
-                        progress=not args.no_progress)
+        m = train_model(name, seed=args.seed, data_seed=args.data_seed, steps=args.steps, pool=args.pool,
+                        val_size=args.val_size, progress=not args.no_progress)
         print(f"{name}: validation accuracy {m.card['validation_accuracy']:.3f}, {m.card['wall_time_s']:.0f} s")
         trained.append(m)
     return write_trained(out, trained)

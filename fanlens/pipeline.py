@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import analysis, spectral
-from ._validation import FanlensError, check_positive_int
+from ._validation import FanlensError, check_positive_int, check_seed
 from .grouping import GroupingScores, mask_scores
 from .models import LoadedModel, build_model
 from .results import GroupsResult, ProbeResult, SpectrumResult, rows_to_csv, save_png, versions, write_atomic
@@ -236,6 +236,8 @@ def reproduce(
     t0 = time.perf_counter()
     say = log or (lambda s: None)
     check_positive_int("n_images", n_images)
+    check_seed(seed)
+    check_positive_int("batch_size", batch_size)
     sigmas = analysis._parse_sigmas(sigmas)
     if not models and images is not None:
         raise FanlensError("images applies to real models; the zoo uses its own held-out images with masks.")

@@ -26,11 +26,12 @@ Checkpoints (:class:`RunState`)
 Long streaming analyses (:func:`fanlens.spectrum`, :func:`fanlens.noise_probe`,
 :func:`fanlens.analyze`) given a ``state_dir`` save their accumulators (count, mean and
 squared deviations per statistic, the Welford state) every ``checkpoint_every`` batches and
-when SIGINT or SIGTERM arrives, in one file per process, written atomically. With
-``resume=True`` a run restores them and goes on with the next batch: the result equals an
-uninterrupted run exactly (same batches, same merge order). A checkpoint carries a key of
-every parameter that shapes the numbers and the image list; resuming with another key is
-refused.
+when SIGINT or SIGTERM arrives, in one file per process, written atomically; a run killed
+outright keeps its last checkpoint. With ``resume=True`` a run restores them and goes on with
+the next batch: the result equals an uninterrupted run exactly (same batches, same merge
+order). A checkpoint carries a key of every parameter that shapes the numbers and the image
+list; resuming with another key is refused, and so is starting over on an existing checkpoint
+without ``resume``. A completed run removes its checkpoint.
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ class RunState:
             acc.load_state(meta["accs"][i], {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")})
         return self.batches_done
 
-    def save(self, accs: Sequence[Any], batches_done: int, *, complete: bool = False) -> None:
+    def save(self, accs: Sequence[Any], batches_done: int) -> None:
         if not self.enabled:
             return
         arrays: dict[str, np.ndarray] = {}
@@ -358,12 +359,21 @@ class RunState:
             metas.append(m)
             arrays.update({f"{i}/{k}": v for k, v in arr.items()})
         meta = {"format": STATE_FORMAT, "digest": self.digest, "key": self.key, "batches_done": int(batches_done),
-                "complete": bool(complete), "accs": metas}
+                "accs": metas}
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         write_atomic(self.path, buf.getvalue())
         self.batches_done = int(batches_done)
+
+    def finish(self) -> None:
+        """The run is complete and its result returned: its checkpoint goes."""
+        if not self.enabled:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        with contextlib.suppress(OSError):
+            self.path.parent.rmdir()  # only when empty (other ranks' files stay)
 
     def due(self, batches_done: int) -> bool:
         return self.enabled and batches_done % self.every == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +65,14 @@ def tiny_vit():
 
     torch.manual_seed(0)
     return timm.create_model("vit_tiny_patch16_224", img_size=64, depth=3, num_classes=5).eval()
+
+
+def write_png_header(path: Path, w: int, h: int) -> None:
+    """A PNG whose header claims w x h pixels (all PIL reads before deciding to decode)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,3 +58,39 @@ def test_torchrun_two_processes_equals_single_process(tmp_path, command, extra):
     assert dist_res.provenance.params["processes"] == 2 and single.provenance.params["processes"] == 1
     for got, want in pairs:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_an_error_on_one_rank_ends_every_rank_promptly_with_the_same_line(tmp_path):
+    images = tmp_path / "imgs"
+    write_images(images, 24, size=(64, 64))  # 12 batches of one image per rank
+    model = f"{Path(__file__).parent / 'tiny_models.py'}:fail_on_rank"
+    env = dict(os.environ, OMP_NUM_THREADS="1", FANLENS_TEST_DELAY="0.5", FANLENS_TEST_FAIL_RANK="1")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fanlens.cli",
+         "probe", "--model", model, "--images", str(images), "--out", str(tmp_path / "out"), "--no-progress",
+         "--no-figure", "--batch-size", "1"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    wall = time.monotonic() - t0
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fanlens: error:")]
+    assert len(lines) == 2, proc.stderr[-3000:]  # one per rank
+    assert lines[0] == lines[1]
+    assert lines[0].startswith("fanlens: error: rank 1: the model's forward pass failed")
+    # no traceback from fanlens' processes (torchrun's launcher prints its own summary of the failed ranks)
+    assert not any('File "' in ln and "fanlens" in ln for ln in proc.stderr.splitlines()), proc.stderr[-3000:]
+    # rank 0 stopped after its current batch instead of running its 12 batches (6 s) or waiting in a collective
+    startup = _torchrun_startup(tmp_path, env)
+    assert wall - startup < 4.0, (wall, startup)
+
+
+def _torchrun_startup(tmp_path: Path, env: dict) -> float:
+    """Wall time of a torchrun launch of fanlens that fails at once on both ranks (imports, rendezvous)."""
+    t0 = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fanlens.cli",
+         "probe", "--model", "no_such_model_xyz", "--out", str(tmp_path / "out2"), "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    return time.monotonic() - t0

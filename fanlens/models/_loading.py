@@ -7,6 +7,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -98,11 +99,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                 f"{str(p)!r}, which is neither (it starts with {head!r})."
             )
         try:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+                sd = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as e:
+            first = str(e).strip().split(". ")[0] if str(e).strip() else ""
             raise FanlensError(
                 f"checkpoint {str(p)!r} cannot be loaded with weights_only=True (fanlens never runs "
-                f"pickled code): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                f"pickled code): {type(e).__name__}: {first[:300]}"
             ) from None
     if isinstance(sd, Mapping):
         for key in _STATE_KEYS:
@@ -251,7 +255,14 @@ def _build(spec: Any, *, pretrained: bool, checkpoint: Any, **kwargs: Any) -> Lo
             return zoo.load(spec[len("zoo:"):])
         model, name = zoo.build(spec[len("zoo:"):]), spec
     elif ":" in spec:
-        model, name = _import_factory(spec)(**kwargs), spec
+        factory = _import_factory(spec)
+        try:
+            model, name = factory(**kwargs), spec
+        except FanlensError:
+            raise
+        except Exception as e:  # the user's code: any error becomes one line naming the factory
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise FanlensError(f"model factory {spec!r} raised {type(e).__name__}: {first}") from None
         if not isinstance(model, nn.Module):
             raise FanlensError(f"model factory {spec!r} must return an nn.Module. Got {type(model).__name__} instead.")
         if pretrained:

@@ -1,0 +1,298 @@
+"""The hostile-input catalogue: bad or odd images, models, options, checkpoints, output folders and
+resumes, each run through the ``fanlens`` CLI in its own subprocess.
+
+Every case must end with exit code 2, exactly one ``fanlens: error: ...`` line on stderr (no
+traceback, nothing else), the line naming the parameter at fault, and the output folder
+byte-identical to before (each case starts from a folder holding an earlier run's results).
+
+The subprocesses run two at a time (the machine has two cores) in a module fixture that starts
+only the selected cases; each case is one parametrised test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fanlens
+
+from conftest import write_images, write_png_header
+
+HERE = Path(__file__).parent
+TINY = f"{HERE / 'tiny_models.py'}:tiny_vit"
+NAN = f"{HERE / 'tiny_models.py'}:nan_vit"
+BROKEN = f"{HERE / 'tiny_models.py'}:broken"
+CNN = f"{HERE / 'tiny_models.py'}:tiny_cnn"
+PACKAGE = Path(fanlens.__file__).resolve().parent
+
+
+@dataclass
+class Case:
+    """``argv`` after ``fanlens``; ``{W}`` is the workspace, ``{OUT}`` the case's output folder."""
+
+    name: str
+    argv: list[str]
+    param: str  # must appear in the error line
+    out: bool = True  # append --out {OUT}
+    overwrite: bool = True  # append --overwrite (the earlier files must survive a failing overwrite too)
+    state: bool = False  # the output folder also holds an interrupted run's checkpoint
+    extra: dict = field(default_factory=dict)
+
+
+def _cases() -> list[Case]:
+    I = ["--images", "{W}/imgs"]
+    P = ["probe", "--model", TINY, *I]
+    S = ["spectrum", "--model", TINY, *I]
+    G = ["groups", "--model", TINY, *I]
+    return [
+        # ---- images
+        Case("images: missing path", ["probe", "--model", TINY, "--images", "{W}/nope"], "images"),
+        Case("images: empty folder", ["probe", "--model", TINY, "--images", "{W}/empty"], "images"),
+        Case("images: folder without images", ["probe", "--model", TINY, "--images", "{W}/texts"], "images"),
+        Case("images: text file named .png", ["probe", "--model", TINY, "--images", "{W}/bad/fake.png"], "image"),
+        Case("images: zero-byte file", ["probe", "--model", TINY, "--images", "{W}/bad/empty.png"], "image"),
+        Case("images: truncated PNG", ["probe", "--model", TINY, "--images", "{W}/bad/truncated.png"], "image"),
+        Case("images: grayscale", ["probe", "--model", TINY, "--images", "{W}/bad/gray.png"], "image"),
+        Case("images: RGBA", ["probe", "--model", TINY, "--images", "{W}/bad/rgba.png"], "image"),
+        Case("images: 16-bit", ["probe", "--model", TINY, "--images", "{W}/bad/deep.png"], "image"),
+        Case("images: decompression bomb", ["probe", "--model", TINY, "--images", "{W}/bad/bomb.png"],
+             "MAX_IMAGE_PIXELS"),
+        Case("images: a .txt file named directly", ["probe", "--model", TINY, "--images", "{W}/texts/a.txt"], "image"),
+        Case("images: one bad file among good", ["probe", "--model", TINY, "--images", "{W}/imgs",
+                                                 "{W}/bad/fake.png"], "image"),
+        Case("images: inside the output folder", ["probe", "--model", TINY, "--images", "{OUT}"], "images"),
+        # ---- models
+        Case("model: unknown timm name", ["probe", "--model", "vit_tiny_patch16_22", *I], "model"),
+        Case("model: factory file missing", ["probe", "--model", "{W}/nofile.py:make", *I], "model"),
+        Case("model: factory name missing", ["probe", "--model", f"{HERE / 'tiny_models.py'}:nothing", *I], "model"),
+        Case("model: factory returns no module", ["probe", "--model", "{W}/factories.py:not_a_module", *I], "model"),
+        Case("model: factory raises", ["probe", "--model", "{W}/factories.py:raises", *I], "model"),
+        Case("model: NaN block, spectrum", ["spectrum", "--model", NAN, *I], "blocks.1"),
+        Case("model: NaN block, probe", ["probe", "--model", NAN, *I], "blocks.1"),
+        Case("model: NaN block, groups", ["groups", "--model", NAN, *I], "blocks.1"),
+        Case("model: forward fails", ["probe", "--model", BROKEN, *I, "--blocks", "blocks.*"], "forward"),
+        Case("model: unknown family without --blocks", ["probe", "--model", BROKEN, *I], "blocks"),
+        Case("model: --blocks matches nothing", [*P, "--blocks", "decoder.*"], "blocks"),
+        Case("model: --num-prefix-tokens too large", [*P, "--num-prefix-tokens", "1000"], "num_prefix_tokens"),
+        Case("model: --num-prefix-tokens wrong", [*S, "--num-prefix-tokens", "3"], "num_prefix_tokens"),
+        Case("model: --layout NHWC on a ResNet", ["spectrum", "--model", CNN, *I, "--layout", "NHWC"], "layout"),
+        Case("model: --layout NLC on a ResNet", ["spectrum", "--model", CNN, *I, "--layout", "NLC"], "NLC"),
+        Case("model: --pretrained with a factory", [*P, "--pretrained"], "pretrained"),
+        Case("model: --pretrained with --checkpoint", [*P, "--pretrained", "--checkpoint", "{W}/ck/fits.pth"],
+             "--checkpoint"),
+        Case("model: missing --model", ["probe", *I], "--model"),
+        # ---- options
+        Case("option: --seed -1, probe", [*P, "--seed", "-1"], "--seed"),
+        Case("option: --seed -1, spectrum", [*S, "--seed", "-1"], "--seed"),
+        Case("option: --seed -1, reproduce", ["reproduce", "--seed", "-1"], "seed"),
+        Case("option: --seed 1e23", [*P, "--seed", "1e23"], "--seed"),
+        Case("option: --seed 2**70", [*P, "--seed", str(2**70)], "--seed"),
+        Case("option: --device mps", [*P, "--device", "mps"], "device"),
+        Case("option: --device bogus", [*P, "--device", "gpu0"], "device"),
+        Case("option: --device cuda:9", [*P, "--device", "cuda:9"], "device"),
+        Case("option: --input-size 64 64 64", [*P, "--input-size", "64", "64", "64"], "--input-size"),
+        Case("option: --input-size 0", [*P, "--input-size", "0"], "--input-size"),
+        Case("option: --input-size -5 5", [*P, "--input-size", "-5", "5"], "--input-size"),
+        Case("option: --input-size 8 8 on a ResNet", ["spectrum", "--model", CNN, *I, "--input-size", "8", "8"],
+             "input_size"),
+        Case("option: --mode bogus", [*P, "--mode", "bogus"], "--mode"),
+        Case("option: --sigmas 1e30", [*P, "--sigmas", "0.1,1e30"], "sigma=1e+30"),
+        Case("option: --sigmas abc", [*P, "--sigmas", "abc"], "sigmas"),
+        Case("option: --sigmas -0.1", [*P, "--sigmas=-0.1"], "sigmas"),
+        Case("option: --sigmas nan", [*P, "--sigmas", "nan"], "sigmas"),
+        Case("option: --sigmas inf", [*P, "--sigmas", "inf"], "sigmas"),
+        Case("option: --sigmas repeated", [*P, "--sigmas", "0.1,0.1"], "sigmas"),
+        Case("option: --sigmas empty", [*P, "--sigmas", ","], "sigmas"),
+        Case("option: --batch-size 0", [*P, "--batch-size", "0"], "batch_size"),
+        Case("option: --batch-size -3", [*S, "--batch-size", "-3"], "batch_size"),
+        Case("option: --rules bogus", [*S, "--rules", "bogus"], "rules"),
+        Case("option: --threshold out of range", [*S, "--threshold", "rel_threshold=2"], "threshold"),
+        Case("option: --threshold without =", [*S, "--threshold", "rel_threshold"], "--threshold"),
+        Case("option: --threshold unknown rule", [*S, "--threshold", "eigengap=0.1"], "thresholds"),
+        Case("option: --token-budget 1", [*S, "--token-budget", "1"], "token_budget"),
+        Case("option: --knn 0", [*S, "--affinity", "knn", "--knn", "0"], "knn"),
+        Case("option: --affinity bogus", [*S, "--affinity", "bogus"], "--affinity"),
+        Case("option: --n-clusters 0", [*G, "--n-clusters", "0"], "n_clusters"),
+        Case("option: --n-clusters abc", [*G, "--n-clusters", "abc"], "--n-clusters"),
+        Case("option: --n-clusters above the tokens", [*G, "--n-clusters", "10000"], "n_clusters"),
+        Case("option: --flip with --mode pure", [*P, "--mode", "pure", "--flip"], "--flip"),
+        Case("option: --n-noise 0", [*P, "--mode", "pure", "--n-noise", "0"], "n_noise"),
+        Case("option: --attribution-block without gradcam", [*G, "--attribution-block", "blocks.0"],
+             "--attribution-block"),
+        Case("option: unknown option", [*P, "--bogus-option", "1"], "--bogus-option"),
+        Case("option: --checkpoint-every 0", [*P, "--checkpoint-every", "0"], "checkpoint_every"),
+        # ---- checkpoints (weights)
+        Case("checkpoint: text file", [*P, "--checkpoint", "{W}/ck/text.pth"], "checkpoint"),
+        Case("checkpoint: missing file", [*P, "--checkpoint", "{W}/ck/missing.pth"], "checkpoint"),
+        Case("checkpoint: truncated safetensors", [*P, "--checkpoint", "{W}/ck/truncated.safetensors"],
+             "checkpoint"),
+        Case("checkpoint: does not fit the model", [*P, "--checkpoint", "{W}/ck/misfit.pth"], "checkpoint"),
+        Case("checkpoint: pickled code", [*P, "--checkpoint", "{W}/ck/code.pth"], "checkpoint"),
+        Case("checkpoint: a list, not a state dict", [*P, "--checkpoint", "{W}/ck/list.pth.tar"], "checkpoint"),
+        Case("checkpoint: empty file", [*P, "--checkpoint", "{W}/ck/empty.pth"], "checkpoint"),
+        # ---- output folders
+        Case("out: empty string", [*P, "--out", ""], "--out", out=False, overwrite=False),
+        Case("out: an existing file", [*P, "--out", "{W}/afile"], "out", out=False),
+        Case("out: below a file", [*P, "--out", "{W}/afile/sub"], "out", out=False),
+        Case("out: not writable (/proc)", [*P, "--out", "/proc/fanlens-out"], "out", out=False),
+        Case("out: inside the package", [*P, "--out", str(PACKAGE / "results")], "out", out=False),
+        Case("out: holds an earlier run", P, "out", overwrite=False),
+        Case("out: --resume on a finished run", [*P, "--resume"], "out", overwrite=False),
+        Case("out: holds an interrupted run", P, "--resume", overwrite=False, state=True),
+        Case("out: resume with other sigmas", [*P, "--sigmas", "0.3", "--resume"], "resume", overwrite=False,
+             state=True),
+        Case("out: resume with other images", ["probe", "--model", TINY, "--images", "{W}/imgs2", "--resume"],
+             "resume", overwrite=False, state=True),
+        # ---- reproduce and train-zoo
+        Case("reproduce: --images without --model", ["reproduce", "--images", "{W}/imgs"], "images"),
+        Case("reproduce: --checkpoint count", ["reproduce", "--model", TINY, "--model", TINY, "--checkpoint",
+                                               "{W}/ck/fits.pth"], "checkpoint"),
+        Case("reproduce: --n-images 0", ["reproduce", "--n-images", "0"], "n_images"),
+        Case("reproduce: --sigmas bogus", ["reproduce", "--sigmas", "x"], "sigmas"),
+        Case("train-zoo: --steps 0", ["train-zoo", "cnn", "--steps", "0"], "steps"),
+        Case("train-zoo: unknown name", ["train-zoo", "resnet"], "names"),
+        Case("train-zoo: --into-package with --out", ["train-zoo", "cnn", "--into-package"], "--into-package"),
+        Case("train-zoo: --seed -1", ["train-zoo", "cnn", "--seed", "-1"], "--seed"),
+        Case("train-zoo: into the package by --out", ["train-zoo", "cnn", "--out", str(PACKAGE / "zoo" / "weights")],
+             "out", out=False),
+    ]
+
+
+CASES = _cases()
+
+
+# --------------------------------------------------------------------------- the workspace
+class _Code:
+    def __reduce__(self):
+        return (os.system, ("echo pickled code ran",))
+
+
+def _workspace(w: Path) -> None:
+    write_images(w / "imgs", 3, size=(64, 64))
+    write_images(w / "imgs2", 4, size=(64, 64), seed=1)
+    (w / "empty").mkdir()
+    (w / "texts").mkdir()
+    (w / "texts" / "a.txt").write_text("not an image")
+    bad = w / "bad"
+    bad.mkdir()
+    (bad / "fake.png").write_text("this is text")
+    (bad / "empty.png").write_bytes(b"")
+    good = w / "imgs" / "img_000.png"
+    (bad / "truncated.png").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8), "L").save(bad / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 4), dtype=np.uint8), "RGBA").save(bad / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (32, 32), dtype=np.uint16)).save(bad / "deep.png")
+    write_png_header(bad / "bomb.png", 30000, 30000)
+    (w / "factories.py").write_text(
+        "def not_a_module():\n    return 42\n\ndef raises():\n    raise RuntimeError('factory failed')\n")
+    (w / "afile").write_text("a file, not a folder")
+    ck = w / "ck"
+    ck.mkdir()
+    (ck / "text.pth").write_text("hello, not weights\n")
+    (ck / "empty.pth").write_bytes(b"")
+    import timm
+    from safetensors.torch import save_file
+
+    sd = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=3, num_classes=5).state_dict()
+    torch.save(sd, ck / "fits.pth")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(ck / "full.safetensors"))
+    data = (ck / "full.safetensors").read_bytes()
+    (ck / "truncated.safetensors").write_bytes(data[: len(data) // 3])
+    torch.save({"head.weight": torch.zeros(3, 3)}, ck / "misfit.pth")
+    with open(ck / "code.pth", "wb") as f:
+        pickle.dump({"x": _Code()}, f)
+    torch.save([torch.zeros(2)], ck / "list.pth.tar")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    w = tmp_path_factory.mktemp("hostile")
+    _workspace(w)
+    ref = w / "earlier_run"
+    proc = subprocess.run([sys.executable, "-m", "fanlens.cli", "probe", "--model", TINY, "--images", str(w / "imgs"),
+                           "--out", str(ref), "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    # an interrupted probe run: only its checkpoint (two of three batches done) in the folder
+    from fanlens.models import build_model
+
+    lm = build_model(TINY)
+    calls = {"n": 0}
+
+    def stop_at_third(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("stopped")
+
+    hook = lm.model.blocks[0].register_forward_hook(stop_at_third)
+    with pytest.raises(fanlens.FanlensError):
+        fanlens.noise_probe(lm, w / "imgs", sigmas=(0.1,), batch_size=1, checkpoint_every=1, progress=False,
+                            state_dir=w / "interrupted_run" / ".fanlens-state" / "probe")
+    hook.remove()
+    assert (w / "interrupted_run" / ".fanlens-state" / "probe" / "rank0-of-1.npz").is_file()
+    return w
+
+
+def _fill(arg: str, w: Path, out: Path) -> str:
+    return arg.replace("{W}", str(w)).replace("{OUT}", str(out))
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    if not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _run_case(case: Case, w: Path) -> dict:
+    out = w / "cases" / case.name.replace(" ", "_").replace(":", "").replace("/", "_")
+    shutil.copytree(w / ("interrupted_run" if case.state else "earlier_run"), out)
+    before = _digest(out)
+    argv = [_fill(a, w, out) for a in case.argv] + ["--no-progress"]
+    if case.out:
+        argv += ["--out", str(out)] + (["--overwrite"] if case.overwrite else [])
+    proc = subprocess.run([sys.executable, "-m", "fanlens.cli", *argv], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return {"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "before": before,
+            "after": _digest(out), "argv": argv}
+
+
+@pytest.fixture(scope="module")
+def results(request, workspace) -> dict:
+    selected = {item.callspec.params["case"].name for item in request.session.items
+                if item.originalname == "test_hostile_input" and hasattr(item, "callspec")}
+    todo = [c for c in CASES if c.name in selected]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = dict(zip([c.name for c in todo], pool.map(lambda c: _run_case(c, workspace), todo)))
+    return done
+
+
+def test_catalogue_size():
+    assert len(CASES) >= 60
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_input(case: Case, results):
+    r = results[case.name]
+    err = r["stderr"]
+    assert r["code"] == 2, f"{r['argv']}\nexit {r['code']}\n{err[-2000:]}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("fanlens: error: "), lines[0]
+    assert "Traceback" not in err
+    assert case.param in lines[0], lines[0]
+    assert r["after"] == r["before"]  # earlier files byte-identical, no leftovers
+    assert "pickled code ran" not in r["stdout"]
