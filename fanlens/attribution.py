@@ -372,7 +372,7 @@ def attribute(
             if tap is not None:
                 tap.input_hw = tuple(x.shape[-2:])
             with torch.no_grad():
-                logits = fwd(x)
+                logits = _finite_logits(fwd(x), idx)
             pred = logits.argmax(-1)
             tgt = pred if targets_all is None else targets_all[idx].to(s.device)
             if targets_all is not None and not bool(((tgt >= 0) & (tgt < logits.shape[1])).all()):
@@ -397,6 +397,11 @@ def attribute(
                 conv.append(np.full(len(idx), np.nan))
                 if not infos:
                     infos = (BlockInfo(0, spec.name, tap.layout, tap.layout.grid),)
+            if not np.isfinite(maps[-1]).all():
+                raise FanlensError(
+                    f"the {method} attribution of images {idx} is not finite (NaN or inf); fanlens never reports a "
+                    f"non-finite value as a result."
+                )
             tgts.append(tgt.cpu().numpy())
             preds.append(pred.cpu().numpy())
             pix.append(uint8_images(pixels))
@@ -461,6 +466,15 @@ def attribution_share(groups: GroupsResult, attributions: AttributionResult) -> 
             best[li, i] = int(ids[j])
     return AttributionShare(attributions.model, attributions.method, groups.blocks, tuple(groups.images),
                             share, area, best)
+
+
+def _finite_logits(logits: torch.Tensor, idx) -> torch.Tensor:
+    if not bool(torch.isfinite(logits).all()):
+        raise FanlensError(
+            f"the model's output holds non-finite values (NaN or inf) for images {list(idx)}; a prediction, and "
+            f"an attribution of it, would be meaningless."
+        )
+    return logits
 
 
 # --------------------------------------------------------------------------- noise that flips the prediction
@@ -528,7 +542,7 @@ def min_flip_sigma(
             x = pixels.to(s.device).float()
             if space == "normalized":
                 x = s.cfg.normalize(x)
-            pred = fwd(x).argmax(-1)
+            pred = _finite_logits(fwd(x), idx).argmax(-1)
             eps = make_noise(seed, idx[0], x.shape[1:])[None].to(s.device)
             _, sig = mpp.evaluate(x, target=pred, perturbations_per_eval=perturbations_per_eval,
                                   attack_kwargs={"noise": eps})

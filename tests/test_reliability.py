@@ -320,3 +320,13 @@ def test_console_script_exit_code_and_one_line(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["fanlens: error: --seed must be an int in [0, 2**63 - 1]. Got -1 instead."]
+
+
+def test_captum_analyses_refuse_non_finite_outputs():
+    nan = f"{Path(__file__).parent / 'tiny_models.py'}:nan_vit"
+    x = torch.rand(2, 3, 64, 64)
+    for method in ("ig", "gradcam"):
+        with pytest.raises(FanlensError, match=r"the model's output holds non-finite values .* for images \[0, 1\]"):
+            fanlens.attribute(nan, x, method=method, n_steps=4, progress=False)
+    with pytest.raises(FanlensError, match=r"the model's output holds non-finite values .* for images \[0\]"):
+        fanlens.min_flip_sigma(nan, x, max_sigma=0.1, step=0.05, progress=False)
