@@ -5,23 +5,24 @@ affinity), how much input noise still moves the features, and what the groups lo
 like. Works on timm models, fanlens' FAN, and any ``nn.Module``.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 import warnings as _warnings
 
 # timm imports huggingface_hub, which imports tqdm.auto: inside Jupyter without ipywidgets that
-# warns "IProgress not found". fanlens draws text bars there instead (analysis.progress_bar).
+# warns "IProgress not found". fanlens draws text bars there instead (runner.progress_bar).
 with _warnings.catch_warnings():
     _warnings.filterwarnings("ignore", message="IProgress not found")
     import timm as _timm  # noqa: F401
 
 from ._validation import FanlensError
+from . import zoo  # registers the "zoo:" model specs
 from .analysis import analyze, group_tokens, make_noise, noise_probe, spectrum
-from .attribution import AttributionResult, AttributionShare, FlipResult, attribute, attribution_share, min_flip_sigma
+from .attribution import AttributionShare, attribute, attribution_share, min_flip_sigma
 from .capture import BlockTokens, TokenCapture, TokenLayout, find_blocks
 from .models import build_model, load_checkpoint
 from .pipeline import Comparison, compare
-from .results import GroupsResult, ProbeResult, SpectrumResult, load
+from .results import AttributionResult, FlipResult, GroupsResult, ProbeResult, SpectrumResult, load
 
 __all__ = [
     "__version__",

@@ -9,25 +9,21 @@ bounded by the batch, not by the number of images.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from . import spectral as sp
 from ._stats import RunningStats
-from ._validation import (FanlensError, check_choice, check_fraction, check_nonneg_float, check_positive_int,
-                          check_seed)
+from ._validation import FanlensError, check_choice, check_fraction, check_nonneg_float, check_positive_int
 from .capture import TokenCapture
-from .distributed import check_peers, merge_stats, rank_and_world
-from .data import DEFAULT_BATCH_SIZE, DataConfig, ImageSet, data_config, resolve_images
-from .models import LoadedModel, build_model
+from .data import DEFAULT_BATCH_SIZE
+from .distributed import merge_stats
 from .results import BlockInfo, GroupsResult, ProbeResult, Provenance, SpectrumResult
-from .runner import Interrupted, RunState, signal_guard
+from .runner import (Setup, make_noise, make_provenance, n_batches, nonfinite_message, progress_bar, progress_iter,
+                     resolve_shard, run_forward, run_state, setup, state_key, stream, uint8_images)
 
 __all__ = [
     "DEFAULT_TOKEN_BUDGET",
@@ -41,6 +37,7 @@ __all__ = [
     "analyze",
     "group_tokens",
     "make_noise",
+    "parse_sigmas",
 ]
 
 _log = logging.getLogger(__name__)
@@ -55,171 +52,27 @@ PROBE_MODES = ("additive", "pure")
 NOISE_SPACES = ("pixel", "normalized")
 
 
-# --------------------------------------------------------------------------- shared plumbing
-@dataclass
-class _Setup:
-    lm: LoadedModel
-    cfg: DataConfig
-    images: ImageSet | None
-    device: torch.device
-    capture_kwargs: dict
 
 
-def _setup(
-    model: Any,
-    images: Any,
-    *,
-    pretrained: bool,
-    checkpoint: Any,
-    input_size: Any,
-    device: Any,
-    blocks: Any,
-    num_prefix_tokens: int | None,
-    layout: str | None,
-    grid: Any,
-    seed: int = 0,
-    need_images: bool = True,
-    check_blocks: bool = True,
-) -> _Setup:
-    check_seed(seed)
-    dev = check_device(device)
-    if isinstance(model, LoadedModel):
-        lm = model
-    else:
-        lm = build_model(model, pretrained=pretrained, checkpoint=checkpoint, seed=seed)
-    cfg = data_config(lm.model, input_size=input_size)
-    _fit_input_size(lm.model, cfg.input_size, lm.owned)
-    imgs = resolve_images(images, cfg) if need_images else None
-    if imgs is not None and len(imgs) == 0:
-        raise FanlensError("images must hold at least one image. Got none.")
-    try:
-        lm.model.to(dev).eval()
-    except RuntimeError as e:
-        raise FanlensError(f"device {str(dev)!r} cannot hold the model: {str(e).splitlines()[0]}") from None
-    ck = dict(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
-    if check_blocks:  # validate the block selection before any image is read
-        TokenCapture(lm.model, **ck)
-    return _Setup(lm, cfg, imgs, dev, ck)
 
 
-def check_device(device: Any) -> torch.device:
-    """A torch device that exists on this machine (a tensor can be made on it)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise FanlensError(f"device must be a torch device such as 'cpu' or 'cuda'. Got {device!r} instead.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FanlensError(f"device must be available on this machine. Got {device!r}, but CUDA is not available.")
-    try:
-        torch.empty(1, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        first = str(e).strip().split(". ")[0] if str(e).strip() else type(e).__name__
-        raise FanlensError(f"device must be available on this machine. Got {device!r}: {first[:200]}.") from None
-    return dev
 
 
-def _fit_input_size(model: torch.nn.Module, size: tuple[int, int], owned: bool) -> None:
-    """A timm model built for one input size (strict patch embedding) is resized to ``size`` when
-    fanlens built it (``set_input_size`` resamples the position embedding); a model passed in is
-    left alone and a clear error says what to do."""
-    pe = getattr(model, "patch_embed", None)
-    pe_size = getattr(pe, "img_size", None)
-    if pe_size is None or not getattr(pe, "strict_img_size", False) or getattr(model, "dynamic_img_size", False):
-        return
-    pe_size = tuple(int(v) for v in (pe_size if isinstance(pe_size, (tuple, list)) else (pe_size, pe_size)))
-    if pe_size == tuple(size):
-        return
-    if owned and hasattr(model, "set_input_size"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # timm's interpolation helpers warn about torch internals
-            try:
-                model.set_input_size(img_size=tuple(size))
-            except (RuntimeError, ValueError, AssertionError, TypeError) as e:
-                raise FanlensError(
-                    f"input_size {size[0]}x{size[1]} does not fit {type(model).__name__} (built for "
-                    f"{pe_size[0]}x{pe_size[1]}): {str(e).splitlines()[0]}"
-                ) from None
-        _log.info("resized %s from %s to input size %s (timm set_input_size)", type(model).__name__, pe_size, size)
-        return
-    hint = (f"call model.set_input_size(img_size={tuple(size)}) first" if hasattr(model, "set_input_size")
-            else f"build it with img_size={tuple(size)}")
-    raise FanlensError(
-        f"input_size must be the {pe_size[0]}x{pe_size[1]} this model was built for. Got {size[0]}x{size[1]} instead; "
-        f"to analyse at {size[0]}x{size[1]}, {hint} (timm resamples the position embedding), or pass the model "
-        f"by name."
-    )
 
 
-def _shard(shard: tuple[int, int] | None, n_items: int) -> tuple[int, int]:
-    rank, world = rank_and_world() if shard is None else shard
-    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
-        raise FanlensError(f"shard must be (rank, world_size) with 0 <= rank < world_size. Got {shard!r} instead.")
-    if n_items < world:
-        raise FanlensError(f"every process needs at least one image: {n_items} images for {world} processes.")
-    return rank, world
 
 
-def progress_bar(iterable: Iterable, **kwargs):
-    """tqdm's notebook bar where ipywidgets is installed, its text bar elsewhere (no warning)."""
-    try:
-        import ipywidgets  # noqa: F401
-
-        from tqdm.auto import tqdm
-    except ImportError:
-        from tqdm import tqdm
-    return tqdm(iterable, **kwargs)
 
 
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    return progress_bar(iterable, total=total, desc=desc, unit="batch", leave=False)
 
 
-def _n_batches(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
 
 
-def _forward(cap: TokenCapture, x: torch.Tensor) -> None:
-    """Run the model under the capture; a failing forward becomes a FanlensError with the input shape."""
-    try:
-        cap.run(x)
-    except FanlensError:
-        raise
-    except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FanlensError(
-            f"the model's forward pass failed on an input of shape {tuple(x.shape)}: {first}. "
-            f"Check input_size and the model's expected input."
-        ) from e
 
 
-def uint8_images(pixels: torch.Tensor) -> np.ndarray:
-    """Pixel batch ``(B, 3, H, W)`` in [0, 1] as ``(B, H, W, 3)`` uint8, for overlays in results."""
-    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def make_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
-    """The N(0, 1) noise of image ``index`` for ``seed``: same for every model, batch size and device."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
-    g = torch.Generator(device="cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
-    return torch.randn(tuple(shape), generator=g)
 
-
-def _provenance(s: _Setup, seed: int, params: dict, images: list[str]) -> Provenance:
-    params = dict(params)
-    params["data_config"] = s.cfg.to_dict()
-    params["device"] = str(s.device)
-    return Provenance(
-        model=s.lm.name,
-        weights=s.lm.weights,
-        weights_sha256=s.lm.weights_sha256,
-        seed=int(seed),
-        params=params,
-        images=images,
-    )
 
 
 # --------------------------------------------------------------------------- accumulators
@@ -418,83 +271,15 @@ class _ProbeAcc(_AccState):
         )
 
 
-def _nonfinite_message(bt, b: int, copies: Sequence[str] | None) -> str:
-    bad = (~torch.isfinite(bt.tokens.flatten(1))).any(dim=1).nonzero().flatten().tolist()
-    first = bad[0]
-    where = ""
-    if copies is not None and b:
-        where = f" ({copies[first // b]})"
-    return (
-        f"block {bt.label!r} output non-finite values (NaN or inf) for {len(bad)} of {bt.tokens.shape[0]} inputs of "
-        f"the batch{where}; fanlens never reports a non-finite value as a result. Check the model's weights and "
-        f"the noise level."
-    )
 
 
-def _stream(s: _Setup, batches: Callable[[int], Iterable], total: int, desc: str, progress: bool,
-            make_input: Callable[[torch.Tensor, list[int]], torch.Tensor], accs: Sequence,
-            state: RunState | None = None, copies: Sequence[str] | None = None) -> None:
-    """One forward pass per batch under the capture; each accumulator reads the block tokens.
-
-    ``batches(skip)`` yields the batches after the first ``skip`` (those a checkpoint holds).
-    With an enabled ``state`` the accumulators are checkpointed every ``state.every`` batches,
-    at the end, and when SIGINT/SIGTERM arrives (then :class:`~fanlens.runner.Interrupted`
-    is raised after the current batch). ``copies`` names the parts of a batch (clean,
-    sigma=...) for the message when a block outputs non-finite values.
-    """
-    done = state.restore(accs) if state is not None else 0
-    checkpointing = state is not None and state.enabled
-    it = batches(done)
-    if progress:
-        it = progress_bar(it, total=total, initial=done, desc=desc, unit="batch", leave=False)
-    n_blocks = None
-    # closing(): the progress bar is gone before an error message is printed
-    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap, \
-            signal_guard(checkpointing) as signals, contextlib.closing(it) if hasattr(it, "close") else \
-            contextlib.nullcontext():
-        for x, idx in it:
-            cap.clear()
-            _forward(cap, make_input(x, idx))
-            bts = list(cap.block_tokens())
-            cap.clear()
-            if n_blocks is None:
-                n_blocks = len(bts)
-            elif len(bts) != n_blocks:
-                raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
-            for bt in bts:
-                if not bool(torch.isfinite(bt.tokens).all()):
-                    raise FanlensError(_nonfinite_message(bt, x.shape[0], copies))
-            for acc in accs:
-                acc.update(bts, x.shape[0])
-            del bts
-            done += 1
-            check_peers()
-            if signals:
-                state.save(accs, done)
-                name = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(signals[0], f"signal {signals[0]}")
-                raise Interrupted(
-                    signals[0],
-                    f"interrupted by {name} after batch {done} of {total}; the checkpoint in "
-                    f"{str(state.path.parent)!r} keeps the work done: run again with --resume (resume=True) to "
-                    f"continue.",
-                )
-            if checkpointing and state.due(done):
-                state.save(accs, done)
-    if checkpointing:
-        state.finish()
 
 
-def _state(state_dir: Any, key: dict, world: int, rank: int, every: int, resume: bool) -> RunState:
-    check_positive_int("checkpoint_every", every)
-    return RunState(state_dir, key, rank=rank, world=world, every=every, resume=resume)
 
 
-def _state_key(s: _Setup, seed: int, params: dict) -> dict:
-    return dict(params=params, model=s.lm.name, weights_sha256=s.lm.weights_sha256, seed=seed,
-                data_config=s.cfg.to_dict(), images=list(s.images.names) if s.images is not None else None)
 
 
-def _noisy_input(s: _Setup, sigmas: tuple[float, ...], space: str, seed: int):
+def _noisy_input(s: Setup, sigmas: tuple[float, ...], space: str, seed: int):
     """Clean copy, then one noisy copy per sigma, in one batch (noise paired by image index)."""
 
     def make(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
@@ -507,7 +292,7 @@ def _noisy_input(s: _Setup, sigmas: tuple[float, ...], space: str, seed: int):
     return make
 
 
-def _parse_sigmas(sigmas: Any) -> tuple[float, ...]:
+def parse_sigmas(sigmas: Any) -> tuple[float, ...]:
     if isinstance(sigmas, (int, float)):
         sigmas = (sigmas,)
     if isinstance(sigmas, str):
@@ -591,18 +376,18 @@ def spectrum(
     """
     rules, thresholds = _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
     check_positive_int("batch_size", batch_size)
-    s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
+    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
                blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
-    rank, world = _shard(shard, len(s.images))
+    rank, world = resolve_shard(shard, len(s.images))
     acc = _SpectralAcc(rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig, eig_dtype)
     n_local = len(range(rank, len(s.images), world))
     params = dict(analysis="spectrum", blocks=blocks, **acc.params(), batch_size=batch_size,
                   num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, processes=world, ci=_CI_DOC)
-    state = _state(state_dir, _state_key(s, seed, params), world, rank, checkpoint_every, resume)
-    _stream(s, lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
-            _n_batches(n_local, batch_size), "spectrum", progress, lambda x, idx: s.cfg.normalize(x.to(s.device)),
+    state = run_state(state_dir, state_key(s, seed, params), world, rank, checkpoint_every, resume)
+    stream(s, lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
+            n_batches(n_local, batch_size), "spectrum", progress, lambda x, idx: s.cfg.normalize(x.to(s.device)),
             [acc], state)
-    return acc.result(_provenance(s, seed, params, s.images.names))
+    return acc.result(make_provenance(s, seed, params, s.images.names))
 
 
 # --------------------------------------------------------------------------- probe
@@ -652,14 +437,14 @@ def noise_probe(
     check_choice("mode", mode, PROBE_MODES)
     check_choice("space", space, NOISE_SPACES)
     check_positive_int("batch_size", batch_size)
-    sig = _parse_sigmas(sigmas) if mode == "additive" else (1.0,)
+    sig = parse_sigmas(sigmas) if mode == "additive" else (1.0,)
     if mode == "pure":
         check_positive_int("n_noise", n_noise)
-    s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
+    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
                blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed,
                need_images=(mode == "additive"))
     n_total = len(s.images) if mode == "additive" else n_noise
-    rank, world = _shard(shard, n_total)
+    rank, world = resolve_shard(shard, n_total)
     acc = _ProbeAcc(mode, sig)
     n_local = len(range(rank, n_total, world))
     space_used = space if mode == "additive" else "normalized"
@@ -670,7 +455,7 @@ def noise_probe(
         norm="Frobenius norm over patch tokens" if mode == "additive" else "mean patch-token L2 norm / block 0",
         ci=_CI_DOC,
     )
-    state = _state(state_dir, _state_key(s, seed, params), world, rank, checkpoint_every, resume)
+    state = run_state(state_dir, state_key(s, seed, params), world, rank, checkpoint_every, resume)
     if mode == "additive":
         batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
         make = _noisy_input(s, sig, space, seed)
@@ -686,9 +471,9 @@ def noise_probe(
 
         make = lambda x, idx: x.to(s.device)  # noqa: E731
         copies = ["pure noise"]
-    _stream(s, batches, _n_batches(n_local, batch_size), f"probe ({mode})", progress, make, [acc], state, copies)
+    stream(s, batches, n_batches(n_local, batch_size), f"probe ({mode})", progress, make, [acc], state, copies)
     names = s.images.names if s.images is not None else [f"noise[{j}]" for j in range(n_noise)]
-    return acc.result(_provenance(s, seed, params, names), space_used)
+    return acc.result(make_provenance(s, seed, params, names), space_used)
 
 
 # --------------------------------------------------------------------------- both in one pass
@@ -735,10 +520,10 @@ def analyze(
     rules, thresholds = _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
     check_choice("space", space, NOISE_SPACES)
     check_positive_int("batch_size", batch_size)
-    sig = _parse_sigmas(sigmas)
-    s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
+    sig = parse_sigmas(sigmas)
+    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
                blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
-    rank, world = _shard(shard, len(s.images))
+    rank, world = resolve_shard(shard, len(s.images))
     sacc = _SpectralAcc(rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig, eig_dtype)
     pacc = _ProbeAcc("additive", sig)
     n_local = len(range(rank, len(s.images), world))
@@ -747,13 +532,13 @@ def analyze(
     sparams = dict(analysis="spectrum", **sacc.params(), **common)
     pparams = dict(analysis="probe", mode="additive", sigmas=list(sig), space=space, n_noise=None, noise=_NOISE_DOC,
                    norm="Frobenius norm over patch tokens", **common)
-    state = _state(state_dir, _state_key(s, seed, {"spectrum": sparams, "probe": pparams}), world, rank,
+    state = run_state(state_dir, state_key(s, seed, {"spectrum": sparams, "probe": pparams}), world, rank,
                    checkpoint_every, resume)
-    _stream(s, lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
-            _n_batches(n_local, batch_size), "analyze", progress, _noisy_input(s, sig, space, seed), [sacc, pacc],
+    stream(s, lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
+            n_batches(n_local, batch_size), "analyze", progress, _noisy_input(s, sig, space, seed), [sacc, pacc],
             state, ["clean"] + [f"sigma={v:g}" for v in sig])
-    sprov = _provenance(s, seed, sparams, s.images.names)
-    pprov = _provenance(s, seed, pparams, s.images.names)
+    sprov = make_provenance(s, seed, sparams, s.images.names)
+    pprov = make_provenance(s, seed, pparams, s.images.names)
     return sacc.result(sprov), pacc.result(pprov, space)
 
 
@@ -800,7 +585,7 @@ def group_tokens(
     check_positive_int("token_budget", token_budget, minimum=2)
     if n_images is not None:
         check_positive_int("n_images", n_images)
-    s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
+    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
                blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
     labels: list[list[np.ndarray]] = []
     ks: list[list[np.ndarray]] = []
@@ -809,13 +594,13 @@ def group_tokens(
     with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
         names = s.images.names[:n_images]
         batches = s.images.batches(batch_size, stop=n_images)
-        for pixels, idx in _progress(batches, _n_batches(len(names), batch_size), "groups", progress):
+        for pixels, idx in progress_iter(batches, n_batches(len(names), batch_size), "groups", progress):
             cap.clear()
-            _forward(cap, s.cfg.normalize(pixels.to(s.device)))
+            run_forward(cap, s.cfg.normalize(pixels.to(s.device)))
             pix.append(uint8_images(pixels))
             for li, bt in enumerate(cap.block_tokens()):
                 if not bool(torch.isfinite(bt.tokens).all()):
-                    raise FanlensError(_nonfinite_message(bt, pixels.shape[0], None))
+                    raise FanlensError(nonfinite_message(bt, pixels.shape[0], None))
                 tok, g = sp.pool_tokens(bt.tokens, bt.layout.grid, token_budget)
                 _check_token_count(bt.label, tok.shape[1], g)
                 if n_clusters is not None and n_clusters > tok.shape[1]:
@@ -847,5 +632,5 @@ def group_tokens(
         labels=tuple(np.concatenate(l) for l in labels),
         n_clusters=np.stack([np.concatenate(k) for k in ks]),
         pixels=np.concatenate(pix),
-        provenance=_provenance(s, seed, params, names),
+        provenance=make_provenance(s, seed, params, names),
     )

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from ._validation import FanlensError, check_choice, check_positive_int
-from .analysis import NOISE_SPACES, _n_batches, _progress, _provenance, _setup, make_noise, uint8_images
+from .analysis import NOISE_SPACES
+from .runner import make_noise, make_provenance, n_batches, progress_iter, setup, uint8_images
 from .capture import BlockSpec, find_blocks, to_tokens
 from .grouping import per_block_rows, per_block_summary, upsample_labels
-from .results import BlockInfo, GroupsResult, Provenance, _ResultIO
+from .results import AttributionResult, BlockInfo, FlipResult, GroupsResult
 
 __all__ = [
     "ATTRIBUTION_METHODS",
@@ -56,53 +57,6 @@ _log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class AttributionResult(_ResultIO):
-    """Attribution maps, one per image, at input resolution.
-
-    Attributes:
-        blocks: ``(the Grad-CAM block,)`` for ``method="gradcam"``, ``()`` for IG.
-        method: ``"ig"`` or ``"gradcam"``.
-        images: image names.
-        maps: ``(n_images, H, W)`` non-negative attribution mass per pixel: IG sums the
-            absolute attribution over colour channels; Grad-CAM is the ReLU'd class
-            activation map of the block's token grid, each token's value spread over its
-            pixels (nearest), so that every token keeps its own value.
-        targets: ``(n_images,)`` the class attributed.
-        predicted: ``(n_images,)`` the model's predicted class on the clean image.
-        convergence: ``(n_images,)`` IG only: ``|sum(attr) - (f(x) - f(x0))| / |f(x) - f(x0)|``
-            for the target logit (the completeness error of the path integral; NaN for Grad-CAM).
-        pixels: ``(n_images, H, W, 3)`` uint8 input images.
-        provenance: see :class:`~fanlens.results.Provenance`.
-    """
-
-    KIND: ClassVar[str] = "attribution"
-    _ARRAYS: ClassVar[tuple[str, ...]] = ("maps", "targets", "predicted", "convergence", "pixels")
-
-    blocks: tuple[BlockInfo, ...]
-    method: str
-    images: tuple[str, ...]
-    maps: np.ndarray
-    targets: np.ndarray
-    predicted: np.ndarray
-    convergence: np.ndarray
-    pixels: np.ndarray
-    provenance: Provenance
-
-    def _extra_manifest(self) -> dict:
-        return {"method": self.method, "images": list(self.images)}
-
-    def rows(self) -> list[dict]:
-        rows = []
-        block = self.blocks[0].name if self.blocks else ""
-        for i, img in enumerate(self.images):
-            base = {"model": self.model, "block": block, "image": img, "statistic": "value", "n": 1}
-            rows.append({**base, "metric": f"attribution_{self.method}_target", "value": int(self.targets[i])})
-            if self.method == "ig":
-                rows.append({**base, "metric": "ig_completeness_error", "value": f"{float(self.convergence[i]):.6g}"})
-        return rows
-
-
 @dataclass(frozen=True)
 class AttributionShare:
     """Per block and image: how much of the attribution one token group holds.
@@ -136,62 +90,6 @@ class AttributionShare:
 
     def rows(self) -> list[dict]:
         return per_block_rows(self.model, self.blocks, {f"{m}_{self.method}": self.summary(m) for m in self.METRICS})
-
-
-@dataclass(frozen=True)
-class FlipResult(_ResultIO):
-    """The smallest noise level that changes the prediction, per image.
-
-    Attributes:
-        blocks: ``()`` (a whole-model quantity).
-        images: image names.
-        space: ``"pixel"`` or ``"normalized"``: where the noise is added (as in the probe).
-        max_sigma, step: the search grid ``step, 2 step, ...`` up to ``max_sigma``.
-        min_sigma: ``(n_images,)`` the first grid value that flips the prediction; NaN when
-            none up to ``max_sigma`` does.
-        predicted: ``(n_images,)`` the clean prediction.
-        flipped_to: ``(n_images,)`` the prediction at ``min_sigma`` (-1 when not flipped).
-        provenance: see :class:`~fanlens.results.Provenance`.
-    """
-
-    KIND: ClassVar[str] = "flip"
-    _ARRAYS: ClassVar[tuple[str, ...]] = ("min_sigma", "predicted", "flipped_to")
-
-    blocks: tuple[BlockInfo, ...]
-    images: tuple[str, ...]
-    space: str
-    max_sigma: float
-    step: float
-    min_sigma: np.ndarray
-    predicted: np.ndarray
-    flipped_to: np.ndarray
-    provenance: Provenance
-
-    def _extra_manifest(self) -> dict:
-        return {"images": list(self.images), "space": self.space, "max_sigma": self.max_sigma, "step": self.step}
-
-    @property
-    def n_flipped(self) -> int:
-        return int(np.count_nonzero(~np.isnan(self.min_sigma)))
-
-    @property
-    def median(self) -> float:
-        """Median over images, counting an image never flipped as above ``max_sigma``
-        (``inf`` when half or more never flip)."""
-        v = np.where(np.isnan(self.min_sigma), np.inf, self.min_sigma)
-        return float(np.median(v)) if v.size else math.nan
-
-    def rows(self) -> list[dict]:
-        rows = []
-        for i, img in enumerate(self.images):
-            v = self.min_sigma[i]
-            rows.append({"model": self.model, "metric": "min_flip_sigma", "image": img, "statistic": "value",
-                         "value": "" if np.isnan(v) else f"{float(v):.6g}", "n": 1})
-        n = len(self.images)
-        rows.append({"model": self.model, "metric": "min_flip_sigma", "statistic": "median", "value": f"{self.median:.6g}", "n": n})
-        rows.append({"model": self.model, "metric": "flipped_fraction", "statistic": "value",
-                     "value": f"{self.n_flipped / max(n, 1):.6g}", "n": n})
-        return rows
 
 
 def _import_captum():
@@ -354,7 +252,7 @@ def attribute(
         check_positive_int("internal_batch_size", internal_batch_size)
     if method == "ig" and block is not None:
         raise FanlensError("block applies to method='gradcam'; Integrated Gradients attributes the pixels.")
-    s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
+    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
                blocks=None, num_prefix_tokens=None, layout=None, grid=None, seed=seed, check_blocks=False)
     targets_all = _check_target(target, len(s.images))
     fwd = _PixelForward(s.lm.model, s.cfg.normalize)
@@ -366,7 +264,7 @@ def attribute(
     maps, tgts, preds, conv, pix = [], [], [], [], []
     batches = s.images.batches(batch_size)
     with tap if tap is not None else contextlib.nullcontext():
-        for pixels, idx in _progress(batches, _n_batches(len(s.images), batch_size), f"attribution ({method})",
+        for pixels, idx in progress_iter(batches, n_batches(len(s.images), batch_size), f"attribution ({method})",
                                      progress):
             x = pixels.to(s.device).float()
             if tap is not None:
@@ -424,7 +322,7 @@ def attribute(
         blocks=infos, method=method, images=tuple(s.images.names), maps=np.concatenate(maps).astype(np.float32),
         targets=np.concatenate(tgts).astype(np.int64), predicted=np.concatenate(preds).astype(np.int64),
         convergence=conv_all, pixels=np.concatenate(pix),
-        provenance=_provenance(s, seed, params, s.images.names),
+        provenance=make_provenance(s, seed, params, s.images.names),
     )
 
 
@@ -524,7 +422,7 @@ def min_flip_sigma(
         raise FanlensError(f"step must be a positive number. Got {step!r} instead.")
     if not (math.isfinite(max_sigma) and max_sigma >= 2 * step):
         raise FanlensError(f"max_sigma must be at least 2 * step = {2 * step:g}. Got {max_sigma!r} instead.")
-    s = _setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
+    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
                blocks=None, num_prefix_tokens=None, layout=None, grid=None, seed=seed, check_blocks=False)
     fwd = _PixelForward(s.lm.model, s.cfg.normalize if space == "pixel" else None)
 
@@ -536,7 +434,7 @@ def min_flip_sigma(
                                arg_max=max_sigma + step / 2, arg_step=step, mode="linear")
     mins, preds, flips = [], [], []
     n = len(s.images)
-    it = _progress(s.images.batches(1), n, "min flip sigma", progress)
+    it = progress_iter(s.images.batches(1), n, "min flip sigma", progress)
     with torch.no_grad():
         for pixels, idx in it:
             x = pixels.to(s.device).float()
@@ -562,5 +460,5 @@ def min_flip_sigma(
     return FlipResult(
         blocks=(), images=tuple(s.images.names), space=space, max_sigma=max_sigma, step=step,
         min_sigma=np.asarray(mins, dtype=np.float64), predicted=np.asarray(preds, dtype=np.int64),
-        flipped_to=np.asarray(flips, dtype=np.int64), provenance=_provenance(s, seed, params, s.images.names),
+        flipped_to=np.asarray(flips, dtype=np.int64), provenance=make_provenance(s, seed, params, s.images.names),
     )

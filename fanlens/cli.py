@@ -87,7 +87,7 @@ def _add_spectral(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
     from .attribution import DEFAULT_IG_STEPS
     from .spectral import RULES
 
@@ -259,7 +259,9 @@ def _run(args: argparse.Namespace) -> list[Path]:
     from .distributed import init_from_env, is_main
 
     input_size = parse_input_size(args.input_size, "--input-size") if args.input_size else None
-    analysis.check_device(args.device)
+    from .runner import check_device
+
+    check_device(args.device)
     from ._validation import check_seed
 
     check_seed(args.seed, "--seed")

@@ -228,7 +228,7 @@ set ``fanlens.data.MAX_IMAGE_PIXELS`` to change it."""
 
 def _list_folder(folder: Path) -> list[Path]:
     """Image files under ``folder``, sorted; output folders of fanlens runs and hidden folders are skipped."""
-    from .runner import RUN_MARKER
+    from ._output import RUN_MARKER
 
     files = []
     for root, dirs, names in os.walk(folder):

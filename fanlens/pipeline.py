@@ -238,7 +238,7 @@ def reproduce(
     check_positive_int("n_images", n_images)
     check_seed(seed)
     check_positive_int("batch_size", batch_size)
-    sigmas = analysis._parse_sigmas(sigmas)
+    sigmas = analysis.parse_sigmas(sigmas)
     if not models and images is not None:
         raise FanlensError("images applies to real models; the zoo uses its own held-out images with masks.")
     pairs = _pairs(models, pretrained, checkpoints, seed)

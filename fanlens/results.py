@@ -18,6 +18,7 @@ import csv
 import datetime as _dt
 import io
 import json
+import math
 import platform
 import zipfile
 from dataclasses import dataclass, field, fields
@@ -28,7 +29,7 @@ import numpy as np
 
 from ._validation import FanlensError
 from .capture import TokenLayout
-from .runner import OutputFolder, write_atomic
+from ._output import OutputFolder, write_atomic
 
 __all__ = [
     "CSV_COLUMNS",
@@ -38,6 +39,8 @@ __all__ = [
     "SpectrumResult",
     "ProbeResult",
     "GroupsResult",
+    "AttributionResult",
+    "FlipResult",
     "load",
     "versions",
     "write_atomic",
@@ -57,7 +60,7 @@ def versions() -> dict[str, str]:
     import timm
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "fanlens": __version__,
@@ -421,7 +424,110 @@ class GroupsResult(_ResultIO):
         return rows
 
 
-_KINDS = {c.KIND: c for c in (SpectrumResult, ProbeResult, GroupsResult)}
+@dataclass(frozen=True)
+class AttributionResult(_ResultIO):
+    """Attribution maps, one per image, at input resolution.
+
+    Attributes:
+        blocks: ``(the Grad-CAM block,)`` for ``method="gradcam"``, ``()`` for IG.
+        method: ``"ig"`` or ``"gradcam"``.
+        images: image names.
+        maps: ``(n_images, H, W)`` non-negative attribution mass per pixel: IG sums the
+            absolute attribution over colour channels; Grad-CAM is the ReLU'd class
+            activation map of the block's token grid, each token's value spread over its
+            pixels (nearest), so that every token keeps its own value.
+        targets: ``(n_images,)`` the class attributed.
+        predicted: ``(n_images,)`` the model's predicted class on the clean image.
+        convergence: ``(n_images,)`` IG only: ``|sum(attr) - (f(x) - f(x0))| / |f(x) - f(x0)|``
+            for the target logit (the completeness error of the path integral; NaN for Grad-CAM).
+        pixels: ``(n_images, H, W, 3)`` uint8 input images.
+        provenance: see :class:`~fanlens.results.Provenance`.
+    """
+
+    KIND: ClassVar[str] = "attribution"
+    _ARRAYS: ClassVar[tuple[str, ...]] = ("maps", "targets", "predicted", "convergence", "pixels")
+
+    blocks: tuple[BlockInfo, ...]
+    method: str
+    images: tuple[str, ...]
+    maps: np.ndarray
+    targets: np.ndarray
+    predicted: np.ndarray
+    convergence: np.ndarray
+    pixels: np.ndarray
+    provenance: Provenance
+
+    def _extra_manifest(self) -> dict:
+        return {"method": self.method, "images": list(self.images)}
+
+    def rows(self) -> list[dict]:
+        rows = []
+        block = self.blocks[0].name if self.blocks else ""
+        for i, img in enumerate(self.images):
+            base = {"model": self.model, "block": block, "image": img, "statistic": "value", "n": 1}
+            rows.append({**base, "metric": f"attribution_{self.method}_target", "value": int(self.targets[i])})
+            if self.method == "ig":
+                rows.append({**base, "metric": "ig_completeness_error", "value": f"{float(self.convergence[i]):.6g}"})
+        return rows
+
+
+@dataclass(frozen=True)
+class FlipResult(_ResultIO):
+    """The smallest noise level that changes the prediction, per image.
+
+    Attributes:
+        blocks: ``()`` (a whole-model quantity).
+        images: image names.
+        space: ``"pixel"`` or ``"normalized"``: where the noise is added (as in the probe).
+        max_sigma, step: the search grid ``step, 2 step, ...`` up to ``max_sigma``.
+        min_sigma: ``(n_images,)`` the first grid value that flips the prediction; NaN when
+            none up to ``max_sigma`` does.
+        predicted: ``(n_images,)`` the clean prediction.
+        flipped_to: ``(n_images,)`` the prediction at ``min_sigma`` (-1 when not flipped).
+        provenance: see :class:`~fanlens.results.Provenance`.
+    """
+
+    KIND: ClassVar[str] = "flip"
+    _ARRAYS: ClassVar[tuple[str, ...]] = ("min_sigma", "predicted", "flipped_to")
+
+    blocks: tuple[BlockInfo, ...]
+    images: tuple[str, ...]
+    space: str
+    max_sigma: float
+    step: float
+    min_sigma: np.ndarray
+    predicted: np.ndarray
+    flipped_to: np.ndarray
+    provenance: Provenance
+
+    def _extra_manifest(self) -> dict:
+        return {"images": list(self.images), "space": self.space, "max_sigma": self.max_sigma, "step": self.step}
+
+    @property
+    def n_flipped(self) -> int:
+        return int(np.count_nonzero(~np.isnan(self.min_sigma)))
+
+    @property
+    def median(self) -> float:
+        """Median over images, counting an image never flipped as above ``max_sigma``
+        (``inf`` when half or more never flip)."""
+        v = np.where(np.isnan(self.min_sigma), np.inf, self.min_sigma)
+        return float(np.median(v)) if v.size else math.nan
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for i, img in enumerate(self.images):
+            v = self.min_sigma[i]
+            rows.append({"model": self.model, "metric": "min_flip_sigma", "image": img, "statistic": "value",
+                         "value": "" if np.isnan(v) else f"{float(v):.6g}", "n": 1})
+        n = len(self.images)
+        rows.append({"model": self.model, "metric": "min_flip_sigma", "statistic": "median", "value": f"{self.median:.6g}", "n": n})
+        rows.append({"model": self.model, "metric": "flipped_fraction", "statistic": "value",
+                     "value": f"{self.n_flipped / max(n, 1):.6g}", "n": n})
+        return rows
+
+
+_KINDS = {c.KIND: c for c in (SpectrumResult, ProbeResult, GroupsResult, AttributionResult, FlipResult)}
 
 
 def load(directory: str | Path):
@@ -436,9 +542,7 @@ def load(directory: str | Path):
         raise FanlensError(f"directory must hold a readable manifest.json. Got {str(man_path)!r}, which is not valid "
                            f"JSON ({e}).") from None
     kind = manifest.get("kind") if isinstance(manifest, dict) else None
-    from .attribution import AttributionResult, FlipResult
-
-    kinds = {**_KINDS, AttributionResult.KIND: AttributionResult, FlipResult.KIND: FlipResult}
+    kinds = _KINDS
     if kind not in kinds:
         raise FanlensError(f"manifest kind must be one of {tuple(kinds)}. Got {kind!r} instead.")
     try:

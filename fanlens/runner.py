@@ -1,403 +1,306 @@
-"""What every run shares: the output-folder writer, checkpoints for resuming, signal handling.
+"""The one home of what every analysis shares.
 
-Output folders (:class:`OutputFolder`)
---------------------------------------
-Every file a fanlens run writes goes through one writer with these rules:
+- resolving a model and its images (:func:`setup`: model spec or module, data config, input
+  size, device, block selection checked before any image is read);
+- streaming batches through the model under a :class:`~fanlens.capture.TokenCapture`
+  (:func:`stream`), with progress bars, sharding across processes (:func:`resolve_shard`),
+  checks for non-finite block outputs, checkpoints and resume (:class:`RunState`);
+- the noise of an image (:func:`make_noise`), provenance (:func:`make_provenance`);
+- the output-folder writer (:class:`OutputFolder`) and atomic writes (:func:`write_atomic`),
+  from :mod:`fanlens._output`.
 
-- **Nothing is replaced without being asked.** A run refuses an output folder that is not
-  empty (hidden entries aside) unless ``overwrite=True`` (CLI ``--overwrite``), or
-  ``resume=True`` for the run whose checkpoint it holds. With ``overwrite``, the files of the
-  earlier fanlens run (listed in its ``.fanlens-run.json``) and the files the new run writes
-  are replaced; any other file in the folder is left alone.
-- **Checked before the work.** The folder is created and tested for writing before any
-  analysis starts; a read-only or missing location fails at once with a one-line error.
-- **One unit.** A run's files are first written to a hidden staging folder inside the output
-  folder; only when every file is written are they moved into place (renames within one
-  file system: no space needed, nothing half-written). A write failure (full disk) leaves
-  the folder with the earlier set untouched, never a mix of old and new files.
-- **Never into the package.** An output folder inside the installed fanlens package is
-  refused (the maintainer option of ``fanlens train-zoo --into-package`` is the exception).
-- **Never read back as input.** The ``.fanlens-run.json`` marker makes image-folder listing
-  (:func:`fanlens.data.resolve_images`) skip the folder, so ``--images .`` never picks up a
-  run's own figures.
-
-Checkpoints (:class:`RunState`)
--------------------------------
-Long streaming analyses (:func:`fanlens.spectrum`, :func:`fanlens.noise_probe`,
-:func:`fanlens.analyze`) given a ``state_dir`` save their accumulators (count, mean and
-squared deviations per statistic, the Welford state) every ``checkpoint_every`` batches and
-when SIGINT or SIGTERM arrives, in one file per process, written atomically; a run killed
-outright keeps its last checkpoint. With ``resume=True`` a run restores them and goes on with
-the next batch: the result equals an uninterrupted run exactly (same batches, same merge
-order). A checkpoint carries a key of every parameter that shapes the numbers and the image
-list; resuming with another key is refused, and so is starting over on an existing checkpoint
-without ``resume``. A completed run removes its checkpoint.
+Spectrum, probe, groups (:mod:`fanlens.analysis`) and attributions (:mod:`fanlens.attribution`)
+are built on these; none of them reaches into another's private helpers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
-import json
-import os
-import shutil
+import logging
 import signal
-import tempfile
-import threading
-import uuid
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import torch
 
-from ._validation import FanlensError
+from ._output import (RUN_MARKER, STATE_DIRNAME, Interrupted, OutputFolder, RunState, is_run_folder, package_dir,
+                      signal_guard, write_atomic)
+from ._validation import FanlensError, check_positive_int, check_seed
+from .capture import TokenCapture
+from .data import DataConfig, ImageSet, data_config, resolve_images
+from .distributed import check_peers, rank_and_world
+from .models import LoadedModel, build_model
+from .results import Provenance
 
 __all__ = [
-    "write_atomic",
     "RUN_MARKER",
     "STATE_DIRNAME",
+    "Interrupted",
     "OutputFolder",
     "RunState",
-    "Interrupted",
     "is_run_folder",
     "package_dir",
+    "signal_guard",
+    "write_atomic",
+    "Setup",
+    "setup",
+    "check_device",
+    "fit_input_size",
+    "resolve_shard",
+    "progress_bar",
+    "progress_iter",
+    "n_batches",
+    "run_forward",
+    "uint8_images",
+    "make_noise",
+    "make_provenance",
+    "nonfinite_message",
+    "stream",
+    "run_state",
+    "state_key",
 ]
 
-RUN_MARKER = ".fanlens-run.json"
-STATE_DIRNAME = ".fanlens-state"
-_STAGING_PREFIX = ".fanlens-staging-"
-_OLD_PREFIX = ".fanlens-old-"
-STATE_FORMAT = 1
+_log = logging.getLogger(__name__)
 
 
-def package_dir() -> Path:
-    """The installed fanlens package folder (never written to by a run)."""
-    return Path(__file__).resolve().parent
+@dataclass
+class Setup:
+    lm: LoadedModel
+    cfg: DataConfig
+    images: ImageSet | None
+    device: torch.device
+    capture_kwargs: dict
 
 
-def is_run_folder(path: str | Path) -> bool:
-    """Whether ``path`` is the output folder of a fanlens run (holds the run marker)."""
-    return (Path(path) / RUN_MARKER).is_file()
-
-
-def _inside(path: Path, folder: Path) -> bool:
+def setup(
+    model: Any,
+    images: Any,
+    *,
+    pretrained: bool,
+    checkpoint: Any,
+    input_size: Any,
+    device: Any,
+    blocks: Any,
+    num_prefix_tokens: int | None,
+    layout: str | None,
+    grid: Any,
+    seed: int = 0,
+    need_images: bool = True,
+    check_blocks: bool = True,
+) -> Setup:
+    check_seed(seed)
+    dev = check_device(device)
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        lm = build_model(model, pretrained=pretrained, checkpoint=checkpoint, seed=seed)
+    cfg = data_config(lm.model, input_size=input_size)
+    fit_input_size(lm.model, cfg.input_size, lm.owned)
+    imgs = resolve_images(images, cfg) if need_images else None
+    if imgs is not None and len(imgs) == 0:
+        raise FanlensError("images must hold at least one image. Got none.")
     try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
+        lm.model.to(dev).eval()
+    except RuntimeError as e:
+        raise FanlensError(f"device {str(dev)!r} cannot hold the model: {str(e).splitlines()[0]}") from None
+    ck = dict(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+    if check_blocks:  # validate the block selection before any image is read
+        TokenCapture(lm.model, **ck)
+    return Setup(lm, cfg, imgs, dev, ck)
 
 
-def _short_oserror(e: OSError) -> str:
-    return f"[Errno {e.errno}] {e.strerror}" if e.errno is not None and e.strerror else str(e)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A run stopped by SIGINT or SIGTERM after writing its checkpoint."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.message = message
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def check_device(device: Any) -> torch.device:
+    """A torch device that exists on this machine (a tensor can be made on it)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise FanlensError(f"device must be a torch device such as 'cpu' or 'cuda'. Got {device!r} instead.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FanlensError(f"device must be available on this machine. Got {device!r}, but CUDA is not available.")
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        first = str(e).strip().split(". ")[0] if str(e).strip() else type(e).__name__
+        raise FanlensError(f"device must be available on this machine. Got {device!r}: {first[:200]}.") from None
+    return dev
 
 
-# --------------------------------------------------------------------------- output folder
-class OutputFolder:
-    """The one writer of fanlens output folders (see the module doc for the rules).
-
-    Usage::
-
-        out = OutputFolder("fanlens_out/spectrum", overwrite=False)  # checks, before any work
-        ... run the analysis ...
-        with out.staging() as tmp:        # write every file of the run into tmp
-            result.save_files(tmp)
-        out.written                       # the files now in place
-
-    Args:
-        path: the output folder (created with its parents).
-        overwrite: replace the files of an earlier run (and same-named files).
-        resume: the folder may hold this run's own checkpoint (``STATE_DIRNAME``).
-        command: what is being written (recorded in the marker; names the run in messages).
-        allow_package: allow a folder inside the installed package (maintainer option).
-        param: the parameter name used in error messages.
-        marker: record the run's files in ``.fanlens-run.json`` (replaced as a set next time);
-            without it, only same-named files are replaced.
-    """
-
-    def __init__(self, path: str | Path, *, overwrite: bool = False, resume: bool = False, command: str = "",
-                 allow_package: bool = False, param: str = "out", marker: bool = True) -> None:
-        if path is None or (isinstance(path, str) and not path.strip()):
-            raise FanlensError(f"{param} must name a folder. Got {path!r} instead.")
-        if not isinstance(path, (str, os.PathLike)):
-            raise FanlensError(f"{param} must be a folder path. Got {type(path).__name__} instead.")
-        self.param = param
-        self.path = Path(path)
-        self.overwrite, self.resume, self.command, self.marker = bool(overwrite), bool(resume), command, bool(marker)
-        self.written: list[Path] = []
-        resolved = self.path.resolve()
-        if not allow_package and _inside(resolved, package_dir()):
-            raise FanlensError(
-                f"{param} must be outside the installed fanlens package ({package_dir()}). Got {str(self.path)!r} "
-                f"instead (fanlens never writes into its own files)."
-            )
-        if self.path.exists() and not self.path.is_dir():
-            raise FanlensError(f"{param} must be a folder. Got {str(self.path)!r}, which is a file.")
-        self._created = not self.path.exists()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".fanlens-write-test-", dir=self.path)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as e:
-            self._cleanup_created()
-            raise FanlensError(
-                f"{param} must be a folder fanlens can write to. Got {str(self.path)!r}: {_short_oserror(e)}."
-            ) from None
-        self._check_conflicts()
-
-    # ------------------------------------------------------------------ checks
-    def _visible(self) -> list[str]:
-        return sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))
-
-    def _check_conflicts(self) -> None:
-        state = self.path / STATE_DIRNAME
-        if state.is_dir() and any(state.iterdir()) and not (self.resume or self.overwrite):
-            raise FanlensError(
-                f"{self.param} {str(self.path)!r} holds the checkpoint of an unfinished run; pass --resume "
-                f"(resume=True) to continue it, or --overwrite to start over."
-            )
-        if self.overwrite:
-            return
-        visible = self._visible()
-        if visible:
-            shown = ", ".join(visible[:5]) + (", ..." if len(visible) > 5 else "")
-            raise FanlensError(
-                f"{self.param} must be a new or empty folder, so that no earlier result is replaced. Got "
-                f"{str(self.path)!r}, which holds {shown}; choose another --out, or pass --overwrite to replace "
-                f"the earlier run's files."
-            )
-
-    def _cleanup_created(self) -> None:
-        if self._created:
-            with contextlib.suppress(OSError):
-                self.path.rmdir()
-
-    def abandon(self) -> None:
-        """The run failed before writing: remove the folder if this run created it and it is empty."""
-        if self._created and self.path.is_dir() and not any(self.path.iterdir()):
-            self._cleanup_created()
-
-    @property
-    def state_dir(self) -> Path:
-        """Where the run's checkpoints live until its files are in place."""
-        return self.path / STATE_DIRNAME / (self.command or "run")
-
-    # ------------------------------------------------------------------ writing
-    @contextlib.contextmanager
-    def staging(self) -> Iterator[Path]:
-        """A hidden folder to write the run's files into; on exit they replace the earlier set."""
-        tmp = self.path / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            yield tmp
-            self._commit(tmp)
-        except OSError as e:
-            raise FanlensError(
-                f"{self.param} {str(self.path)!r} could not be written ({_short_oserror(e)}); the folder keeps "
-                f"its earlier files unchanged."
-            ) from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _previous_entries(self) -> list[str]:
-        marker = self.path / RUN_MARKER
-        try:
-            data = json.loads(marker.read_text())
-            return [str(n) for n in data.get("entries", []) if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")]
-        except (OSError, ValueError, AttributeError):
-            return []
-
-    def _commit(self, tmp: Path) -> None:
-        new = sorted(p.name for p in tmp.iterdir())
-        if self.marker:
-            marker = {"command": self.command, "entries": new, "format": STATE_FORMAT}
-            (tmp / RUN_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-            replace = sorted(set(self._previous_entries()) | set(new) | {RUN_MARKER})
-        else:
-            replace = new
-        old = self.path / f"{_OLD_PREFIX}{uuid.uuid4().hex[:8]}"
-        old.mkdir()
-        moved_old: list[str] = []
-        moved_new: list[str] = []
-        try:
-            for name in replace:  # move the earlier set aside
-                if os.path.lexists(self.path / name):
-                    os.replace(self.path / name, old / name)
-                    moved_old.append(name)
-            for name in new + ([RUN_MARKER] if self.marker else []):  # and the new set in
-                os.replace(tmp / name, self.path / name)
-                moved_new.append(name)
-        except OSError:
-            for name in moved_new:  # put everything back as it was
-                with contextlib.suppress(OSError):
-                    os.replace(self.path / name, tmp / name)
-            for name in moved_old:
-                with contextlib.suppress(OSError):
-                    os.replace(old / name, self.path / name)
-            raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-        self.written = [self.path / n for n in new]
-        shutil.rmtree(self.path / STATE_DIRNAME / (self.command or "run"), ignore_errors=True)
-        with contextlib.suppress(OSError):
-            (self.path / STATE_DIRNAME).rmdir()
-
-
-# --------------------------------------------------------------------------- checkpoints
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    return str(v)
-
-
-class RunState:
-    """Checkpoint file of one process of a streaming analysis.
-
-    Args:
-        state_dir: folder of the checkpoints (``None``: no checkpoints, no resume).
-        key: every parameter that shapes the numbers, and the image names; a checkpoint
-            with another key is refused on resume.
-        rank, world: this process and the process count (one file per process).
-        every: checkpoint every ``every`` batches.
-        resume: restore an existing checkpoint; without it an existing one is refused.
-    """
-
-    def __init__(self, state_dir: str | Path | None, key: dict, *, rank: int = 0, world: int = 1, every: int = 10,
-                 resume: bool = False) -> None:
-        self.enabled = state_dir is not None
-        self.every, self.resume = int(every), bool(resume)
-        self.key = _jsonable(key)
-        self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()
-        self.path = Path(state_dir) / f"rank{rank}-of-{world}.npz" if self.enabled else None
-        self.batches_done = 0
-        self._restored: dict | None = None
-        if not self.enabled:
-            if resume:
-                raise FanlensError("resume needs a state_dir (the folder of the checkpoints). Got none.")
-            return
-        if self.path.is_file():
-            if not resume:
-                raise FanlensError(
-                    f"state_dir {str(self.path.parent)!r} holds the checkpoint of an earlier run; pass resume=True "
-                    f"(--resume) to continue it, or remove it to start over."
-                )
-            self._restored = self._read()
-        elif resume:
-            others = sorted(p.name for p in self.path.parent.glob("rank*-of-*.npz")) if self.path.parent.is_dir() else []
-            if others:
-                raise FanlensError(
-                    f"resume must use the process count of the interrupted run. Found {others} in "
-                    f"{str(self.path.parent)!r}, but this run is rank {rank} of {world}."
-                )
-
-    def _read(self) -> dict:
-        try:
-            with np.load(self.path, allow_pickle=False) as z:
-                meta = json.loads(bytes(z["__meta__"]).decode())
-                arrays = {k: z[k] for k in z.files if k != "__meta__"}
-        except (OSError, ValueError, KeyError) as e:
-            raise FanlensError(f"checkpoint {str(self.path)!r} cannot be read ({e}); remove it to start over.") from None
-        if meta.get("digest") != self.digest:
-            old = meta.get("key", {})
-            diff = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k))
-            raise FanlensError(
-                f"resume must use the parameters and images of the interrupted run. The checkpoint in "
-                f"{str(self.path.parent)!r} differs in: {', '.join(diff) or 'its format'}."
-            )
-        self.batches_done = int(meta["batches_done"])
-        return {"meta": meta, "arrays": arrays}
-
-    def restore(self, accs: Sequence[Any]) -> int:
-        """Load the accumulators' state from the checkpoint; returns the batches already done."""
-        if self._restored is None:
-            return 0
-        meta, arrays = self._restored["meta"], self._restored["arrays"]
-        for i, acc in enumerate(accs):
-            acc.load_state(meta["accs"][i], {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")})
-        return self.batches_done
-
-    def save(self, accs: Sequence[Any], batches_done: int) -> None:
-        if not self.enabled:
-            return
-        arrays: dict[str, np.ndarray] = {}
-        metas = []
-        for i, acc in enumerate(accs):
-            m, arr = acc.state()
-            metas.append(m)
-            arrays.update({f"{i}/{k}": v for k, v in arr.items()})
-        meta = {"format": STATE_FORMAT, "digest": self.digest, "key": self.key, "batches_done": int(batches_done),
-                "accs": metas}
-        arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        write_atomic(self.path, buf.getvalue())
-        self.batches_done = int(batches_done)
-
-    def finish(self) -> None:
-        """The run is complete and its result returned: its checkpoint goes."""
-        if not self.enabled:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        with contextlib.suppress(OSError):
-            self.path.parent.rmdir()  # only when empty (other ranks' files stay)
-
-    def due(self, batches_done: int) -> bool:
-        return self.enabled and batches_done % self.every == 0
-
-
-@contextlib.contextmanager
-def signal_guard(enabled: bool) -> Iterator[list[int]]:
-    """While active, SIGINT/SIGTERM only set a flag (the caller checkpoints and stops after the
-    current batch); a second signal stops at once. Yields the list that receives the signal."""
-    got: list[int] = []
-    if not enabled or threading.current_thread() is not threading.main_thread():
-        yield got
+def fit_input_size(model: torch.nn.Module, size: tuple[int, int], owned: bool) -> None:
+    """A timm model built for one input size (strict patch embedding) is resized to ``size`` when
+    fanlens built it (``set_input_size`` resamples the position embedding); a model passed in is
+    left alone and a clear error says what to do."""
+    pe = getattr(model, "patch_embed", None)
+    pe_size = getattr(pe, "img_size", None)
+    if pe_size is None or not getattr(pe, "strict_img_size", False) or getattr(model, "dynamic_img_size", False):
         return
-    previous = {}
+    pe_size = tuple(int(v) for v in (pe_size if isinstance(pe_size, (tuple, list)) else (pe_size, pe_size)))
+    if pe_size == tuple(size):
+        return
+    if owned and hasattr(model, "set_input_size"):
+        import warnings
 
-    def handler(signum, frame):
-        if got:  # second signal: stop now
-            raise KeyboardInterrupt
-        got.append(signum)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # timm's interpolation helpers warn about torch internals
+            try:
+                model.set_input_size(img_size=tuple(size))
+            except (RuntimeError, ValueError, AssertionError, TypeError) as e:
+                raise FanlensError(
+                    f"input_size {size[0]}x{size[1]} does not fit {type(model).__name__} (built for "
+                    f"{pe_size[0]}x{pe_size[1]}): {str(e).splitlines()[0]}"
+                ) from None
+        _log.info("resized %s from %s to input size %s (timm set_input_size)", type(model).__name__, pe_size, size)
+        return
+    hint = (f"call model.set_input_size(img_size={tuple(size)}) first" if hasattr(model, "set_input_size")
+            else f"build it with img_size={tuple(size)}")
+    raise FanlensError(
+        f"input_size must be the {pe_size[0]}x{pe_size[1]} this model was built for. Got {size[0]}x{size[1]} instead; "
+        f"to analyse at {size[0]}x{size[1]}, {hint} (timm resamples the position embedding), or pass the model "
+        f"by name."
+    )
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        previous[s] = signal.signal(s, handler)
+
+def resolve_shard(shard: tuple[int, int] | None, n_items: int) -> tuple[int, int]:
+    rank, world = rank_and_world() if shard is None else shard
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise FanlensError(f"shard must be (rank, world_size) with 0 <= rank < world_size. Got {shard!r} instead.")
+    if n_items < world:
+        raise FanlensError(f"every process needs at least one image: {n_items} images for {world} processes.")
+    return rank, world
+
+
+def progress_bar(iterable: Iterable, **kwargs):
+    """tqdm's notebook bar where ipywidgets is installed, its text bar elsewhere (no warning)."""
     try:
-        yield got
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+        import ipywidgets  # noqa: F401
+
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm import tqdm
+    return tqdm(iterable, **kwargs)
+
+
+def progress_iter(iterable: Iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    return progress_bar(iterable, total=total, desc=desc, unit="batch", leave=False)
+
+
+def n_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def run_forward(cap: TokenCapture, x: torch.Tensor) -> None:
+    """Run the model under the capture; a failing forward becomes a FanlensError with the input shape."""
+    try:
+        cap.run(x)
+    except FanlensError:
+        raise
+    except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FanlensError(
+            f"the model's forward pass failed on an input of shape {tuple(x.shape)}: {first}. "
+            f"Check input_size and the model's expected input."
+        ) from e
+
+
+def uint8_images(pixels: torch.Tensor) -> np.ndarray:
+    """Pixel batch ``(B, 3, H, W)`` in [0, 1] as ``(B, H, W, 3)`` uint8, for overlays in results."""
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
+    """The N(0, 1) noise of image ``index`` for ``seed``: same for every model, batch size and device."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator(device="cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.randn(tuple(shape), generator=g)
+
+
+def make_provenance(s: Setup, seed: int, params: dict, images: list[str]) -> Provenance:
+    params = dict(params)
+    params["data_config"] = s.cfg.to_dict()
+    params["device"] = str(s.device)
+    return Provenance(
+        model=s.lm.name,
+        weights=s.lm.weights,
+        weights_sha256=s.lm.weights_sha256,
+        seed=int(seed),
+        params=params,
+        images=images,
+    )
+
+
+def nonfinite_message(bt, b: int, copies: Sequence[str] | None) -> str:
+    bad = (~torch.isfinite(bt.tokens.flatten(1))).any(dim=1).nonzero().flatten().tolist()
+    first = bad[0]
+    where = ""
+    if copies is not None and b:
+        where = f" ({copies[first // b]})"
+    return (
+        f"block {bt.label!r} output non-finite values (NaN or inf) for {len(bad)} of {bt.tokens.shape[0]} inputs of "
+        f"the batch{where}; fanlens never reports a non-finite value as a result. Check the model's weights and "
+        f"the noise level."
+    )
+
+
+def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, progress: bool,
+            make_input: Callable[[torch.Tensor, list[int]], torch.Tensor], accs: Sequence,
+            state: RunState | None = None, copies: Sequence[str] | None = None) -> None:
+    """One forward pass per batch under the capture; each accumulator reads the block tokens.
+
+    ``batches(skip)`` yields the batches after the first ``skip`` (those a checkpoint holds).
+    With an enabled ``state`` the accumulators are checkpointed every ``state.every`` batches,
+    at the end, and when SIGINT/SIGTERM arrives (then :class:`~fanlens.runner.Interrupted`
+    is raised after the current batch). ``copies`` names the parts of a batch (clean,
+    sigma=...) for the message when a block outputs non-finite values.
+    """
+    done = state.restore(accs) if state is not None else 0
+    checkpointing = state is not None and state.enabled
+    it = batches(done)
+    if progress:
+        it = progress_bar(it, total=total, initial=done, desc=desc, unit="batch", leave=False)
+    n_blocks = None
+    # closing(): the progress bar is gone before an error message is printed
+    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap, \
+            signal_guard(checkpointing) as signals, contextlib.closing(it) if hasattr(it, "close") else \
+            contextlib.nullcontext():
+        for x, idx in it:
+            cap.clear()
+            run_forward(cap, make_input(x, idx))
+            bts = list(cap.block_tokens())
+            cap.clear()
+            if n_blocks is None:
+                n_blocks = len(bts)
+            elif len(bts) != n_blocks:
+                raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
+            for bt in bts:
+                if not bool(torch.isfinite(bt.tokens).all()):
+                    raise FanlensError(nonfinite_message(bt, x.shape[0], copies))
+            for acc in accs:
+                acc.update(bts, x.shape[0])
+            del bts
+            done += 1
+            check_peers()
+            if signals:
+                state.save(accs, done)
+                name = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(signals[0], f"signal {signals[0]}")
+                raise Interrupted(
+                    signals[0],
+                    f"interrupted by {name} after batch {done} of {total}; the checkpoint in "
+                    f"{str(state.path.parent)!r} keeps the work done: run again with --resume (resume=True) to "
+                    f"continue.",
+                )
+            if checkpointing and state.due(done):
+                state.save(accs, done)
+    if checkpointing:
+        state.finish()
+
+
+def run_state(state_dir: Any, key: dict, world: int, rank: int, every: int, resume: bool) -> RunState:
+    check_positive_int("checkpoint_every", every)
+    return RunState(state_dir, key, rank=rank, world=world, every=every, resume=resume)
+
+
+def state_key(s: Setup, seed: int, params: dict) -> dict:
+    return dict(params=params, model=s.lm.name, weights_sha256=s.lm.weights_sha256, seed=seed,
+                data_config=s.cfg.to_dict(), images=list(s.images.names) if s.images is not None else None)

@@ -103,7 +103,7 @@ def test_unwritable_out_fails_before_any_analysis(tmp_path, capsys):
 
 
 def test_a_failed_write_leaves_the_earlier_set_untouched(tmp_path, monkeypatch, image_dir):
-    from fanlens import runner
+    from fanlens import _output
 
     res = fanlens.spectrum(TINY, image_dir, progress=False)
     out = tmp_path / "out"
@@ -111,7 +111,7 @@ def test_a_failed_write_leaves_the_earlier_set_untouched(tmp_path, monkeypatch, 
     (out / "spectrum.png").write_bytes(b"old figure")
     before = _digest(out)
     new = fanlens.noise_probe(TINY, image_dir, progress=False)
-    real = runner.write_atomic
+    real = _output.write_atomic
     calls = {"n": 0}
 
     def full_disk(path, data):
@@ -136,10 +136,10 @@ def test_a_failed_write_leaves_the_earlier_set_untouched(tmp_path, monkeypatch, 
             raise OSError(errno.EIO, "I/O error")
         real_replace(a, b)
 
-    monkeypatch.setattr(runner.os, "replace", flaky_replace)
+    monkeypatch.setattr(_output.os, "replace", flaky_replace)
     with pytest.raises(FanlensError, match="I/O error"):
         new.save(out, overwrite=True)
-    monkeypatch.setattr(runner.os, "replace", real_replace)
+    monkeypatch.setattr(_output.os, "replace", real_replace)
     assert _digest(out) == before
 
 

@@ -27,9 +27,23 @@ __all__ = [
     "file_sha256",
     "state_dict_sha256",
     "RANDOM_INIT",
+    "SPEC_PREFIXES",
+    "register_spec_prefix",
 ]
 
 RANDOM_INIT = "random init"
+
+SPEC_PREFIXES: dict[str, tuple[Callable[[str], "LoadedModel"], Callable[[str], nn.Module]]] = {}
+"""Spec prefixes such as ``"zoo:"`` -> (load trained model by name, build architecture by name).
+Filled by the packages that own the models (:mod:`fanlens.zoo` registers ``"zoo:"``), so that
+model building does not import them."""
+
+
+def register_spec_prefix(prefix: str, load: Callable[[str], "LoadedModel"], build: Callable[[str], nn.Module]) -> None:
+    """Make ``build_model("PREFIX:name")`` call ``load(name)`` (or ``build(name)`` plus a checkpoint)."""
+    if not prefix.endswith(":"):
+        raise FanlensError(f"prefix must end with ':'. Got {prefix!r} instead.")
+    SPEC_PREFIXES[prefix] = (load, build)
 _STATE_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 _MAX_KEYS_SHOWN = 10
 
@@ -246,14 +260,14 @@ def _build(spec: Any, *, pretrained: bool, checkpoint: Any, **kwargs: Any) -> Lo
         model, name = spec, type(spec).__name__
     elif not isinstance(spec, str) or not spec:
         raise FanlensError(f"model must be a model name or an nn.Module. Got {spec!r} instead.")
-    elif spec.startswith("zoo:"):
-        from .. import zoo
-
+    elif spec.split(":", 1)[0] + ":" in SPEC_PREFIXES:
+        prefix, rest = spec.split(":", 1)
+        load, build = SPEC_PREFIXES[prefix + ":"]
         if pretrained:
             raise FanlensError(f"pretrained applies to timm names; {spec!r} carries its own weights.")
         if checkpoint is None:
-            return zoo.load(spec[len("zoo:"):])
-        model, name = zoo.build(spec[len("zoo:"):]), spec
+            return load(rest)
+        model, name = build(rest), spec
     elif ":" in spec:
         factory = _import_factory(spec)
         try:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .._validation import FanlensError
-from ..models._loading import RANDOM_INIT, LoadedModel, file_sha256, load_state_dict_checked
+from ..models._loading import (RANDOM_INIT, LoadedModel, file_sha256, load_state_dict_checked,
+                               register_spec_prefix)
 
 __all__ = ["ZOO_NAMES", "WEIGHTS_DIR", "ZOO_DATA_CONFIG", "build", "load", "card", "available"]
 
@@ -121,3 +122,6 @@ def load(name: str, *, random_init: bool = False, seed: int = 0) -> LoadedModel:
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
     load_state_dict_checked(model, sd, repr(str(weights)))
     return LoadedModel(model.eval(), f"zoo:{name}", str(weights.name), file_sha256(weights))
+
+
+register_spec_prefix("zoo:", load, build)

@@ -58,7 +58,7 @@ def _render(ds: SyntheticShapes, progress: bool, desc: str) -> tuple[torch.Tenso
     ys = torch.empty(len(ds), dtype=torch.long)
     it = range(len(ds))
     if progress:
-        from ..analysis import progress_bar
+        from ..runner import progress_bar
 
         it = progress_bar(it, desc=desc, unit="img", leave=False)
     for i in it:
@@ -172,7 +172,7 @@ def train_model(
     it = range(total)
     bar = None
     if progress:
-        from ..analysis import progress_bar
+        from ..runner import progress_bar
 
         bar = progress_bar(it, desc=f"train {name}", unit="step")
         it = bar
@@ -203,7 +203,7 @@ def train_model(
 
     import timm
 
-    from .. import __version__
+    from .._version import __version__
 
     sd = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous() for k, v in model.state_dict().items()}
     from safetensors.torch import save
