@@ -1,0 +1,117 @@
+"""fanlens.corruptions: the 19 ImageNet-C corruptions on batched tensors.
+
+Part 1 needs nothing but fanlens: interface, errors, determinism by (seed, image index), sizes.
+Part 2 compares with the reference implementation (``imagecorruptions-imaug``, a test-only
+dependency that ``.ci/run`` installs; skipped with the reason where it is missing)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fanlens import FanlensError
+from fanlens import corruptions as C
+
+RANDOM = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur", "snow",
+          "frost", "fog", "elastic_transform", "spatter")
+DETERMINISTIC = tuple(n for n in C.NAMES if n not in RANDOM)
+
+
+def _pixels(b=4, h=40, w=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, h, w, generator=g)
+
+
+# --------------------------------------------------------------------------- interface
+def test_names_follow_imagenet_c():
+    assert len(C.NAMES) == 19 and len(C.BENCHMARK) == 15 and len(C.HELD_OUT) == 4
+    assert C.NAMES[:3] == ("gaussian_noise", "shot_noise", "impulse_noise")
+    assert C.BENCHMARK[-1] == "jpeg_compression" and C.HELD_OUT == ("speckle_noise", "gaussian_blur", "spatter",
+                                                                     "saturate")
+    assert sorted(n for f in C.FAMILIES.values() for n in f) == sorted(C.BENCHMARK)
+
+
+@pytest.mark.parametrize("name", C.NAMES)
+def test_every_corruption_keeps_shape_range_dtype_at_any_size(name):
+    for h, w in ((64, 64), (40, 72), (23, 31)):
+        x = _pixels(2, h, w)
+        for dtype in (torch.float32, torch.float64):
+            y = C.corrupt(x.to(dtype), name, 3)
+            assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
+            assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+            assert torch.isfinite(y).all()
+            assert not torch.equal(y, x.to(dtype)) or name == "pixelate" and min(h, w) < 4
+
+
+@pytest.mark.parametrize("name", C.NAMES)
+def test_output_is_a_function_of_seed_and_image_index(name):
+    x = _pixels(5)
+    whole = C.corrupt(x, name, 4, seed=3, indices=[10, 11, 12, 13, 14])
+    for i in range(5):  # one image alone, anywhere in a batch: the same pixels
+        alone = C.corrupt(x[i : i + 1], name, 4, seed=3, indices=[10 + i])
+        torch.testing.assert_close(alone[0], whole[i], rtol=0, atol=1e-6)
+    reordered = C.corrupt(x.flip(0), name, 4, seed=3, indices=[14, 13, 12, 11, 10])
+    torch.testing.assert_close(reordered.flip(0), whole, rtol=0, atol=1e-6)
+    other_seed = C.corrupt(x, name, 4, seed=4, indices=[10, 11, 12, 13, 14])
+    if name in RANDOM:
+        assert not torch.allclose(other_seed, whole)
+    else:
+        torch.testing.assert_close(other_seed, whole, rtol=0, atol=0)
+
+
+def test_severity_grows_the_change():
+    x = _pixels(4, 64, 64)
+    for name in ("gaussian_noise", "gaussian_blur", "contrast", "shot_noise", "impulse_noise"):
+        d = [float((C.corrupt(x, name, s) - x).abs().mean()) for s in C.SEVERITIES]
+        assert all(b > a for a, b in zip(d, d[1:])), (name, d)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(name="fogg", severity=1), "name must be one of"),
+    (dict(name="fog", severity=0), "severity must be an int in 1..5. Got 0"),
+    (dict(name="fog", severity=2.0), "severity must be an int in 1..5"),
+    (dict(name="fog", severity=1, seed=-1), "seed must be an int"),
+    (dict(name="fog", severity=1, indices=[0]), "indices must hold one index per image"),
+    (dict(name="fog", severity=1, indices=[0, -1, 2, 3]), "indices must be non-negative"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(FanlensError, match=match):
+        C.corrupt(_pixels(), **kwargs)
+
+
+def test_bad_images():
+    with pytest.raises(FanlensError, match=r"images must be a tensor of shape \(B, 3, H, W\). Got \(3, 8, 8\)"):
+        C.corrupt(torch.rand(3, 8, 8), "fog", 1)
+    with pytest.raises(FanlensError, match="pixel values in \\[0, 1\\]"):
+        C.corrupt(torch.rand(1, 3, 8, 8) * 255, "fog", 1)
+    with pytest.raises(FanlensError, match="float pixels"):
+        C.corrupt(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "fog", 1)
+
+
+def test_known_values():
+    x = torch.full((1, 3, 8, 8), 0.5)
+    x[0, 0, :4] = 0.9
+    # contrast: (x - mean) * c + mean per channel
+    m = x.mean(dim=(-2, -1), keepdim=True)
+    torch.testing.assert_close(C.corrupt(x, "contrast", 1), (x - m) * 0.4 + m)
+    # brightness of a grey pixel: V + c, no hue or saturation
+    g = torch.full((1, 3, 4, 4), 0.5)
+    torch.testing.assert_close(C.corrupt(g, "brightness", 3), torch.full_like(g, 0.8))
+    # saturate at severity 2 scales the saturation by 0.1: a pure red (S=1) becomes (1, 0.9, 0.9)
+    red = torch.zeros(1, 3, 2, 2)
+    red[:, 0] = 1
+    torch.testing.assert_close(C.corrupt(red, "saturate", 2)[0, :, 0, 0], torch.tensor([1.0, 0.9, 0.9]))
+    # gaussian blur of a constant image is the image
+    torch.testing.assert_close(C.corrupt(g, "gaussian_blur", 5), g)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_matches_cpu():  # pragma: no cover - needs a GPU
+    x = _pixels(3, 64, 64)
+    for name in C.NAMES:
+        cpu = C.corrupt(x, name, 3, seed=1)
+        gpu = C.corrupt(x.cuda(), name, 3, seed=1)
+        assert gpu.device.type == "cuda"
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=2e-3 if name == "jpeg_compression" else 1e-4)
