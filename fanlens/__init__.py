@@ -16,13 +16,14 @@ with _warnings.catch_warnings():
     import timm as _timm  # noqa: F401
 
 from ._validation import FanlensError
-from . import zoo  # registers the "zoo:" model specs
+from . import corruptions, zoo  # zoo registers the "zoo:" model specs
 from .analysis import analyze, group_tokens, make_noise, noise_probe, spectrum
 from .attribution import AttributionShare, attribute, attribution_share, min_flip_sigma
 from .capture import BlockTokens, TokenCapture, TokenLayout, find_blocks
 from .models import build_model, load_checkpoint
 from .pipeline import Comparison, compare
-from .results import AttributionResult, FlipResult, GroupsResult, ProbeResult, SpectrumResult, load
+from .results import AttributionResult, FlipResult, GroupsResult, ProbeResult, RobustnessResult, SpectrumResult, load
+from .robustness import robustness
 
 __all__ = [
     "__version__",
@@ -50,4 +51,7 @@ __all__ = [
     "ProbeResult",
     "GroupsResult",
     "load",
+    "robustness",
+    "RobustnessResult",
+    "corruptions",
 ]

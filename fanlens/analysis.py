@@ -22,7 +22,7 @@ from .capture import TokenCapture
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
 from .results import BlockInfo, GroupsResult, ProbeResult, Provenance, SpectrumResult
-from .runner import (Setup, make_noise, make_provenance, n_batches, nonfinite_message, progress_bar, progress_iter,
+from .runner import (AccState, Setup, make_noise, make_provenance, n_batches, nonfinite_message, progress_bar, progress_iter,
                      resolve_shard, run_forward, run_state, setup, state_key, stream, uint8_images)
 
 __all__ = [
@@ -100,37 +100,7 @@ def _finite_or_raise(values: np.ndarray, block: str, what: str) -> None:
         )
 
 
-class _AccState:
-    """Checkpoint state shared by the streaming accumulators: block infos and Welford stats."""
-
-    infos: list[BlockInfo]
-
-    def _stat_lists(self) -> dict[str, list[RunningStats]]:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
-        arrays = {}
-        meta = {"infos": [b.to_dict() for b in self.infos], "n": {}}
-        for name, lst in self._stat_lists().items():
-            meta["n"][name] = [st.n for st in lst]
-            for i, st in enumerate(lst):
-                arrays[f"{name}.{i}.mean"] = st.mean
-                arrays[f"{name}.{i}.m2"] = st.m2
-        return meta, arrays
-
-    def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-        self.infos = [BlockInfo.from_dict(b) for b in meta["infos"]]
-        for name, ns in meta["n"].items():
-            lst = []
-            for i, n in enumerate(ns):
-                mean, m2 = arrays[f"{name}.{i}.mean"], arrays[f"{name}.{i}.m2"]
-                st = RunningStats(mean.shape)
-                st.n, st.mean, st.m2 = int(n), mean.astype(np.float64), m2.astype(np.float64)
-                lst.append(st)
-            setattr(self, name, lst)
-
-
-class _SpectralAcc(_AccState):
+class _SpectralAcc(AccState):
     """Per-block significant-eigenvalue counts of the clean images, accumulated over batches."""
 
     def __init__(self, rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig,
@@ -219,7 +189,7 @@ def _block_norm(t: torch.Tensor) -> torch.Tensor:
     return t.double().flatten(1).norm(dim=1)
 
 
-class _ProbeAcc(_AccState):
+class _ProbeAcc(AccState):
     """Per-block relative perturbation (additive) or relative feature norm (pure)."""
 
     def __init__(self, mode: str, sigmas: tuple[float, ...]) -> None:

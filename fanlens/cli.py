@@ -135,6 +135,33 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--ig-steps", type=int, default=DEFAULT_IG_STEPS, help="Integrated Gradients steps")
     _add_output(gp, "groups")
 
+    rb = sub.add_parser("robustness", help="top-1 error (or flip rate) under ImageNet-C corruptions, CE and mCE")
+    g = rb.add_argument_group("model")
+    g.add_argument("--model", required=True, help="as for spectrum (timm name, file.py:factory, zoo:NAME)")
+    g.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs a download)")
+    g.add_argument("--checkpoint", metavar="FILE", help="local weights: .safetensors, .pth, .pth.tar")
+    g.add_argument("--input-size", type=int, nargs="+", metavar="N", help="input size: one number, or H W")
+    d = rb.add_argument_group("data, corruptions and run")
+    d.add_argument("--images", nargs="+", default=["samples"],
+                   help="a folder, image files, 'samples', or 'synthetic' (held-out procedural shapes with labels)")
+    d.add_argument("--n-images", type=int, default=512, help="images with --images synthetic (default 512)")
+    d.add_argument("--labels", default=None,
+                   help="'folders' (one sub-folder per class) or a CSV of file,label; without: the flip rate")
+    d.add_argument("--class-index", default=None, metavar="JSON", help="class name -> model class index")
+    from .corruptions import BENCHMARK
+
+    d.add_argument("--corruptions", default=None,
+                   help=f"comma-separated (default: the {len(BENCHMARK)} benchmark corruptions; 'all' for 19)")
+    d.add_argument("--severities", default="1,2,3,4,5", help="comma-separated, 1..5 (default: all)")
+    d.add_argument("--baseline", default=None,
+                   help="'alexnet' (ImageNet-1k models) or the folder of an earlier robustness run, for CE/mCE")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    d.add_argument("--no-figure", action="store_true", help="do not write the PNG figure")
+    _add_output(rb, "robustness", resumable=True)
+
     from .pipeline import DEFAULT_N_IMAGES, DEFAULT_SIGMAS
 
     rp = sub.add_parser(
@@ -243,6 +270,62 @@ def _run_train(args: argparse.Namespace) -> list[Path]:
     return write_trained(out, trained)
 
 
+def _run_robustness(args: argparse.Namespace) -> list[Path]:
+    from ._validation import check_seed
+    from .data import parse_input_size
+    from .distributed import init_from_env, is_main
+    from .models import build_model
+    from .robustness import robustness
+    from .runner import STATE_DIRNAME, OutputFolder, check_device
+
+    if args.pretrained and args.checkpoint:
+        raise FanlensError("--pretrained and --checkpoint exclude each other; pass one.")
+    input_size = parse_input_size(args.input_size, "--input-size") if args.input_size else None
+    check_device(args.device)
+    check_seed(args.seed, "--seed")
+    init_from_env(args.device)
+    out = Path(_out_path(args))
+    synthetic = args.images == ["synthetic"]
+    if not synthetic:
+        _check_images_outside(args.images, out)
+    folder = OutputFolder(out, overwrite=args.overwrite, resume=args.resume, command="robustness") if is_main() else None
+    try:
+        lm = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, seed=args.seed)
+        res = robustness(
+            lm, "synthetic" if synthetic else _images_arg(args.images), corruptions=args.corruptions,
+            severities=args.severities, labels=args.labels, class_index=args.class_index, baseline=args.baseline,
+            n_images=args.n_images, batch_size=args.batch_size, device=args.device, seed=args.seed,
+            input_size=input_size, progress=not args.no_progress and is_main(),
+            state_dir=out / STATE_DIRNAME / "robustness", checkpoint_every=args.checkpoint_every, resume=args.resume,
+        )
+    except BaseException:
+        if folder is not None:
+            folder.abandon()
+        raise
+    if not is_main():
+        return []
+    what = "top-1 error" if res.metric == "top1_error" else "flip rate"
+    print(f"{res.model}: {what} over {res.n_images} images; clean {res.clean[0]:.3f}")
+    for ci, c in enumerate(res.corruptions):
+        ce = f"   CE {res.ce[ci]:.3f}" if res.baseline else ""
+        print(f"  {c:<18} " + " ".join(f"{v:.3f}" for v in res.mean[ci]) + ce)
+    if res.metric == "top1_error":
+        print(f"robust accuracy {res.robust_accuracy:.3f}" + (f"; mCE {res.mce:.3f}, relative mCE "
+                                                               f"{res.relative_mce:.3f} vs {res.baseline}"
+                                                               if res.baseline else ""))
+    with folder.staging() as tmp:
+        res.write_files(tmp)
+        if not args.no_figure:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            from .plotting import plot_robustness
+            from .results import save_png
+
+            save_png(plot_robustness(res).figure, tmp / "robustness.png")
+    return folder.written
+
+
 def _run(args: argparse.Namespace) -> list[Path]:
     from . import analysis
     from .models import build_model
@@ -252,6 +335,8 @@ def _run(args: argparse.Namespace) -> list[Path]:
         return _run_reproduce(args)
     if args.command == "train-zoo":
         return _run_train(args)
+    if args.command == "robustness":
+        return _run_robustness(args)
 
     if args.pretrained and args.checkpoint:
         raise FanlensError("--pretrained and --checkpoint exclude each other; pass one.")

@@ -28,6 +28,8 @@ __all__ = [
     "plot_probe_flip",
     "plot_comparison",
     "plot_attention",
+    "plot_robustness",
+    "plot_robustness_comparison",
 ]
 
 # Okabe-Ito: colour-blind safe
@@ -469,3 +471,56 @@ def plot_attention(attn, pixels, *, grid: tuple[int, int], query: tuple[int, int
     ax.set_title(f"attention of token ({r}, {c})" + ("" if head is None else f", head {head}"), fontsize=8)
     ax.set_axis_off()
     return ax
+
+
+def _short(name: str) -> str:
+    return name.replace("_", " ").replace("compression", "").replace("transform", "").strip()
+
+
+def plot_robustness(result, *, ax=None, vmax: float | None = None, title: str | None = None, colorbar: bool = True):
+    """Corruption x severity heat map of the error (or flip rate), each cell annotated; the clean
+    error and, with a baseline, each corruption's CE in the row labels. Returns the Axes."""
+    from .results import RobustnessResult
+
+    _check_type("result", result, RobustnessResult)
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _fig, ax = plt.subplots(figsize=(4.2, 0.32 * len(result.corruptions) + 1.4), layout="constrained")
+    m = np.asarray(result.mean, dtype=float)
+    im = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=vmax if vmax is not None else max(1e-6, float(np.nanmax(m))),
+                   aspect="auto")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if v < 0.6 * (im.norm.vmax or 1) else "black")
+    labels = [_short(c) + (f"  (CE {result.ce[i]:.2f})" if result.baseline else "")
+              for i, c in enumerate(result.corruptions)]
+    ax.set_yticks(range(len(result.corruptions)), labels, fontsize=7)
+    ax.set_xticks(range(len(result.severities)), [str(s) for s in result.severities])
+    ax.set_xlabel("severity")
+    what = "top-1 error" if result.metric == "top1_error" else "flip rate"
+    clean = f", clean {result.clean[0]:.2f}" if result.metric == "top1_error" else ""
+    mce = f", mCE {result.mce:.2f} vs {result.baseline}" if result.baseline and np.isfinite(result.mce) else ""
+    ax.set_title(title or f"{result.model}: {what}{clean}{mce}", fontsize=8)
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, label=what, shrink=0.8)
+    return ax
+
+
+def plot_robustness_comparison(results: dict, *, fig=None):
+    """Heat maps of several models side by side (one colour scale); returns the Figure."""
+    if not isinstance(results, dict) or not results:
+        raise FanlensError(f"results must map at least one label to a RobustnessResult. Got {results!r} instead.")
+    import matplotlib.pyplot as plt
+
+    n = len(results)
+    first = next(iter(results.values()))
+    if fig is None:
+        fig = plt.figure(figsize=(3.3 * n + 1.0, 0.32 * len(first.corruptions) + 1.6), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    vmax = max(float(np.nanmax(np.asarray(r.mean))) for r in results.values()) or 1.0
+    for k, (ax, (label, r)) in enumerate(zip(axes, results.items())):
+        plot_robustness(r, ax=ax, vmax=vmax, title=label, colorbar=k == n - 1)
+        if k:
+            ax.set_yticklabels([])
+    return fig

@@ -41,6 +41,7 @@ __all__ = [
     "GroupsResult",
     "AttributionResult",
     "FlipResult",
+    "RobustnessResult",
     "load",
     "versions",
     "write_atomic",
@@ -48,7 +49,8 @@ __all__ = [
     "save_png",
 ]
 
-CSV_COLUMNS = ("model", "block_index", "block", "depth", "metric", "rule", "sigma", "image", "statistic", "value", "n")
+CSV_COLUMNS = ("model", "block_index", "block", "depth", "metric", "rule", "sigma", "image", "statistic", "value", "n",
+               "corruption", "severity")
 STATISTICS = ("mean", "std", "ci_low", "ci_high")
 FORMAT_VERSION = 1
 
@@ -527,7 +529,101 @@ class FlipResult(_ResultIO):
         return rows
 
 
-_KINDS = {c.KIND: c for c in (SpectrumResult, ProbeResult, GroupsResult, AttributionResult, FlipResult)}
+@dataclass(frozen=True)
+class RobustnessResult(_ResultIO):
+    """Top-1 error (labels known) or prediction flip rate (no labels) per corruption and severity.
+
+    Attributes:
+        blocks: ``()`` (a whole-model quantity).
+        metric: ``"top1_error"`` or ``"flip_rate"`` (the share of images whose prediction differs
+            from the clean image's).
+        corruptions, severities: the grid, rows and columns of the arrays.
+        n_images: images aggregated.
+        mean, std, ci_low, ci_high: ``(C, S)`` over images (each image counts 0 or 1).
+        clean: ``(4,)`` mean, std, ci_low, ci_high of the clean error (0 for the flip rate).
+        baseline: what the Corruption Errors are normalised by (``"alexnet"``, a model label, or "").
+        ce, relative_ce: ``(C,)`` Corruption Error and relative CE per corruption (NaN without a baseline).
+        mce, relative_mce: their means over the ImageNet-C benchmark corruptions present (NaN without).
+        provenance: see :class:`Provenance`.
+    """
+
+    KIND: ClassVar[str] = "robustness"
+    _ARRAYS: ClassVar[tuple[str, ...]] = ("mean", "std", "ci_low", "ci_high", "clean", "ce", "relative_ce")
+
+    blocks: tuple[BlockInfo, ...]
+    metric: str
+    corruptions: tuple[str, ...]
+    severities: tuple[int, ...]
+    n_images: int
+    mean: np.ndarray
+    std: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    clean: np.ndarray
+    baseline: str
+    ce: np.ndarray
+    relative_ce: np.ndarray
+    mce: float
+    relative_mce: float
+    provenance: Provenance
+
+    def _extra_manifest(self) -> dict:
+        return {"metric": self.metric, "corruptions": list(self.corruptions), "severities": list(self.severities),
+                "n_images": self.n_images, "baseline": self.baseline, "mce": _json_float(self.mce),
+                "relative_mce": _json_float(self.relative_mce)}
+
+    @classmethod
+    def _from_parts(cls, manifest: dict, arrays: dict[str, np.ndarray]):
+        man = dict(manifest)
+        for k in ("mce", "relative_mce"):
+            man[k] = float("nan") if man.get(k) is None else float(man[k])
+        return super()._from_parts(man, arrays)
+
+    @property
+    def robust_accuracy(self) -> float:
+        """1 - the mean error over every corruption and severity (top-1 error only; NaN otherwise)."""
+        return float(1.0 - np.mean(self.mean)) if self.metric == "top1_error" else float("nan")
+
+    def value(self, corruption: str, severity: int, statistic: str = "mean") -> float:
+        if corruption not in self.corruptions:
+            raise FanlensError(f"corruption must be one of {self.corruptions}. Got {corruption!r} instead.")
+        if severity not in self.severities:
+            raise FanlensError(f"severity must be one of {self.severities}. Got {severity!r} instead.")
+        if statistic not in STATISTICS:
+            raise FanlensError(f"statistic must be one of {STATISTICS}. Got {statistic!r} instead.")
+        return float(getattr(self, statistic)[self.corruptions.index(corruption), self.severities.index(severity)])
+
+    def rows(self) -> list[dict]:
+        rows = []
+        base = {"model": self.model, "n": self.n_images}
+        for si, st in enumerate(STATISTICS):
+            rows.append({**base, "metric": f"clean_{self.metric}", "statistic": st, "value": f"{float(self.clean[si]):.6g}"})
+        for ci, c in enumerate(self.corruptions):
+            for vi, sev in enumerate(self.severities):
+                for st in STATISTICS:
+                    rows.append({**base, "metric": self.metric, "corruption": c, "severity": sev, "statistic": st,
+                                 "value": f"{float(getattr(self, st)[ci, vi]):.6g}"})
+            if self.baseline:
+                for metric, v in (("corruption_error", self.ce[ci]), ("relative_corruption_error",
+                                                                       self.relative_ce[ci])):
+                    if math.isfinite(float(v)):  # undefined values (no baseline error) are left out
+                        rows.append({**base, "metric": metric, "corruption": c, "statistic": f"vs {self.baseline}",
+                                     "value": f"{float(v):.6g}"})
+        if self.baseline:
+            for metric, v in (("mCE", self.mce), ("relative_mCE", self.relative_mce)):
+                if math.isfinite(float(v)):
+                    rows.append({**base, "metric": metric, "statistic": f"vs {self.baseline}", "value": f"{v:.6g}"})
+        if self.metric == "top1_error":
+            rows.append({**base, "metric": "robust_accuracy", "statistic": "mean", "value": f"{self.robust_accuracy:.6g}"})
+        return rows
+
+
+def _json_float(v: float):
+    return None if not math.isfinite(float(v)) else float(v)
+
+
+_KINDS = {c.KIND: c for c in (SpectrumResult, ProbeResult, GroupsResult, AttributionResult, FlipResult,
+                              RobustnessResult)}
 
 
 def load(directory: str | Path):

@@ -31,7 +31,8 @@ from .capture import TokenCapture
 from .data import DataConfig, ImageSet, data_config, resolve_images
 from .distributed import check_peers, rank_and_world
 from .models import LoadedModel, build_model
-from .results import Provenance
+from ._stats import RunningStats
+from .results import BlockInfo, Provenance
 
 __all__ = [
     "RUN_MARKER",
@@ -56,6 +57,8 @@ __all__ = [
     "make_noise",
     "make_provenance",
     "nonfinite_message",
+    "AccState",
+    "run_batches",
     "stream",
     "run_state",
     "state_key",
@@ -243,42 +246,59 @@ def nonfinite_message(bt, b: int, copies: Sequence[str] | None) -> str:
     )
 
 
-def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, progress: bool,
-            make_input: Callable[[torch.Tensor, list[int]], torch.Tensor], accs: Sequence,
-            state: RunState | None = None, copies: Sequence[str] | None = None) -> None:
-    """One forward pass per batch under the capture; each accumulator reads the block tokens.
+class AccState:
+    """Checkpoint state shared by the streaming accumulators: block infos and Welford stats
+    (subclasses name their lists of :class:`~fanlens._stats.RunningStats` in ``_stat_lists``)."""
+
+    infos: list[BlockInfo]
+
+    def _stat_lists(self) -> dict[str, list[RunningStats]]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        arrays = {}
+        meta = {"infos": [b.to_dict() for b in self.infos], "n": {}}
+        for name, lst in self._stat_lists().items():
+            meta["n"][name] = [st.n for st in lst]
+            for i, st in enumerate(lst):
+                arrays[f"{name}.{i}.mean"] = st.mean
+                arrays[f"{name}.{i}.m2"] = st.m2
+        return meta, arrays
+
+    def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        self.infos = [BlockInfo.from_dict(b) for b in meta["infos"]]
+        for name, ns in meta["n"].items():
+            lst = []
+            for i, n in enumerate(ns):
+                mean, m2 = arrays[f"{name}.{i}.mean"], arrays[f"{name}.{i}.m2"]
+                st = RunningStats(mean.shape)
+                st.n, st.mean, st.m2 = int(n), mean.astype(np.float64), m2.astype(np.float64)
+                lst.append(st)
+            setattr(self, name, lst)
+
+
+def run_batches(batches: Callable[[int], Iterable], total: int, desc: str, progress: bool,
+                step: Callable[[torch.Tensor, list[int]], None], accs: Sequence,
+                state: RunState | None = None) -> None:
+    """The loop every streaming analysis runs: ``step(x, indices)`` per batch.
 
     ``batches(skip)`` yields the batches after the first ``skip`` (those a checkpoint holds).
-    With an enabled ``state`` the accumulators are checkpointed every ``state.every`` batches,
-    at the end, and when SIGINT/SIGTERM arrives (then :class:`~fanlens.runner.Interrupted`
-    is raised after the current batch). ``copies`` names the parts of a batch (clean,
-    sigma=...) for the message when a block outputs non-finite values.
+    With an enabled ``state`` the accumulators ``accs`` (objects with ``state()`` and
+    ``load_state()``) are restored, checkpointed every ``state.every`` batches and when
+    SIGINT/SIGTERM arrives (then :class:`Interrupted` is raised after the current batch), and
+    the checkpoint is removed at the end. After every batch a failure reported by another
+    rank of the process group stops this one (:func:`fanlens.distributed.check_peers`).
     """
     done = state.restore(accs) if state is not None else 0
     checkpointing = state is not None and state.enabled
     it = batches(done)
     if progress:
         it = progress_bar(it, total=total, initial=done, desc=desc, unit="batch", leave=False)
-    n_blocks = None
     # closing(): the progress bar is gone before an error message is printed
-    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap, \
-            signal_guard(checkpointing) as signals, contextlib.closing(it) if hasattr(it, "close") else \
+    with signal_guard(checkpointing) as signals, contextlib.closing(it) if hasattr(it, "close") else \
             contextlib.nullcontext():
         for x, idx in it:
-            cap.clear()
-            run_forward(cap, make_input(x, idx))
-            bts = list(cap.block_tokens())
-            cap.clear()
-            if n_blocks is None:
-                n_blocks = len(bts)
-            elif len(bts) != n_blocks:
-                raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
-            for bt in bts:
-                if not bool(torch.isfinite(bt.tokens).all()):
-                    raise FanlensError(nonfinite_message(bt, x.shape[0], copies))
-            for acc in accs:
-                acc.update(bts, x.shape[0])
-            del bts
+            step(x, idx)
             done += 1
             check_peers()
             if signals:
@@ -294,6 +314,33 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
                 state.save(accs, done)
     if checkpointing:
         state.finish()
+
+
+def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, progress: bool,
+           make_input: Callable[[torch.Tensor, list[int]], torch.Tensor], accs: Sequence,
+           state: RunState | None = None, copies: Sequence[str] | None = None) -> None:
+    """One forward pass per batch under the capture; each accumulator reads the block tokens
+    (:func:`run_batches` does the looping, checkpoints and signals). ``copies`` names the parts
+    of a batch (clean, sigma=...) for the message when a block outputs non-finite values."""
+    n_blocks: list[int] = []
+
+    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
+        def step(x: torch.Tensor, idx: list[int]) -> None:
+            cap.clear()
+            run_forward(cap, make_input(x, idx))
+            bts = list(cap.block_tokens())
+            cap.clear()
+            if not n_blocks:
+                n_blocks.append(len(bts))
+            elif len(bts) != n_blocks[0]:
+                raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
+            for bt in bts:
+                if not bool(torch.isfinite(bt.tokens).all()):
+                    raise FanlensError(nonfinite_message(bt, x.shape[0], copies))
+            for acc in accs:
+                acc.update(bts, x.shape[0])
+
+        run_batches(batches, total, desc, progress, step, accs, state)
 
 
 def run_state(state_dir: Any, key: dict, world: int, rank: int, every: int, resume: bool) -> RunState:

@@ -1,0 +1,149 @@
+"""fanlens.robustness: errors and flip rates under corruptions, CE and mCE, labels, CLI, resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import fanlens
+from fanlens import FanlensError, cli
+from fanlens.robustness import ALEXNET_ERRORS, corruption_errors, load_labels, robustness
+
+
+class StdClassifier(nn.Module):
+    """Class 1 when the image's pixel spread is above a threshold, else class 0 (inputs are
+    normalised with mean 0.5, std 0.5, so the spread is twice the pixels')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pretrained_cfg = dict(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                   crop_pct=1.0, interpolation="bilinear")
+
+    def forward(self, x):
+        spread = x.flatten(2).std(2).mean(1)  # spatial spread per channel
+        return torch.stack([torch.zeros_like(spread), spread - 0.05], 1)
+
+
+def _flat_images(n=6):
+    return torch.rand(n, 3, 1, 1).expand(n, 3, 32, 32).clone() * 0.6 + 0.2  # one colour each: spread 0
+
+
+def test_flip_rate_and_error_have_known_values():
+    x = _flat_images()
+    r = robustness(StdClassifier(), x, corruptions="gaussian_noise,contrast", severities=(1, 5), progress=False)
+    assert r.metric == "flip_rate" and r.n_images == 6
+    np.testing.assert_array_equal(r.mean, [[1.0, 1.0], [0.0, 0.0]])  # noise spreads every image, contrast none
+    np.testing.assert_array_equal(r.clean, [0.0, 0.0, 0.0, 0.0])
+    assert math.isnan(r.robust_accuracy) and r.baseline == ""
+    labels = [0, 0, 0, 1, 1, 1]  # half the labels say "spread": clean error 0.5
+    e = robustness(StdClassifier(), x, labels=labels, corruptions="gaussian_noise,contrast", severities=(1, 5),
+                   progress=False)
+    assert e.metric == "top1_error" and e.clean[0] == 0.5
+    np.testing.assert_array_equal(e.mean, [[0.5, 0.5], [0.5, 0.5]])
+    assert e.robust_accuracy == 0.5
+    assert e.value("contrast", 5) == 0.5
+
+
+def test_corruption_errors_by_hand():
+    mean = np.array([[0.2, 0.4], [0.5, 0.7]])
+    kw = dict(corruptions="gaussian_noise,contrast", severities=(1, 5), progress=False)
+    base = robustness(StdClassifier(), _flat_images(), labels=[0, 0, 0, 1, 1, 1], **kw)  # every error 0.5
+    label, ce, rel, mce, rmce = corruption_errors(mean, 0.1, ("gaussian_noise", "contrast"), (1, 5), base)
+    np.testing.assert_allclose(ce, [0.6 / 1.0, 1.2 / 1.0])
+    assert mce == pytest.approx(0.9)
+    assert np.isnan(rel).all() and math.isnan(rmce)  # the baseline loses nothing to the corruptions: undefined
+    zero = robustness(StdClassifier(), _flat_images(), labels=[0] * 6, **kw)  # no error under contrast
+    with pytest.raises(FanlensError, match=r"Got none under \['contrast'\] \(CE undefined\)"):
+        corruption_errors(mean, 0.1, ("gaussian_noise", "contrast"), (1, 5), zero)
+    # against AlexNet: all five severities, CE = sum of errors / (5 x AlexNet's mean error)
+    m5 = np.full((2, 5), 0.5)
+    label, ce, rel, mce, rmce = corruption_errors(m5, 0.2, ("fog", "speckle_noise"), (1, 2, 3, 4, 5), "alexnet")
+    assert label == "alexnet" and ce[0] == pytest.approx(2.5 / (5 * ALEXNET_ERRORS["fog"]))
+    assert math.isnan(ce[1])  # a held-out corruption has no AlexNet error
+    assert mce == pytest.approx(ce[0])  # the mean over the benchmark corruptions present
+    from fanlens.robustness import ALEXNET_CLEAN_ERROR
+
+    assert rel[0] == pytest.approx((2.5 - 5 * 0.2) / (5 * ALEXNET_ERRORS["fog"] - 5 * ALEXNET_CLEAN_ERROR))
+    with pytest.raises(FanlensError, match="needs all five severities"):
+        corruption_errors(mean, 0.1, ("fog", "snow"), (1, 5), "alexnet")
+
+
+def test_results_do_not_depend_on_the_batch_size_and_resume_exactly(tmp_path):
+    model = fanlens.zoo.load("cnn")
+    kw = dict(n_images=24, corruptions="shot_noise,glass_blur,fog", severities=(2, 4), progress=False)
+    a = robustness(model, "synthetic", batch_size=24, **kw)
+    b = robustness(model, "synthetic", batch_size=5, **kw)
+    np.testing.assert_allclose(a.mean, b.mean, rtol=0, atol=1e-12)  # the same 0/1 per image; merge rounding only
+    assert a.metric == "top1_error" and a.n_images == 24
+    # stop after two batches, resume
+    calls = {"n": 0}
+
+    def stop(module, args, output):
+        calls["n"] += 1
+        if calls["n"] == 2 * 7 + 1:  # 7 forward passes per batch
+            raise RuntimeError("stop")
+
+    h = model.model.register_forward_hook(stop)
+    with pytest.raises(RuntimeError, match="stop"):
+        robustness(model, "synthetic", batch_size=5, state_dir=tmp_path / "st", checkpoint_every=1, **kw)
+    h.remove()
+    c = robustness(model, "synthetic", batch_size=5, state_dir=tmp_path / "st", resume=True, **kw)
+    np.testing.assert_array_equal(c.mean, b.mean)
+    np.testing.assert_array_equal(c.std, b.std)
+
+
+def test_labels_from_folders_csv_and_class_index(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / cls / f"{cls}{i}.png")
+    names = sorted(str(p) for p in tmp_path.rglob("*.png"))
+    np.testing.assert_array_equal(load_labels("folders", names), [0, 0, 1, 1])
+    np.testing.assert_array_equal(load_labels("folders", names, {"cat": 281, "dog": 207}), [281, 281, 207, 207])
+    (tmp_path / "labels.csv").write_text("file,label\ncat0.png,3\ncat1.png,4\ndog0.png,dog\ndog1.png,5\n")
+    np.testing.assert_array_equal(load_labels(tmp_path / "labels.csv", names, {"dog": 9}), [3, 4, 9, 5])
+    with pytest.raises(FanlensError, match="labels must hold one class per image"):
+        load_labels([1, 2], names)
+    with pytest.raises(FanlensError, match="class_index must name every class folder"):
+        load_labels("folders", names, {"cat": 1})
+    with pytest.raises(FanlensError, match="has none for"):
+        (tmp_path / "short.csv").write_text("cat0.png,1\n")
+        load_labels(tmp_path / "short.csv", names)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(corruptions="fogg"), "corruptions must be one of"),
+    (dict(severities=(0, 3)), "severities must be ints in 1..5"),
+    (dict(severities="1,x"), "severities must be comma-separated"),
+    (dict(corruptions="fog,fog"), "must not repeat"),
+    (dict(baseline="alexnet"), "baseline needs top-1 errors"),
+    (dict(labels=[7] * 4), "labels must be class indices below the model's 2 outputs"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(FanlensError, match=match):
+        robustness(StdClassifier(), _flat_images(4), progress=False, **{"corruptions": "fog", **kwargs})
+
+
+def test_cli_writes_the_table_and_heat_map(tmp_path, capsys):
+    base = ["robustness", "--model", "zoo:cnn", "--images", "synthetic", "--n-images", "16", "--corruptions",
+            "gaussian_noise,contrast", "--severities", "1,5", "--no-progress"]
+    assert cli.main(base + ["--out", str(tmp_path / "cnn")]) == 0
+    out = capsys.readouterr().out
+    assert "zoo:cnn: top-1 error over 16 images" in out and "robust accuracy" in out
+    names = sorted(p.name for p in (tmp_path / "cnn").iterdir() if not p.name.startswith("."))
+    assert names == ["arrays.npz", "manifest.json", "results.csv", "robustness.png"]
+    first = fanlens.load(tmp_path / "cnn")
+    assert first.KIND == "robustness" and first.corruptions == ("gaussian_noise", "contrast")
+    assert cli.main(base[:2] + ["zoo:fan"] + base[3:] + ["--out", str(tmp_path / "fan"), "--baseline",
+                                                           str(tmp_path / "cnn")]) == 0
+    fan = fanlens.load(tmp_path / "fan")
+    assert fan.baseline == "zoo:cnn"
+    np.testing.assert_allclose(fan.ce, fan.mean.sum(1) / first.mean.sum(1))
+    assert "mCE" in capsys.readouterr().out
+    assert cli.main(base + ["--out", str(tmp_path / "x"), "--baseline", "alexnet"]) == 2
+    assert "needs all five severities" in capsys.readouterr().err
