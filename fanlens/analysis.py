@@ -38,6 +38,7 @@ __all__ = [
     "group_tokens",
     "make_noise",
     "parse_sigmas",
+    "parse_corruptions",
 ]
 
 _log = logging.getLogger(__name__)
@@ -192,8 +193,9 @@ def _block_norm(t: torch.Tensor) -> torch.Tensor:
 class _ProbeAcc(AccState):
     """Per-block relative perturbation (additive) or relative feature norm (pure)."""
 
-    def __init__(self, mode: str, sigmas: tuple[float, ...]) -> None:
-        self.mode, self.sigmas = mode, sigmas
+    def __init__(self, mode: str, sigmas: tuple[float, ...], perturbations: tuple[str, ...] = ()) -> None:
+        self.mode, self.sigmas, self.perturbations = mode, sigmas, perturbations
+        self.n_cols = len(perturbations) if perturbations else len(sigmas)
         self.infos: list[BlockInfo] = []
         self.stats: list[RunningStats] = []
 
@@ -204,7 +206,7 @@ class _ProbeAcc(AccState):
             if self.mode == "additive":
                 clean = t[:b]
                 denom = _block_norm(clean).clamp_min(1e-12)
-                cols = [_block_norm(t[(k + 1) * b : (k + 2) * b] - clean) / denom for k in range(len(self.sigmas))]
+                cols = [_block_norm(t[(k + 1) * b : (k + 2) * b] - clean) / denom for k in range(self.n_cols)]
                 vals.append(torch.stack(cols, dim=-1).cpu().numpy())
             else:
                 vals.append(t.float().norm(dim=-1).mean(dim=1, keepdim=True).cpu().numpy())
@@ -213,7 +215,7 @@ class _ProbeAcc(AccState):
             vals = [v / first for v in vals]
         if not self.infos:
             self.infos = [BlockInfo(i, bt.label, bt.layout) for i, bt in enumerate(bts)]
-            self.stats = [RunningStats((len(self.sigmas),)) for _ in bts]
+            self.stats = [RunningStats((self.n_cols,)) for _ in bts]
         for li, v in enumerate(vals):
             _finite_or_raise(v, self.infos[li].name, self._what)
             self.stats[li].update(v)
@@ -238,6 +240,7 @@ class _ProbeAcc(AccState):
             ci_low=np.stack([x.ci_low for x in summ]),
             ci_high=np.stack([x.ci_high for x in summ]),
             provenance=provenance,
+            perturbations=self.perturbations,
         )
 
 
@@ -260,6 +263,45 @@ def _noisy_input(s: Setup, sigmas: tuple[float, ...], space: str, seed: int):
         return torch.cat([xn] + [xn + sg * eps for sg in sigmas]).to(s.device)
 
     return make
+
+
+def _corrupted_input(s: Setup, cells: Sequence[tuple[str, int]], seed: int):
+    """Clean copy, then one corrupted copy per (corruption, severity), in one batch; the
+    corruptions' random parts come from (seed, image index) (:func:`fanlens.corruptions.corrupt`)."""
+    from .corruptions import corrupt
+
+    def make(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        x = x.to(s.device)
+        return s.cfg.normalize(torch.cat([x] + [corrupt(x, c, v, seed=seed, indices=idx) for c, v in cells]))
+
+    return make
+
+
+def parse_corruptions(corruption: Any, severity: Any) -> list[tuple[str, int]]:
+    """``corruption`` (a name, comma-separated names, a list, or ``"fog@3"`` labels) x ``severity``
+    (an int or a list) as (name, severity) cells in order."""
+    from .corruptions import NAMES, SEVERITIES
+
+    items = corruption.split(",") if isinstance(corruption, str) else list(corruption)
+    sevs = [severity] if isinstance(severity, (int, np.integer)) and not isinstance(severity, bool) else (
+        [int(v) for v in severity.split(",") if v.strip()] if isinstance(severity, str) else list(severity))
+    cells: list[tuple[str, int]] = []
+    for it in items:
+        name, at, lvl = str(it).strip().partition("@")
+        check_choice("corruption", name, NAMES)
+        for v in ([lvl] if at else sevs):
+            try:
+                v = int(v)
+            except (TypeError, ValueError):
+                v = None
+            if v not in SEVERITIES:
+                raise FanlensError(f"severity must be ints in 1..5. Got {lvl if at else severity!r} instead.")
+            cells.append((name, v))
+    if not cells:
+        raise FanlensError("corruption must name at least one corruption. Got none.")
+    if len(set(cells)) != len(cells):
+        raise FanlensError(f"corruption and severity must not repeat a cell. Got {cells!r} instead.")
+    return cells
 
 
 def parse_sigmas(sigmas: Any) -> tuple[float, ...]:
@@ -369,6 +411,8 @@ def noise_probe(
     mode: str = "additive",
     space: str = "pixel",
     n_noise: int = DEFAULT_N_NOISE,
+    corruption: str | Sequence[str] | None = None,
+    severity: int | Sequence[int] = 3,
     blocks: str | Sequence[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
@@ -397,6 +441,11 @@ def noise_probe(
     ``mode="pure"``: ``n_noise`` pure N(0, 1) inputs (normalised input space); per block
     the mean patch-token L2 norm, divided by the first block's, per sample.
 
+    ``corruption`` (names of :data:`fanlens.corruptions.NAMES`, comma-separated or a list, or
+    ``"fog@3"`` labels) with ``severity`` (an int or a list): the same measure with the
+    corrupted image ``c(x)`` in place of ``x + sigma eps`` (pixel space), one column per
+    corruption and severity; ``sigmas`` is then not used.
+
     ``state_dir``, ``checkpoint_every`` and ``resume`` checkpoint and resume the run as in
     :func:`spectrum`. A block whose output holds NaN or inf (e.g. at a huge sigma) is an
     error naming the block and the sigma.
@@ -408,6 +457,13 @@ def noise_probe(
     check_choice("space", space, NOISE_SPACES)
     check_positive_int("batch_size", batch_size)
     sig = parse_sigmas(sigmas) if mode == "additive" else (1.0,)
+    cells = parse_corruptions(corruption, severity) if corruption is not None else []
+    if cells and mode != "additive":
+        raise FanlensError("corruption goes with mode='additive' (a corrupted copy of each image). Got mode='pure'.")
+    if cells and space != "pixel":
+        raise FanlensError("corruption works in pixel space (ImageNet-C corrupts pixels). Got space='normalized'.")
+    if cells:
+        sig = ()
     if mode == "pure":
         check_positive_int("n_noise", n_noise)
     s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
@@ -415,11 +471,12 @@ def noise_probe(
                need_images=(mode == "additive"))
     n_total = len(s.images) if mode == "additive" else n_noise
     rank, world = resolve_shard(shard, n_total)
-    acc = _ProbeAcc(mode, sig)
+    labels = tuple(f"{c}@{v}" for c, v in cells)
+    acc = _ProbeAcc(mode, sig, labels)
     n_local = len(range(rank, n_total, world))
     space_used = space if mode == "additive" else "normalized"
     params = dict(
-        analysis="probe", mode=mode, sigmas=list(sig), space=space_used,
+        analysis="probe", mode=mode, sigmas=list(sig), space=space_used, corruptions=list(labels) or None,
         n_noise=n_noise if mode == "pure" else None, blocks=blocks, batch_size=batch_size,
         num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, processes=world, noise=_NOISE_DOC,
         norm="Frobenius norm over patch tokens" if mode == "additive" else "mean patch-token L2 norm / block 0",
@@ -428,8 +485,8 @@ def noise_probe(
     state = run_state(state_dir, state_key(s, seed, params), world, rank, checkpoint_every, resume)
     if mode == "additive":
         batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
-        make = _noisy_input(s, sig, space, seed)
-        copies = ["clean"] + [f"sigma={v:g}" for v in sig]
+        make = _corrupted_input(s, cells, seed) if cells else _noisy_input(s, sig, space, seed)
+        copies = ["clean"] + ([f"{c} at severity {v}" for c, v in cells] or [f"sigma={v:g}" for v in sig])
     else:
         h, w = s.cfg.input_size
         ids = list(range(n_noise))[rank::world]

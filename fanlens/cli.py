@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--space", choices=("pixel", "normalized"), default="pixel",
                     help="add the noise to pixels in [0,1] or to the normalised input")
     pp.add_argument("--n-noise", type=int, default=16, help="noise samples in --mode pure")
+    pp.add_argument("--corruption", default=None, metavar="NAMES",
+                    help="probe with ImageNet-C corruptions instead of Gaussian noise: names, comma-separated "
+                         "(see fanlens.corruptions.NAMES), or NAME@SEVERITY labels")
+    pp.add_argument("--severity", default="3", help="severities for --corruption, comma-separated (default 3)")
     from .attribution import DEFAULT_FLIP_MAX_SIGMA, DEFAULT_FLIP_STEP
 
     fl = pp.add_argument_group("prediction flips (captum MinParamPerturbation)")
@@ -353,6 +357,10 @@ def _run(args: argparse.Namespace) -> list[Path]:
     distributed = init_from_env(args.device)
     if distributed and args.command == "groups":
         raise FanlensError("groups runs in one process; launch it without torchrun.")
+    if args.command == "probe" and args.corruption is not None:
+        if args.flip:
+            raise FanlensError("--flip scales Gaussian noise; it does not go with --corruption.")
+        analysis.parse_corruptions(args.corruption, args.severity)  # checked before any work
     if args.command == "probe" and args.flip and args.mode != "additive":
         raise FanlensError("--flip goes with --mode additive (the noise it scales is the additive noise).")
     if args.command == "groups" and args.attribution != "gradcam" and args.attribution_block is not None:
@@ -420,7 +428,8 @@ def _analyse(args: argparse.Namespace, analysis, build_model, input_size, out: P
         fig_name, draw = "spectrum.png", "plot_spectrum"
     elif args.command == "probe":
         res = analysis.noise_probe(
-            lm, images, sigmas=args.sigmas, mode=args.mode, space=args.space, n_noise=args.n_noise, **common,
+            lm, images, sigmas=args.sigmas, mode=args.mode, space=args.space, n_noise=args.n_noise,
+            corruption=args.corruption, severity=args.severity, **common,
         )
         fig_name, draw = "probe.png", "plot_probe"
     else:

@@ -30,6 +30,7 @@ __all__ = [
     "plot_attention",
     "plot_robustness",
     "plot_robustness_comparison",
+    "plot_probe_families",
 ]
 
 # Okabe-Ito: colour-blind safe
@@ -69,9 +70,9 @@ def plot_probe(result: ProbeResult, *, sigmas: Sequence[float] | None = None, ax
         raise FanlensError(f"result must be a ProbeResult. Got {type(result).__name__} instead.")
     ax = _axes(ax)
     x = np.arange(len(result.blocks))
-    for i, s in enumerate(result.sigmas if sigmas is None else sigmas):
+    for i, s in enumerate(result.columns if sigmas is None else sigmas):
         c = PALETTE[i % len(PALETTE)]
-        lab = f"sigma={s:g}" if result.mode == "additive" else "pure N(0,1)"
+        lab = s if isinstance(s, str) else f"sigma={s:g}" if result.mode == "additive" else "pure N(0,1)"
         ax.plot(x, result.values(s), marker="o", color=c, label=lab)
         ax.fill_between(x, result.values(s, "ci_low"), result.values(s, "ci_high"), color=c, alpha=0.2)
     ax.set_xlabel("block")
@@ -524,3 +525,47 @@ def plot_robustness_comparison(results: dict, *, fig=None):
         if k:
             ax.set_yticklabels([])
     return fig
+
+
+def plot_probe_families(probe: ProbeResult, spectrum: SpectrumResult | None = None, *, severity: int | None = None,
+                        rule: str | None = None, ax=None):
+    """Per-block perturbation under the four ImageNet-C families (noise, blur, weather, digital:
+    the mean over the family's corruptions in ``probe`` at ``severity``), next to the
+    significant-eigenvalue count of ``spectrum`` on a second axis; returns the Axes."""
+    from .corruptions import FAMILIES
+
+    _check_type("probe", probe, ProbeResult)
+    if not probe.perturbations:
+        raise FanlensError("probe must be a corruption probe (noise_probe(..., corruption=...)). Got Gaussian noise.")
+    cols = [p.rpartition("@") for p in probe.perturbations]
+    sevs = sorted({int(v) for _, _, v in cols})
+    sev = sevs[-1] if severity is None else int(severity)
+    if sev not in sevs:
+        raise FanlensError(f"severity must be one of {sevs}. Got {severity!r} instead.")
+    ax = _axes(ax)
+    x = np.arange(len(probe.blocks))
+    drawn = 0
+    for i, (fam, names) in enumerate(FAMILIES.items()):
+        idx = [k for k, (c, _, v) in enumerate(cols) if c in names and int(v) == sev]
+        if not idx:
+            continue
+        y = np.asarray(probe.mean)[:, idx].mean(1)
+        ax.plot(x, y, marker="o", color=PALETTE[i], label=f"{fam} ({len(idx)})")
+        drawn += 1
+    if not drawn:
+        raise FanlensError(f"probe holds no benchmark corruption at severity {sev}.")
+    ax.set_xlabel("block")
+    ax.set_ylabel(f"relative perturbation (severity {sev})")
+    ax.set_xticks(x)
+    handles, labels = ax.get_legend_handles_labels()
+    if spectrum is not None:
+        _check_type("spectrum", spectrum, SpectrumResult)
+        right = ax.twinx()
+        r = rule or spectrum.rules[0]
+        right.plot(np.arange(len(spectrum.blocks)), spectrum.count(r), "k--", marker="s", ms=3, label=f"count ({r})")
+        right.set_ylabel(f"significant eigenvalues ({r})")
+        h2, l2 = right.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
+    ax.set_title(probe.model)
+    return ax

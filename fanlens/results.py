@@ -315,17 +315,20 @@ class ProbeResult(_ResultIO):
     """Per-block response to noise.
 
     ``mode="additive"``: ``delta_l(sigma) = ||f_l(x + sigma eps) - f_l(x)|| / ||f_l(x)||``
-    over patch tokens, one column per sigma. ``mode="pure"``: the mean token norm of
-    ``f_l(eps)`` for pure N(0, 1) inputs divided by the first block's, one column.
+    over patch tokens, one column per sigma; with ``perturbations`` (ImageNet-C corruptions,
+    labels ``"fog@3"``) the same measure with ``c(x)`` in place of ``x + sigma eps``, one column
+    per corruption and severity. ``mode="pure"``: the mean token norm of ``f_l(eps)`` for pure
+    N(0, 1) inputs divided by the first block's, one column.
 
     Attributes:
         blocks: analysed blocks.
         mode: ``"additive"`` or ``"pure"``.
-        sigmas: noise levels (``(1.0,)`` in pure mode).
+        sigmas: noise levels (``(1.0,)`` in pure mode, ``()`` for corruptions).
         space: ``"pixel"`` or ``"normalized"``: where the noise was added.
         n_images: images (or noise samples) aggregated.
         mean, std, ci_low, ci_high: ``(L, S)``.
         provenance: see :class:`Provenance`.
+        perturbations: ``("fog@3", ...)`` the corruption columns, or ``()`` for Gaussian noise.
     """
 
     KIND: ClassVar[str] = "probe"
@@ -341,26 +344,48 @@ class ProbeResult(_ResultIO):
     ci_low: np.ndarray
     ci_high: np.ndarray
     provenance: Provenance
+    perturbations: tuple[str, ...] = ()
 
     @property
     def metric(self) -> str:
         return "relative_perturbation" if self.mode == "additive" else "relative_feature_norm"
 
-    def _extra_manifest(self) -> dict:
-        return {"mode": self.mode, "sigmas": list(self.sigmas), "space": self.space, "n_images": self.n_images}
+    @property
+    def columns(self) -> tuple:
+        """The column labels: sigmas, or the corruption labels (``"fog@3"``)."""
+        return self.perturbations if self.perturbations else self.sigmas
 
-    def values(self, sigma: float | None = None, statistic: str = "mean") -> np.ndarray:
-        """Per-block values at ``sigma`` (default: the largest)."""
+    def _extra_manifest(self) -> dict:
+        return {"mode": self.mode, "sigmas": list(self.sigmas), "space": self.space, "n_images": self.n_images,
+                "perturbations": list(self.perturbations)}
+
+    def values(self, sigma: float | str | None = None, statistic: str = "mean") -> np.ndarray:
+        """Per-block values at ``sigma`` (default: the largest), or at a corruption label such as
+        ``"fog@3"`` (default: the last column) for a corruption probe."""
+        if statistic not in STATISTICS:
+            raise FanlensError(f"statistic must be one of {STATISTICS}. Got {statistic!r} instead.")
+        if self.perturbations:
+            key = self.perturbations[-1] if sigma is None else sigma
+            if key not in self.perturbations:
+                raise FanlensError(f"sigma must be one of the corruption columns {self.perturbations}. Got "
+                                   f"{sigma!r} instead.")
+            return np.asarray(getattr(self, statistic))[:, self.perturbations.index(key)]
         sig = max(self.sigmas) if sigma is None else float(sigma)
         if sig not in self.sigmas:
             raise FanlensError(f"sigma must be one of {self.sigmas}. Got {sigma!r} instead.")
-        if statistic not in STATISTICS:
-            raise FanlensError(f"statistic must be one of {STATISTICS}. Got {statistic!r} instead.")
         return np.asarray(getattr(self, statistic))[:, self.sigmas.index(sig)]
 
     def rows(self) -> list[dict]:
         stats = {s: getattr(self, s) for s in STATISTICS}
-        return _stat_rows(self.model, self.blocks, self.depth, self.metric, stats, self.n_images, sigmas=self.sigmas)
+        if not self.perturbations:
+            return _stat_rows(self.model, self.blocks, self.depth, self.metric, stats, self.n_images,
+                              sigmas=self.sigmas)
+        rows = _stat_rows(self.model, self.blocks, self.depth, self.metric, stats, self.n_images,
+                          rules=self.perturbations)
+        for r in rows:  # the label goes to its own columns
+            c, _, sev = r.pop("rule").rpartition("@")
+            r.update(rule="", corruption=c, severity=sev)
+        return rows
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,61 @@ def test_cli_writes_the_table_and_heat_map(tmp_path, capsys):
     assert "mCE" in capsys.readouterr().out
     assert cli.main(base + ["--out", str(tmp_path / "x"), "--baseline", "alexnet"]) == 2
     assert "needs all five severities" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the probe under corruptions
+class Scale(nn.Module):
+    """Blocks that scale their input: the relative change of every block is that of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Identity(), _Times(2.0))
+        self.pretrained_cfg = dict(input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                   crop_pct=1.0, interpolation="bilinear")
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class _Times(nn.Module):
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return x * self.k
+
+
+def test_probe_under_a_corruption_has_the_closed_form():
+    from fanlens.corruptions import corrupt
+
+    x = torch.rand(3, 3, 32, 32)
+    r = fanlens.noise_probe(Scale(), x, corruption="fog,contrast@1", severity=[2, 4], blocks="blocks.*",
+                            progress=False, seed=5)
+    assert r.perturbations == ("fog@2", "fog@4", "contrast@1") and r.sigmas == ()
+    norm = lambda t: (t - 0.5) / 0.25  # noqa: E731
+    for k, (c, s) in enumerate((("fog", 2), ("fog", 4), ("contrast", 1))):
+        xc = corrupt(x, c, s, seed=5, indices=[0, 1, 2])
+        per_image = (norm(xc) - norm(x)).flatten(1).norm(dim=1) / norm(x).flatten(1).norm(dim=1)
+        for li in range(2):  # both blocks: scaling does not change a relative change
+            assert r.mean[li, k] == pytest.approx(float(per_image.mean()), rel=1e-5)
+    rows = [row for row in r.rows() if row["statistic"] == "mean"]
+    assert {(row["corruption"], row["severity"]) for row in rows} == {("fog", "2"), ("fog", "4"), ("contrast", "1")}
+    np.testing.assert_array_equal(r.values("fog@4"), r.mean[:, 1])
+
+
+def test_probe_corruption_errors_and_family_plot():
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(FanlensError, match="corruption goes with mode='additive'"):
+        fanlens.noise_probe(Scale(), x, corruption="fog", mode="pure", blocks="blocks.*", progress=False)
+    with pytest.raises(FanlensError, match="must not repeat"):
+        fanlens.noise_probe(Scale(), x, corruption="fog,fog@3", blocks="blocks.*", progress=False)
+    from fanlens.plotting import plot_probe_families
+
+    names = "gaussian_noise,shot_noise,glass_blur,fog,contrast,pixelate"
+    r = fanlens.noise_probe(Scale(), x, corruption=names, severity=3, blocks="blocks.*", progress=False)
+    spec = fanlens.spectrum(Scale(), x, blocks="blocks.*", progress=False)
+    ax = plot_probe_families(r, spec)
+    assert [ln.get_label() for ln in ax.lines] == ["noise (2)", "blur (1)", "weather (1)", "digital (2)"]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), r.mean[:, :2].mean(1))
+    assert len(ax.figure.axes) == 2  # the count on the twin axis
