@@ -12,6 +12,7 @@ Figure 4 panels; then writes the figures, ``results.csv`` and ``manifest.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -26,7 +27,10 @@ from . import analysis, spectral
 from ._validation import FanlensError, check_positive_int, check_seed
 from .grouping import GroupingScores, mask_scores
 from .models import LoadedModel, build_model
-from .results import GroupsResult, ProbeResult, SpectrumResult, rows_to_csv, save_png, versions, write_atomic
+from .corruptions import BENCHMARK
+from .results import (GroupsResult, ProbeResult, RobustnessResult, SpectrumResult, rows_to_csv, save_png, versions,
+                      write_atomic)
+from .robustness import corruption_errors, robustness
 from .runner import OutputFolder
 
 __all__ = ["Comparison", "compare", "ModelRun", "ReproduceResult", "reproduce", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
@@ -39,6 +43,8 @@ DEFAULT_OUT = "fanlens_out/reproduce"
 MASK_CLUSTERS = 2
 FIGURE4_CLUSTERS = 4
 FIGURE4_IMAGES = (0, 1, 2)
+CORRUPTION_PROBE_SEVERITY = 3
+ROBUSTNESS_BASELINE = "CNN"  # the zoo's CE / mCE are normalised by the zoo CNN
 RANDOM_SUFFIX = "@random-init"
 ZOO_LABELS = {"vit": "ViT", "fan": "FAN", "cnn": "CNN"}
 
@@ -54,11 +60,16 @@ class ModelRun:
     probe: ProbeResult
     groups: GroupsResult
     scores: GroupingScores | None
+    robustness: RobustnessResult | None = None
+    corruption_probe: ProbeResult | None = None
 
     def rows(self) -> list[dict]:
         rows = self.spectrum.rows() + self.probe.rows()
         if self.scores is not None:
             rows += self.scores.rows()
+        for extra in (self.robustness, self.corruption_probe):
+            if extra is not None:
+                rows += extra.rows()
         for r in rows:
             r["model"] = self.label
         return rows
@@ -76,7 +87,7 @@ def _zoo_images(n: int, seed: int):
 
     ds = SyntheticShapes(n, seed=seed, split="test")
     x, y, m = ds.batch(range(n))
-    return x, m.numpy(), [f"synthetic:test:{seed}:{i}" for i in range(n)]
+    return x, m.numpy(), [f"synthetic:test:{seed}:{i}" for i in range(n)], y
 
 
 def _pairs(models: Sequence[str] | None, pretrained: bool, checkpoints: Sequence[str] | None,
@@ -114,7 +125,8 @@ def _pairs(models: Sequence[str] | None, pretrained: bool, checkpoints: Sequence
 
 
 def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any, masks: np.ndarray | None,
-             sigmas: Sequence[float], seed: int, device: str, batch_size: int, progress: bool) -> ModelRun:
+             sigmas: Sequence[float], seed: int, device: str, batch_size: int, progress: bool,
+             labels: Any = None) -> ModelRun:
     common = dict(seed=seed, device=device, batch_size=batch_size, progress=progress)
     spec, probe = analysis.analyze(lm, images, sigmas=sigmas, **common)
     if masks is not None:
@@ -124,7 +136,27 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
         scores = None
     vis_images = images[: len(FIGURE4_IMAGES)] if isinstance(images, torch.Tensor) else images
     vis = analysis.group_tokens(lm, vis_images, n_clusters=FIGURE4_CLUSTERS, **common)
-    return ModelRun(label, short, trained, spec, probe, vis, scores)
+    rob = cprobe = None
+    if trained:  # a random-init twin is at chance under every corruption: nothing to learn from it
+        rob = robustness(lm, images, labels=labels, **common)
+        cprobe = analysis.noise_probe(lm, images, corruption=BENCHMARK, severity=CORRUPTION_PROBE_SEVERITY, **common)
+    return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe)
+
+
+def _normalise_errors(runs: list[ModelRun]) -> None:
+    """CE and mCE of the zoo models against the zoo CNN (top-1 errors only); a corruption under which
+    the CNN makes no error on these images has no CE and is left out of the mCE (NaN CE)."""
+    base = next((r.robustness for r in runs if r.trained and r.short == ROBUSTNESS_BASELINE and r.robustness
+                 is not None and r.robustness.metric == "top1_error"), None)
+    if base is None:
+        return
+    for r in runs:
+        rob = r.robustness
+        if rob is None or rob.metric != "top1_error":
+            continue
+        label, ce, rel, mce, rmce = corruption_errors(np.asarray(rob.mean), float(rob.clean[0]), rob.corruptions,
+                                                      rob.severities, base, skip_undefined=True)
+        r.robustness = dataclasses.replace(rob, baseline=label, ce=ce, relative_ce=rel, mce=mce, relative_mce=rmce)
 
 
 def _save_fig(fig, path: Path) -> None:
@@ -167,6 +199,17 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float]) -> None:
         n = min(len(FIGURE4_IMAGES), len(r.groups.images))
         fig = plotting.plot_groups_grid(rows, images=list(range(n)))
         _save_fig(fig, out / f"figure4_{_slug(r.short)}.png")
+    # robustness under the ImageNet-C corruptions, and the per-block probe under each family
+    robs = {r.short: r.robustness for r in trained if r.robustness is not None}
+    if robs:
+        _save_fig(plotting.plot_robustness_comparison(robs), out / "robustness.png")
+    cps = [r for r in trained if r.corruption_probe is not None]
+    if cps:
+        fig, axes = plt.subplots(1, len(cps), figsize=(4.6 * len(cps), 3.8), layout="constrained", squeeze=False)
+        for ax, r in zip(axes[0], cps):
+            plotting.plot_probe_families(r.corruption_probe, r.spectrum, ax=ax)
+            ax.set_title(r.label)
+        _save_fig(fig, out / "corruption_families.png")
     # grouping against the masks
     if all(r.scores is not None for r in runs):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
@@ -189,6 +232,9 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
             "images": image_names if image_names is not None else str(imgs), "n_images": n_images,
             "sigmas": list(sigmas), "seed": seed, "mask_clusters": MASK_CLUSTERS,
             "figure4_clusters": FIGURE4_CLUSTERS, "default_rule": spectral.DEFAULT_RULE,
+            "robustness": {"corruptions": list(BENCHMARK), "severities": [1, 2, 3, 4, 5],
+                           "baseline": ROBUSTNESS_BASELINE if not models else None,
+                           "corruption_probe_severity": CORRUPTION_PROBE_SEVERITY},
         },
         "versions": versions(),
         "runs": [
@@ -198,6 +244,8 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
                 "spectrum": r.spectrum.manifest(),
                 "probe": r.probe.manifest(),
                 "groups": r.groups.manifest(),
+                **({"robustness": r.robustness.manifest()} if r.robustness is not None else {}),
+                **({"corruption_probe": r.corruption_probe.manifest()} if r.corruption_probe is not None else {}),
             }
             for r in runs
         ],
@@ -247,8 +295,9 @@ def reproduce(
         imgs = "samples" if images is None else images
         masks = None
         image_names = None
+        labels = None
     else:
-        imgs, masks, image_names = _zoo_images(n_images, seed)
+        imgs, masks, image_names, labels = _zoo_images(n_images, seed)
     runs: list[ModelRun] = []
     for short, load_trained, load_random in pairs:
         for trained, loader in ((True, load_trained), (False, load_random)):
@@ -257,7 +306,9 @@ def reproduce(
             if trained and lm.weights == "random init":
                 _log.warning("%s has no weights (no --pretrained or --checkpoint): it is its own random-init twin", label)
             say(f"analysing {label}")
-            runs.append(_run_one(lm, label, short, trained, imgs, masks, sigmas, seed, device, batch_size, progress))
+            runs.append(_run_one(lm, label, short, trained, imgs, masks, sigmas, seed, device, batch_size, progress,
+                                 labels))
+    _normalise_errors(runs)
     with folder.staging() as out:
         _write_outputs(runs, out, sigmas, models, pretrained, checkpoints, image_names, imgs, n_images, seed)
     return ReproduceResult(runs, folder.written, time.perf_counter() - t0)

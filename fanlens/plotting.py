@@ -494,8 +494,8 @@ def plot_robustness(result, *, ax=None, vmax: float | None = None, title: str | 
     for (i, j), v in np.ndenumerate(m):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                 color="white" if v < 0.6 * (im.norm.vmax or 1) else "black")
-    labels = [_short(c) + (f"  (CE {result.ce[i]:.2f})" if result.baseline else "")
-              for i, c in enumerate(result.corruptions)]
+    labels = [_short(c) + ((f"  (CE {result.ce[i]:.2f})" if np.isfinite(result.ce[i]) else "  (CE n/a)")
+                           if result.baseline else "") for i, c in enumerate(result.corruptions)]
     ax.set_yticks(range(len(result.corruptions)), labels, fontsize=7)
     ax.set_xticks(range(len(result.severities)), [str(s) for s in result.severities])
     ax.set_xlabel("severity")

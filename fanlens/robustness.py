@@ -159,9 +159,12 @@ def _grid(corruptions: Any, severities: Any) -> tuple[tuple[str, ...], tuple[int
 
 
 def corruption_errors(mean: np.ndarray, clean: float, corruptions: Sequence[str], severities: Sequence[int],
-                      baseline: Any) -> tuple[str, np.ndarray, np.ndarray, float, float]:
+                      baseline: Any, *, skip_undefined: bool = False) -> tuple[str, np.ndarray, np.ndarray, float, float]:
     """CE and relative CE per corruption, mCE and relative mCE, against ``baseline``
-    (``"alexnet"`` or a :class:`RobustnessResult` of top-1 errors on the same grid)."""
+    (``"alexnet"`` or a :class:`RobustnessResult` of top-1 errors on the same grid).
+
+    A corruption under which the baseline makes no error has no CE: an error, or with
+    ``skip_undefined=True`` a NaN CE left out of the mCE (the mCE is then over the others)."""
     c_n = len(corruptions)
     nan = np.full(c_n, np.nan)
     if baseline is None:
@@ -188,15 +191,16 @@ def corruption_errors(mean: np.ndarray, clean: float, corruptions: Sequence[str]
     n_s = len(severities)
     known = np.isfinite(base_sum)
     zero = [c for c, b, k in zip(corruptions, base_sum, known) if k and b <= 0]
-    if zero:
+    if zero and not skip_undefined:
         raise FanlensError(f"baseline must make errors under every corruption to normalise by. Got none under "
                            f"{zero} (CE undefined); choose another baseline.")
     base_rel = base_sum - n_s * base_clean
     with np.errstate(divide="ignore", invalid="ignore"):
+        known = known & (base_sum > 0)
         ce = np.where(known, mean.sum(1) / base_sum, np.nan)
         # relative CE is undefined (NaN, left out of the tables) where the baseline loses nothing to the corruption
         rel = np.where(known & (base_rel > 0), (mean.sum(1) - n_s * clean) / base_rel, np.nan)
-    bench = [i for i, c in enumerate(corruptions) if c in cc.BENCHMARK]
+    bench = [i for i, c in enumerate(corruptions) if c in cc.BENCHMARK and np.isfinite(ce[i])]
     mce = float(np.mean(ce[bench])) if bench else math.nan
     rmce = float(np.mean(rel[bench])) if bench and np.isfinite(rel[bench]).all() else math.nan
     return label, ce, rel, mce, rmce
@@ -248,7 +252,13 @@ def robustness(
     if isinstance(baseline, (str, os.PathLike)) and str(baseline) != "alexnet":
         from .results import load
 
-        baseline = load(baseline)
+        try:
+            baseline = load(baseline)
+        except FanlensError as e:
+            raise FanlensError(f"baseline must be 'alexnet' or the folder of an earlier robustness run. Got "
+                               f"{str(baseline)!r}: {e}") from None
+        if not isinstance(baseline, RobustnessResult):
+            raise FanlensError(f"baseline must be the folder of a robustness run. Got a {baseline.KIND} result.")
     if isinstance(images, str) and images == "synthetic":
         from .synthetic import SyntheticShapes
 

@@ -56,6 +56,8 @@ def _cases() -> list[Case]:
     P = ["probe", "--model", TINY, *I]
     S = ["spectrum", "--model", TINY, *I]
     G = ["groups", "--model", TINY, *I]
+    R = ["robustness", "--model", "zoo:cnn", "--images", "synthetic", "--n-images", "8", "--corruptions", "fog",
+         "--severities", "1,2"]
     return [
         # ---- images
         Case("images: missing path", ["probe", "--model", TINY, "--images", "{W}/nope"], "images"),
@@ -155,6 +157,31 @@ def _cases() -> list[Case]:
              state=True),
         Case("out: resume with other images", ["probe", "--model", TINY, "--images", "{W}/imgs2", "--resume"],
              "resume", overwrite=False, state=True),
+        # ---- corruptions: the probe and robustness
+        Case("probe: --corruption unknown", [*P, "--corruption", "fogg"], "corruption"),
+        Case("probe: --severity 9", [*P, "--corruption", "fog", "--severity", "9"], "severity"),
+        Case("probe: --corruption with --flip", [*P, "--corruption", "fog", "--flip"], "--flip"),
+        Case("probe: --corruption with --mode pure", [*P, "--corruption", "fog", "--mode", "pure"], "corruption"),
+        Case("probe: --corruption in normalised space", [*P, "--corruption", "fog", "--space", "normalized"],
+             "corruption"),
+        Case("robustness: unknown corruption", [*R, "--corruptions", "fogg"], "corruptions"),
+        Case("robustness: --severities 0", [*R, "--severities", "0,2"], "severities"),
+        Case("robustness: alexnet with two severities", [*R, "--baseline", "alexnet"], "severities"),
+        Case("robustness: baseline without labels", ["robustness", "--model", TINY, *I, "--corruptions", "fog",
+                                                      "--baseline", "alexnet"], "baseline"),
+        Case("robustness: baseline folder missing", [*R, "--baseline", "{W}/nope"], "baseline"),
+        Case("robustness: baseline of another kind", [*R, "--baseline", "{W}/earlier_run"], "baseline"),
+        Case("robustness: labels CSV missing", ["robustness", "--model", TINY, *I, "--corruptions", "fog",
+                                                "--labels", "{W}/nope.csv"], "labels"),
+        Case("robustness: labels CSV without an image", ["robustness", "--model", TINY, *I, "--corruptions", "fog",
+                                                         "--labels", "{W}/short.csv"], "labels"),
+        Case("robustness: class index not JSON", ["robustness", "--model", TINY, "--images", "{W}/classes",
+                                                  "--labels", "folders", "--class-index", "{W}/afile",
+                                                  "--corruptions", "fog"], "class_index"),
+        Case("robustness: labels above the classes", ["robustness", "--model", TINY, "--images", "{W}/classes",
+                                                      "--labels", "folders", "--class-index", "{W}/big_index.json",
+                                                      "--corruptions", "fog"], "labels"),
+        Case("robustness: --n-images 0", [*R, "--n-images", "0"], "n_images"),
         # ---- reproduce and train-zoo
         Case("reproduce: --images without --model", ["reproduce", "--images", "{W}/imgs"], "images"),
         Case("reproduce: --checkpoint count", ["reproduce", "--model", TINY, "--model", TINY, "--checkpoint",
@@ -199,6 +226,10 @@ def _workspace(w: Path) -> None:
     (w / "factories.py").write_text(
         "def not_a_module():\n    return 42\n\ndef raises():\n    raise RuntimeError('factory failed')\n")
     (w / "afile").write_text("a file, not a folder")
+    (w / "short.csv").write_text("file,label\nimg_000.png,1\n")
+    for cls in ("cat", "dog"):
+        write_images(w / "classes" / cls, 2, size=(64, 64))
+    (w / "big_index.json").write_text('{"cat": 0, "dog": 99}')
     ck = w / "ck"
     ck.mkdir()
     (ck / "text.pth").write_text("hello, not weights\n")

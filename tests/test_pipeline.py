@@ -55,15 +55,26 @@ def test_zoo_path_writes_every_figure(tmp_path):
     res = reproduce(None, out=tmp_path, n_images=6, sigmas=(0.1, 0.2), progress=False)
     names = {p.name for p in res.written}
     expected = {f"figure3ab_{n}.png" for n in ("vit", "fan", "cnn")} | {f"figure4_{n}.png" for n in ("vit", "fan", "cnn")}
-    expected |= {"figure3c.png", "figure4_mask_agreement.png", "results.csv", "manifest.json"}
+    expected |= {"figure3c.png", "figure4_mask_agreement.png", "results.csv", "manifest.json", "robustness.png",
+                 "corruption_families.png"}
     assert names == expected
     assert len(res.runs) == 6 and [r.trained for r in res.runs] == [True, False] * 3
+    # robustness of the trained models only, CE against the zoo CNN (1 for the CNN where defined)
+    assert [r.robustness is not None for r in res.runs] == [True, False] * 3
+    cnn = res.runs[4].robustness
+    assert cnn.metric == "top1_error" and cnn.baseline == "zoo:cnn" and cnn.mean.shape == (15, 5)
+    assert np.all(cnn.ce[np.isfinite(cnn.ce)] == 1.0)
+    vit = res.runs[0].robustness
+    defined = np.isfinite(vit.ce)
+    np.testing.assert_allclose(vit.ce[defined], vit.mean.sum(1)[defined] / cnn.mean.sum(1)[defined])
+    assert res.runs[2].corruption_probe.perturbations[0] == "gaussian_noise@3"
     for r in res.runs:
         assert r.scores is not None and r.scores.iou.shape == (len(r.groups.blocks), 6)
         assert np.all((r.scores.iou >= 0) & (r.scores.iou <= 1))
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert {r["metric"] for r in rows} == {"significant_eigenvalues", "relative_perturbation", "mask_ari",
-                                           "mask_best_iou"}
+    assert {"significant_eigenvalues", "relative_perturbation", "mask_ari", "mask_best_iou", "clean_top1_error",
+            "top1_error", "corruption_error", "robust_accuracy"} <= {r["metric"] for r in rows}
+    assert all(r["value"] not in ("nan", "inf", "-inf") for r in rows)
 
 
 def test_compare_equals_analyze_per_model_and_tabulates(image_dir):
