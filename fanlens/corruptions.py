@@ -203,25 +203,32 @@ def _shift_clamped(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
 
 
 def _motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) -> torch.Tensor:
-    """The reference's motion blur: a Gaussian-weighted sum of copies shifted along a line."""
+    """The reference's motion blur: a Gaussian-weighted sum of copies shifted along a line (one
+    angle per image), the border row/column repeated; all images of the batch in each step."""
     width = 2 * radius + 1
     k = np.exp(-(np.arange(width) ** 2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
     k = k / k.sum()
-    h, w = x.shape[-2:]
-    out = torch.empty_like(x)
-    for b in range(x.shape[0]):
-        ang = math.radians(float(angles[b]))
-        py, px = width * math.sin(ang), width * math.cos(ang)
-        hyp = math.hypot(py, px)
-        acc = torch.zeros_like(x[b])
-        for i in range(width):
-            dy = -math.ceil(i * py / hyp - 0.5)
-            dx = -math.ceil(i * px / hyp - 0.5)
-            if abs(dy) >= h or abs(dx) >= w:
-                break
-            acc = acc + float(k[i]) * _shift_clamped(x[b], dx, dy)
-        out[b] = acc
-    return out
+    b, c, h, w = x.shape
+    ang = np.radians(np.asarray(angles, dtype=np.float64).reshape(-1))
+    py, px = width * np.sin(ang), width * np.cos(ang)
+    hyp = np.hypot(py, px)
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    acc = torch.zeros_like(x)
+    alive = np.ones(b, dtype=bool)  # the reference stops an image's sum once a shift leaves the image
+    for i in range(width):
+        dy = -np.ceil(i * py / hyp - 0.5).astype(np.int64)
+        dx = -np.ceil(i * px / hyp - 0.5).astype(np.int64)
+        alive &= (np.abs(dy) < h) & (np.abs(dx) < w)
+        if not alive.any():
+            break
+        iy = (ar_h[None] - torch.from_numpy(dy).to(x.device)[:, None]).clamp(0, h - 1)  # (B, H)
+        ix = (ar_w[None] - torch.from_numpy(dx).to(x.device)[:, None]).clamp(0, w - 1)  # (B, W)
+        shifted = x.gather(2, iy[:, None, :, None].expand(b, c, h, w))
+        shifted = shifted.gather(3, ix[:, None, None, :].expand(b, c, h, w))
+        weight = torch.from_numpy(np.where(alive, k[i], 0.0)).to(x)[:, None, None, None]
+        acc = acc + weight * shifted
+    return acc
 
 
 # --------------------------------------------------------------------------- the corruptions
