@@ -3,7 +3,9 @@
 One short prepared script (a few minutes at most): ``vit_small_patch16_224`` (random init,
 seed 0) on 32 random images at 224 x 224; ``fanlens.analyze`` (spectrum + probe at two
 sigmas), ``fanlens.noise_probe`` in pure mode and ``fanlens.group_tokens`` on CPU and on
-CUDA; the largest differences and the median times. Exits 1 on disagreement, 0 when it
+CUDA; the largest differences and the median times. Then the 19 ImageNet-C corruptions at
+severity 3 on the same images: CPU/CUDA agreement (the random draws are made on the CPU, so
+only float rounding differs) and the speed-up of the full 19 x 5 sweep. Exits 1 on disagreement, 0 when it
 agrees, and 2 (printing so) when no CUDA device is present.
 
 Run: python benchmarks/gpu_check.py [--images 32] [--repeats 3]
@@ -68,7 +70,38 @@ def main() -> int:
     print(f"group labels CPU vs CUDA: median ARI {np.median(ari):.3f}")
     tc, tg = med([c[0] for c in cpu]), med([g[0] for g in gpu])
     print(f"time: CPU {tc:.2f} s, CUDA {tg:.2f} s -> {tc / tg:.1f}x speed-up")
+    ok &= corruptions(x)
     return 0 if ok else 1
+
+
+def corruptions(x: torch.Tensor) -> bool:
+    """CPU vs CUDA for every corruption (severity 3), and the time of the 19 x 5 sweep on each."""
+    from fanlens import corruptions as C
+
+    ok = True
+    worst = {}
+    for n in C.NAMES:
+        a = C.corrupt(x, n, 3, seed=1)
+        b = C.corrupt(x.cuda(), n, 3, seed=1).cpu()
+        worst[n] = float((a - b).abs().max())
+        tol = 2 / 255 if n == "jpeg_compression" else 1e-3
+        if worst[n] > tol:
+            ok = False
+            print(f"corruption {n}: CPU vs CUDA max abs diff {worst[n]:.2e} > {tol:.1e} DISAGREES")
+    print(f"corruptions CPU vs CUDA: worst max abs diff {max(worst.values()):.2e} ({max(worst, key=worst.get)})")
+    times = {}
+    for dev in ("cpu", "cuda"):
+        xd = x.to(dev)
+        t = time.perf_counter()
+        for n in C.NAMES:
+            for s in C.SEVERITIES:
+                C.corrupt(xd, n, s)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times[dev] = time.perf_counter() - t
+    print(f"19 x 5 corruption sweep on {len(x)} images: CPU {times['cpu']:.1f} s, CUDA {times['cuda']:.1f} s -> "
+          f"{times['cpu'] / times['cuda']:.1f}x")
+    return ok
 
 
 if __name__ == "__main__":
