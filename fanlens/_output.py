@@ -75,6 +75,11 @@ _OLD_PREFIX = ".fanlens-old-"
 STATE_FORMAT = 1
 
 
+def state_dir(out: str | Path, command: str) -> Path:
+    """The checkpoint folder of ``command``'s run in output folder ``out`` (every rank computes it)."""
+    return Path(out) / STATE_DIRNAME / (command or "run")
+
+
 def package_dir() -> Path:
     """The installed fanlens package folder (never written to by a run)."""
     return Path(__file__).resolve().parent
@@ -213,7 +218,7 @@ class OutputFolder:
     @property
     def state_dir(self) -> Path:
         """Where the run's checkpoints live until its files are in place."""
-        return self.path / STATE_DIRNAME / (self.command or "run")
+        return state_dir(self.path, self.command)
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
@@ -271,7 +276,7 @@ class OutputFolder:
         finally:
             shutil.rmtree(old, ignore_errors=True)
         self.written = [self.path / n for n in new]
-        shutil.rmtree(self.path / STATE_DIRNAME / (self.command or "run"), ignore_errors=True)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             (self.path / STATE_DIRNAME).rmdir()
 

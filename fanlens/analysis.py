@@ -22,7 +22,7 @@ from .capture import TokenCapture
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
 from .results import BlockInfo, GroupsResult, ProbeResult, Provenance, SpectrumResult
-from .runner import (AccState, Setup, make_noise, make_provenance, n_batches, nonfinite_message, progress_bar, progress_iter,
+from .runner import (AccState, Setup, make_noise, make_provenance, n_batches, nonfinite_message, progress_iter,
                      resolve_shard, run_forward, run_state, setup, state_key, stream, uint8_images)
 
 __all__ = [

@@ -280,7 +280,7 @@ def _run_robustness(args: argparse.Namespace) -> list[Path]:
     from .distributed import init_from_env, is_main
     from .models import build_model
     from .robustness import robustness
-    from .runner import STATE_DIRNAME, OutputFolder, check_device
+    from .runner import OutputFolder, check_device, state_dir
 
     if args.pretrained and args.checkpoint:
         raise FanlensError("--pretrained and --checkpoint exclude each other; pass one.")
@@ -300,7 +300,7 @@ def _run_robustness(args: argparse.Namespace) -> list[Path]:
             severities=args.severities, labels=args.labels, class_index=args.class_index, baseline=args.baseline,
             n_images=args.n_images, batch_size=args.batch_size, device=args.device, seed=args.seed,
             input_size=input_size, progress=not args.no_progress and is_main(),
-            state_dir=out / STATE_DIRNAME / "robustness", checkpoint_every=args.checkpoint_every, resume=args.resume,
+            state_dir=state_dir(out, "robustness"), checkpoint_every=args.checkpoint_every, resume=args.resume,
         )
     except BaseException:
         if folder is not None:
@@ -372,7 +372,7 @@ def _run(args: argparse.Namespace) -> list[Path]:
     folder = OutputFolder(out, overwrite=args.overwrite, resume=resumable and args.resume,
                           command=args.command) if is_main() else None
     try:
-        res, extra, fig_name, draw = _analyse(args, analysis, build_model, input_size, out, folder)
+        res, extra, fig_name, draw = _analyse(args, analysis, build_model, input_size, out)
     except BaseException:
         if folder is not None:
             folder.abandon()
@@ -394,15 +394,15 @@ def _run(args: argparse.Namespace) -> list[Path]:
     return folder.written
 
 
-def _analyse(args: argparse.Namespace, analysis, build_model, input_size, out: Path, folder):
+def _analyse(args: argparse.Namespace, analysis, build_model, input_size, out: Path):
     """Build the model and run the command's analysis (and its captum extras)."""
     lm = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, seed=args.seed)
     if args.command == "groups" and args.attribution == "gradcam":  # check the block before any analysis
         from .attribution import _gradcam_block
 
         _gradcam_block(lm.model, args.attribution_block, layout=args.layout, num_prefix_tokens=args.num_prefix_tokens)
-    from .distributed import is_main, rank_and_world
-    from .runner import STATE_DIRNAME
+    from .distributed import is_main
+    from .runner import state_dir
 
     common = dict(
         blocks=args.blocks,
@@ -415,7 +415,7 @@ def _analyse(args: argparse.Namespace, analysis, build_model, input_size, out: P
         progress=not args.no_progress and is_main(),
     )
     if args.command in ("spectrum", "probe"):
-        common.update(state_dir=out / STATE_DIRNAME / args.command, checkpoint_every=args.checkpoint_every,
+        common.update(state_dir=state_dir(out, args.command), checkpoint_every=args.checkpoint_every,
                       resume=args.resume)
     images = _images_arg(args.images)
     if args.command == "spectrum":

@@ -33,7 +33,7 @@ from ._stats import RunningStats
 from ._validation import FanlensError, check_choice, check_positive_int
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
-from .results import RobustnessResult, STATISTICS
+from .results import RobustnessResult
 from .runner import AccState, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup, state_key
 
 __all__ = ["ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "robustness", "corruption_errors", "load_labels"]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ._output import (RUN_MARKER, STATE_DIRNAME, Interrupted, OutputFolder, RunState, is_run_folder, package_dir,
-                      signal_guard, write_atomic)
+                      signal_guard, state_dir, write_atomic)
 from ._validation import FanlensError, check_positive_int, check_seed
 from .capture import TokenCapture
 from .data import DataConfig, ImageSet, data_config, resolve_images
@@ -43,6 +43,7 @@ __all__ = [
     "is_run_folder",
     "package_dir",
     "signal_guard",
+    "state_dir",
     "write_atomic",
     "Setup",
     "setup",

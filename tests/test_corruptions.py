@@ -6,10 +6,8 @@ dependency that ``.ci/run`` installs; skipped with the reason where it is missin
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fanlens import FanlensError
 from fanlens import corruptions as C
