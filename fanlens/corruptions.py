@@ -56,9 +56,6 @@ SEVERITIES = (1, 2, 3, 4, 5)
 _STREAM = 2  # the corruptions' random stream, apart from the probe's noise and k-means
 
 DEVIATIONS = {
-    "glass_blur": "the reference swaps pixels one after another in a sequential loop (each pixel may move "
-                  "several times); fanlens moves every pixel once by a random offset in the same window, "
-                  "in one gather",
     "jpeg_compression": "encoded and decoded by Pillow (libjpeg), as in the reference, on the CPU: images on "
                         "another device make a round trip",
     "frost": "the reference overlays crops of six frost photographs that ship inside it; fanlens makes its "
@@ -262,20 +259,28 @@ def _gaussian_blur(x, s, gens):
 
 
 def _glass_blur(x, s, gens):
+    """The reference's glass blur exactly: blur, truncate to uint8 levels, then, ``iters`` times,
+    visit every inner pixel from the bottom-right to the top-left and give it the value of a random
+    neighbour within ``[-delta, delta)`` (what the reference's in-place "swap" of two pixel views
+    amounts to), then blur again. The sequential loop runs on the CPU for all images of the batch
+    at once."""
     sigma, delta, iters = [(0.7, 1, 2), (0.9, 2, 1), (1, 2, 3), (1.1, 3, 2), (1.5, 4, 2)][s - 1]
+    dev = x.device
     x = torch.floor(_gaussian_filter(x, sigma).clamp(0, 1) * 255) / 255  # the reference's uint8 step
     b, c, h, w = x.shape
-    u = _rand(gens, (iters, 2, h, w), x.device, "uniform")
-    yy, xx = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
-    inner = (yy > delta) & (yy <= h - delta) & (xx > delta) & (xx <= w - delta)  # where the reference swaps
+    off = torch.stack([torch.randint(-delta, delta, (iters, h, w, 2), generator=g) for g in gens]).numpy()
+    a = np.ascontiguousarray(x.permute(0, 2, 3, 1).cpu().numpy())  # (B, H, W, C)
+    bi = np.arange(b)
     for it in range(iters):
-        # offsets in [-delta, delta) as numpy's randint(-delta, delta)
-        dy = (torch.floor(u[:, it, 0] * 2 * delta) - delta).long()
-        dx = (torch.floor(u[:, it, 1] * 2 * delta) - delta).long()
-        sy = torch.where(inner, yy + dy, yy).clamp(0, h - 1)
-        sx = torch.where(inner, xx + dx, xx).clamp(0, w - 1)
-        flat = (sy * w + sx).reshape(b, 1, h * w).expand(b, c, h * w)
-        x = x.reshape(b, c, h * w).gather(2, flat).reshape(b, c, h, w)
+        for hh in range(h - delta, delta, -1):
+            for ww in range(w - delta, delta, -1):
+                hp = hh + off[:, it, hh, ww, 1]
+                wp = ww + off[:, it, hh, ww, 0]
+                # the reference writes ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` on pixel views: the
+                # second assignment copies the already overwritten pixel back, so in effect
+                # x[h, w] takes x[h', w'] and x[h', w'] keeps its value
+                a[bi, hh, ww] = a[bi, hp, wp]
+    x = torch.from_numpy(a).permute(0, 3, 1, 2).to(dev)
     return _gaussian_filter(x, sigma)
 
 

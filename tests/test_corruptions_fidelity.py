@@ -10,9 +10,9 @@ ImageNet-C's parameters are written for), fed to both as the same uint8 pixels.
   the reference's |mean| and its standard deviation (a residual whose mean is ~0 has no
   meaningful relative error). Fog's residual is dominated by one random fractal per image: its
   mean is compared by a two-sample z-test of the per-image means (|z| < 3), as the reference
-  itself differs by up to 25 % between two seeds on 32 images. Glass blur, frost and water
-  spatter deviate by design (``fanlens.corruptions.DEVIATIONS``); their measured gaps are held
-  to the bounds stated there so that a regression shows.
+  itself differs by up to 25 % between two seeds on 32 images. Frost and water spatter deviate
+  by design (``fanlens.corruptions.DEVIATIONS``); their measured gaps are held to the bounds
+  stated there so that a regression shows.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ ic = pytest.importorskip("imagecorruptions", reason="the reference (pip install 
 from fanlens import corruptions as C  # noqa: E402
 
 SIZE = 224
-FIVE_PERCENT = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "motion_blur", "snow",
-                "elastic_transform")
+FIVE_PERCENT = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur",
+                "snow", "elastic_transform")
 # measured gaps of the documented deviations (max over severities and channels), with a margin
-DEVIATION_BOUNDS = {"glass_blur": {"sd": 0.22, "mean": 0.05}, "frost": {"sd": 0.35, "mean": 0.30},
+DEVIATION_BOUNDS = {"frost": {"sd": 0.35, "mean": 0.30},
                     "spatter_water": {"sd": 0.35, "mean": 0.15}}
 
 
@@ -113,7 +113,7 @@ def test_spatter_mud_matches_and_water_deviates_within_its_bound(images):
         assert dm <= DEVIATION_BOUNDS["spatter_water"]["mean"] and dsd <= DEVIATION_BOUNDS["spatter_water"]["sd"]
 
 
-@pytest.mark.parametrize("name", ("glass_blur", "frost"))
+@pytest.mark.parametrize("name", ("frost",))
 def test_documented_deviations_stay_within_their_bounds(images, name):
     assert name in C.DEVIATIONS
     for s in C.SEVERITIES:
