@@ -12,6 +12,7 @@ batches and on Ctrl-C/SIGTERM); ``--resume`` continues an interrupted run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -274,26 +275,56 @@ def _run_train(args: argparse.Namespace) -> list[Path]:
     return write_trained(out, trained)
 
 
-def _run_robustness(args: argparse.Namespace) -> list[Path]:
+def _model_options(args: argparse.Namespace) -> tuple[tuple[int, int] | None, bool]:
+    """Checks of the model options every analysis command shares, then joins a torchrun process
+    group where one is launched; returns (input size, distributed)."""
     from ._validation import check_seed
     from .data import parse_input_size
-    from .distributed import init_from_env, is_main
-    from .models import build_model
-    from .robustness import robustness
-    from .runner import OutputFolder, check_device, state_dir
+    from .distributed import init_from_env
+    from .runner import check_device
 
     if args.pretrained and args.checkpoint:
         raise FanlensError("--pretrained and --checkpoint exclude each other; pass one.")
     input_size = parse_input_size(args.input_size, "--input-size") if args.input_size else None
     check_device(args.device)
     check_seed(args.seed, "--seed")
-    init_from_env(args.device)
+    return input_size, init_from_env(args.device)
+
+
+def _output_folder(args: argparse.Namespace, out: Path, *, resumable: bool):
+    """The output folder, checked (and created) before any work; rank 0 writes it, other ranks get None."""
+    from .distributed import is_main
+    from .runner import OutputFolder
+
+    if not is_main():
+        return None
+    return OutputFolder(out, overwrite=args.overwrite, resume=resumable and args.resume, command=args.command)
+
+
+@contextlib.contextmanager
+def _abandon_on_error(folder):
+    """A failing run removes the output folder it created (when still empty)."""
+    try:
+        yield
+    except BaseException:
+        if folder is not None:
+            folder.abandon()
+        raise
+
+
+def _run_robustness(args: argparse.Namespace) -> list[Path]:
+    from .distributed import is_main
+    from .models import build_model
+    from .robustness import robustness
+    from .runner import state_dir
+
+    input_size, _ = _model_options(args)
     out = Path(_out_path(args))
     synthetic = args.images == ["synthetic"]
     if not synthetic:
         _check_images_outside(args.images, out)
-    folder = OutputFolder(out, overwrite=args.overwrite, resume=args.resume, command="robustness") if is_main() else None
-    try:
+    folder = _output_folder(args, out, resumable=True)
+    with _abandon_on_error(folder):
         lm = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, seed=args.seed)
         res = robustness(
             lm, "synthetic" if synthetic else _images_arg(args.images), corruptions=args.corruptions,
@@ -302,10 +333,6 @@ def _run_robustness(args: argparse.Namespace) -> list[Path]:
             input_size=input_size, progress=not args.no_progress and is_main(),
             state_dir=state_dir(out, "robustness"), checkpoint_every=args.checkpoint_every, resume=args.resume,
         )
-    except BaseException:
-        if folder is not None:
-            folder.abandon()
-        raise
     if not is_main():
         return []
     what = "top-1 error" if res.metric == "top1_error" else "flip rate"
@@ -333,7 +360,6 @@ def _run_robustness(args: argparse.Namespace) -> list[Path]:
 def _run(args: argparse.Namespace) -> list[Path]:
     from . import analysis
     from .models import build_model
-    from .runner import OutputFolder
 
     if args.command == "reproduce":
         return _run_reproduce(args)
@@ -342,19 +368,9 @@ def _run(args: argparse.Namespace) -> list[Path]:
     if args.command == "robustness":
         return _run_robustness(args)
 
-    if args.pretrained and args.checkpoint:
-        raise FanlensError("--pretrained and --checkpoint exclude each other; pass one.")
-    from .data import parse_input_size
-    from .distributed import init_from_env, is_main
+    from .distributed import is_main
 
-    input_size = parse_input_size(args.input_size, "--input-size") if args.input_size else None
-    from .runner import check_device
-
-    check_device(args.device)
-    from ._validation import check_seed
-
-    check_seed(args.seed, "--seed")
-    distributed = init_from_env(args.device)
+    input_size, distributed = _model_options(args)
     if distributed and args.command == "groups":
         raise FanlensError("groups runs in one process; launch it without torchrun.")
     if args.command == "probe" and args.corruption is not None:
@@ -368,15 +384,9 @@ def _run(args: argparse.Namespace) -> list[Path]:
     resumable = args.command in ("spectrum", "probe")
     out = Path(_out_path(args))
     _check_images_outside(args.images, out)
-    # the output folder is checked (and created) before any work; rank 0 writes it
-    folder = OutputFolder(out, overwrite=args.overwrite, resume=resumable and args.resume,
-                          command=args.command) if is_main() else None
-    try:
+    folder = _output_folder(args, out, resumable=resumable)
+    with _abandon_on_error(folder):
         res, extra, fig_name, draw = _analyse(args, analysis, build_model, input_size, out)
-    except BaseException:
-        if folder is not None:
-            folder.abandon()
-        raise
     if not is_main():  # every rank holds the merged statistics; rank 0 writes them
         return []
     with folder.staging() as tmp:
