@@ -113,7 +113,7 @@ class _SpectralAcc(AccState):
         self.stats: list[RunningStats] = []
         self.eig: list[RunningStats] = []
 
-    def update(self, bts: list, b: int) -> None:
+    def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
         pooled = []
         for bt in bts:
             tok, g = sp.pool_tokens(bt.tokens[:b], bt.layout.grid, self.token_budget)
@@ -123,7 +123,7 @@ class _SpectralAcc(AccState):
             pooled.append((tok, g))
         if not self.infos:
             self.infos = [BlockInfo(i, bt.label, bt.layout, g) for i, (bt, (_t, g)) in enumerate(zip(bts, pooled))]
-            self.stats = [RunningStats((len(self.rules),)) for _ in bts]
+            self.stats = [RunningStats((len(self.rules),), keep=True) for _ in bts]
             self.eig = [RunningStats((self.n_eig,)) for _ in bts]
         # group blocks by token count: one batched eigendecomposition per group
         groups: dict[int, list[int]] = {}
@@ -144,7 +144,7 @@ class _SpectralAcc(AccState):
             top[:, : min(self.n_eig, rel.shape[1])] = rel[:, : self.n_eig]
             for j, li in enumerate(lis):
                 _finite_or_raise(counts[j * b : (j + 1) * b], self.infos[li].name, "significant-eigenvalue count")
-                self.stats[li].update(counts[j * b : (j + 1) * b])
+                self.stats[li].update(counts[j * b : (j + 1) * b], idx)
                 self.eig[li].update(top[j * b : (j + 1) * b])
 
     def _stat_lists(self) -> dict[str, list[RunningStats]]:
@@ -173,7 +173,17 @@ class _SpectralAcc(AccState):
             count_ci_high=np.stack([x.ci_high for x in summ]),
             eig_mean=np.stack([e.summary().mean for e in eig]),
             provenance=provenance,
+            per_image=_per_image(stats),
         )
+
+
+def _per_image(stats: list[RunningStats]) -> np.ndarray:
+    """``(n_images, L, C)`` per-image values of every block, in dataset-index order."""
+    parts = [st.per_image() for st in stats]
+    for idx, _v in parts[1:]:
+        if not np.array_equal(idx, parts[0][0]):
+            raise RuntimeError("blocks saw different images; fanlens needs every block for every image.")
+    return np.stack([v for _i, v in parts], axis=1)
 
 
 def _check_token_count(block: str, n: int, grid: tuple[int, int]) -> None:
@@ -199,7 +209,7 @@ class _ProbeAcc(AccState):
         self.infos: list[BlockInfo] = []
         self.stats: list[RunningStats] = []
 
-    def update(self, bts: list, b: int) -> None:
+    def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
         vals = []
         for bt in bts:
             t = bt.tokens
@@ -215,10 +225,10 @@ class _ProbeAcc(AccState):
             vals = [v / first for v in vals]
         if not self.infos:
             self.infos = [BlockInfo(i, bt.label, bt.layout) for i, bt in enumerate(bts)]
-            self.stats = [RunningStats((self.n_cols,)) for _ in bts]
+            self.stats = [RunningStats((self.n_cols,), keep=True) for _ in bts]
         for li, v in enumerate(vals):
             _finite_or_raise(v, self.infos[li].name, self._what)
-            self.stats[li].update(v)
+            self.stats[li].update(v, idx)
 
     @property
     def _what(self) -> str:
@@ -228,7 +238,8 @@ class _ProbeAcc(AccState):
         return {"stats": self.stats}
 
     def result(self, provenance: Provenance, space: str) -> ProbeResult:
-        summ = [st.summary() for st in merge_stats(self.stats)]
+        self._merged = merge_stats(self.stats)
+        summ = [st.summary() for st in self._merged]
         return ProbeResult(
             blocks=tuple(self.infos),
             mode=self.mode,
@@ -241,6 +252,7 @@ class _ProbeAcc(AccState):
             ci_high=np.stack([x.ci_high for x in summ]),
             provenance=provenance,
             perturbations=self.perturbations,
+            per_image=_per_image(self._merged),
         )
 
 

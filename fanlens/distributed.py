@@ -121,17 +121,20 @@ def merge_stats(stats: Sequence[RunningStats]) -> list[RunningStats]:
     global _merges
     _merges += 1
     wait_for_all(f"merge-{_merges}")  # every rank is here and none has failed: the collective cannot hang
-    mine = [(s.shape, s.n, s.mean, s.m2) for s in stats]
+    mine = [(s.shape, s.n, s.mean, s.m2, *(s.per_image() if s.keep else (None, None))) for s in stats]
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine)
     if any(len(g) != len(mine) for g in gathered):
         raise RuntimeError("ranks disagree on the number of statistics; every rank must see the same blocks.")
     merged = []
     for i in range(len(mine)):
-        acc = RunningStats(mine[i][0])
+        keep = stats[i].keep
+        acc = RunningStats(mine[i][0], keep=keep)
         for g in gathered:  # rank order: the same result on every rank
-            part = RunningStats(g[i][0])
+            part = RunningStats(g[i][0], keep=keep)
             part.n, part.mean, part.m2 = g[i][1], g[i][2], g[i][3]
+            if keep:
+                part.indices, part.values = [g[i][4]], [g[i][5]]
             acc.merge(part)
         merged.append(acc)
     return merged

@@ -23,7 +23,7 @@ import platform
 import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import numpy as np
 
@@ -74,13 +74,13 @@ def versions() -> dict[str, str]:
     }
 
 
-def rows_to_csv(rows) -> str:
-    """Tidy rows (dicts keyed by :data:`CSV_COLUMNS`, missing keys empty) as CSV text."""
+def rows_to_csv(rows, columns: Sequence[str] = CSV_COLUMNS) -> str:
+    """Tidy rows (dicts keyed by ``columns``, default :data:`CSV_COLUMNS`; missing keys empty) as CSV text."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+        w.writerow({k: r.get(k, "") for k in columns})
     return buf.getvalue()
 
 
@@ -188,7 +188,10 @@ class _ResultIO:
         return {}
 
     def _array_dict(self) -> dict[str, np.ndarray]:
-        return {k: np.asarray(getattr(self, k)) for k in self._ARRAYS}
+        out = {k: np.asarray(getattr(self, k)) for k in self._ARRAYS}
+        if getattr(self, "per_image", None) is not None:
+            out["per_image"] = np.asarray(self.per_image)
+        return out
 
     def rows(self) -> list[dict]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -235,6 +238,8 @@ class _ResultIO:
         blocks = tuple(BlockInfo.from_dict(b) for b in manifest["blocks"])
         prov = Provenance.from_dict(manifest["provenance"])
         kwargs = {k: arrays[k] for k in cls._ARRAYS}
+        if "per_image" in arrays and "per_image" in {f.name for f in fields(cls)}:
+            kwargs["per_image"] = arrays["per_image"]
         extra = {f.name: manifest[f.name] for f in fields(cls) if f.name in manifest and f.name not in ("blocks", "provenance")}
         for k, v in extra.items():
             if isinstance(v, list):
@@ -277,6 +282,8 @@ class SpectrumResult(_ResultIO):
         eig_mean: ``(L, K)`` mean of the top-K eigenvalues of the affinity, each image's
             spectrum divided by its largest eigenvalue (NaN where a block has fewer than K tokens).
         provenance: see :class:`Provenance`.
+        per_image: ``(n_images, L, R)`` the count of every image (dataset order), block and rule
+            (what :mod:`fanlens.claims` resamples); ``None`` in results saved before it existed.
     """
 
     KIND: ClassVar[str] = "spectrum"
@@ -291,6 +298,7 @@ class SpectrumResult(_ResultIO):
     count_ci_high: np.ndarray
     eig_mean: np.ndarray
     provenance: Provenance
+    per_image: np.ndarray | None = None
 
     def _extra_manifest(self) -> dict:
         return {"rules": list(self.rules), "n_images": self.n_images}
@@ -329,6 +337,8 @@ class ProbeResult(_ResultIO):
         mean, std, ci_low, ci_high: ``(L, S)``.
         provenance: see :class:`Provenance`.
         perturbations: ``("fog@3", ...)`` the corruption columns, or ``()`` for Gaussian noise.
+        per_image: ``(n_images, L, S)`` the value of every image (dataset order; noise sample in
+            pure mode), block and column; ``None`` in results saved before it existed.
     """
 
     KIND: ClassVar[str] = "probe"
@@ -345,6 +355,7 @@ class ProbeResult(_ResultIO):
     ci_high: np.ndarray
     provenance: Provenance
     perturbations: tuple[str, ...] = ()
+    per_image: np.ndarray | None = None
 
     @property
     def metric(self) -> str:
@@ -570,6 +581,8 @@ class RobustnessResult(_ResultIO):
         ce, relative_ce: ``(C,)`` Corruption Error and relative CE per corruption (NaN without a baseline).
         mce, relative_mce: their means over the ImageNet-C benchmark corruptions present (NaN without).
         provenance: see :class:`Provenance`.
+        per_image: ``(n_images, 1 + C * S)`` uint8, 1 where the image is wrong (or flipped): clean,
+            then every corruption (rows) and severity (columns) in order; ``None`` in older results.
     """
 
     KIND: ClassVar[str] = "robustness"
@@ -591,6 +604,7 @@ class RobustnessResult(_ResultIO):
     mce: float
     relative_mce: float
     provenance: Provenance
+    per_image: np.ndarray | None = None
 
     def _extra_manifest(self) -> dict:
         return {"metric": self.metric, "corruptions": list(self.corruptions), "severities": list(self.severities),

@@ -53,7 +53,7 @@ class _RobustAcc(AccState):
 
     def __init__(self, n_cells: int) -> None:
         self.infos = []
-        self.stats = [RunningStats((n_cells + 1,))]
+        self.stats = [RunningStats((n_cells + 1,), keep=True)]
 
     def _stat_lists(self):
         return {"stats": self.stats}
@@ -304,12 +304,14 @@ def robustness(
             cols = [(clean != ref).double()]
             for c, v in cells:
                 cols.append((predict(cc.corrupt(x, c, v, seed=seed, indices=idx), idx) != ref).double())
-        acc.stats[0].update(torch.stack(cols, 1).numpy())
+        acc.stats[0].update(torch.stack(cols, 1).numpy(), idx)
 
     batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
     n_local = len(range(rank, len(s.images), world))
     run_batches(batches, n_batches(n_local, batch_size), "robustness", progress, step, [acc], state)
-    summ = merge_stats(acc.stats)[0].summary()
+    merged = merge_stats(acc.stats)[0]
+    summ = merged.summary()
+    per_image = merged.per_image()[1].astype(np.uint8)  # 0/1: clean, then every (corruption, severity)
     shape = (len(corrs), len(sevs))
     grid = {k: np.asarray(getattr(summ, k))[1:].reshape(shape) for k in ("mean", "std", "ci_low", "ci_high")}
     clean = np.array([float(getattr(summ, k)[0]) for k in ("mean", "std", "ci_low", "ci_high")])
@@ -319,4 +321,5 @@ def robustness(
         blocks=(), metric=metric, corruptions=corrs, severities=sevs, n_images=summ.n, **grid, clean=clean,
         baseline=label, ce=ce, relative_ce=rel, mce=mce, relative_mce=rmce,
         provenance=make_provenance(s, seed, params, s.images.names),
+        per_image=per_image,
     )

@@ -264,6 +264,8 @@ class AccState:
             for i, st in enumerate(lst):
                 arrays[f"{name}.{i}.mean"] = st.mean
                 arrays[f"{name}.{i}.m2"] = st.m2
+                if st.keep:
+                    arrays[f"{name}.{i}.indices"], arrays[f"{name}.{i}.values"] = st.per_image()
         return meta, arrays
 
     def load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
@@ -272,8 +274,12 @@ class AccState:
             lst = []
             for i, n in enumerate(ns):
                 mean, m2 = arrays[f"{name}.{i}.mean"], arrays[f"{name}.{i}.m2"]
-                st = RunningStats(mean.shape)
+                keep = f"{name}.{i}.indices" in arrays
+                st = RunningStats(mean.shape, keep=keep)
                 st.n, st.mean, st.m2 = int(n), mean.astype(np.float64), m2.astype(np.float64)
+                if keep:
+                    st.indices = [arrays[f"{name}.{i}.indices"].astype(np.int64)]
+                    st.values = [arrays[f"{name}.{i}.values"].astype(np.float64)]
                 lst.append(st)
             setattr(self, name, lst)
 
@@ -339,7 +345,7 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
                 if not bool(torch.isfinite(bt.tokens).all()):
                     raise FanlensError(nonfinite_message(bt, x.shape[0], copies))
             for acc in accs:
-                acc.update(bts, x.shape[0])
+                acc.update(bts, x.shape[0], idx)
 
         run_batches(batches, total, desc, progress, step, accs, state)
 
