@@ -1,0 +1,189 @@
+"""fanlens.claims: statistics, bootstrap intervals and verdicts on hand-built results with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from fanlens import FanlensError, claims
+from fanlens.capture import TokenLayout
+from fanlens.grouping import GroupingScores
+from fanlens.results import BlockInfo, ProbeResult, Provenance, SpectrumResult
+
+
+def _blocks(L: int, layout: str = "NLC") -> tuple[BlockInfo, ...]:
+    return tuple(BlockInfo(i, f"blocks.{i}", TokenLayout(layout, 0, (4, 4), 8)) for i in range(L))
+
+
+def _prov(model: str, n: int, prefix: str = "img") -> Provenance:
+    return Provenance(model, "test", "0" * 64, 0, {}, [f"{prefix}{i}" for i in range(n)])
+
+
+def _evidence(label, count, pert, *, layout="NLC", prefix="img", sigmas=(0.1,), **kw) -> claims.Evidence:
+    """Evidence from per-image arrays ``count`` and ``pert`` of shape (n_images, L)."""
+    count, pert = np.asarray(count, float), np.asarray(pert, float)
+    n, L = count.shape
+    blocks = _blocks(L, layout)
+    prov = _prov(label, n, prefix)
+    spec = SpectrumResult(blocks, ("rel_threshold",), n, count.mean(0)[:, None], count.std(0)[:, None],
+                          count.mean(0)[:, None], count.mean(0)[:, None], np.zeros((L, 4)), prov,
+                          per_image=count[:, :, None])
+    probe = ProbeResult(blocks, "additive", sigmas, "pixel", n, pert.mean(0)[:, None], pert.std(0)[:, None],
+                        pert.mean(0)[:, None], pert.mean(0)[:, None], prov, per_image=pert[:, :, None])
+    return claims.Evidence(label, spec, probe, **kw)
+
+
+def _row(res, statistic, models=None):
+    rows = [r for r in res.rows if r.statistic.startswith(statistic) and (models is None or r.models == models)]
+    assert len(rows) == 1, [r.statistic for r in res.rows]
+    return rows[0]
+
+
+RNG = np.random.default_rng(0)
+N, L = 48, 8
+
+
+def _profile(values, noise=0.2, n=N, rng=RNG):
+    return np.asarray(values, float)[None, :] + noise * rng.standard_normal((n, len(values)))
+
+
+def test_spearman_matches_scipy_and_handles_constants():
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((20, 9)), rng.standard_normal((20, 9))
+    x[:, 3] = x[:, 4]  # ties
+    got = claims.spearman(x, y)
+    want = [spearmanr(a, b).statistic for a, b in zip(x, y)]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert np.isnan(claims.spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_monotone_profiles_give_rho_one_and_hold():
+    falling = np.linspace(12, 2, L)
+    ev = _evidence("FAN", _profile(falling), _profile(falling / 10, noise=0.01))
+    res = claims.check([ev], n_boot=300, seed=0)
+    rho = _row(res, "c1_spearman")
+    assert rho.value == pytest.approx(1.0) and rho.ci_low == pytest.approx(1.0) and rho.verdict == "holds"
+    drop = _row(res, "c1_count_drop")
+    mid = (np.linspace(0, 1, L) >= 0.3) & (np.linspace(0, 1, L) <= 0.7)
+    assert drop.value == pytest.approx(float(np.mean(ev.spectrum.per_image[:, mid, 0].mean(1) - ev.spectrum.per_image[:, 0, 0])))
+    assert drop.ci_high < 0 and drop.verdict == "holds"
+    assert _row(res, "c1_perturbation_drop").verdict == "holds"
+    # the count-based C3 across blocks is the same ordering: rho = 1
+    assert _row(res, "c3_blocks").value == pytest.approx(1.0)
+    assert _row(res, "c2_decay_ratio").value == pytest.approx(
+        ev.probe.per_image[:, -1, 0].mean() / ev.probe.per_image[:, 0, 0].mean())
+
+
+def test_opposite_profiles_are_contradicted():
+    ev = _evidence("X", _profile(np.linspace(2, 12, L)), _profile(np.linspace(1.2, 0.2, L), noise=0.01))
+    res = claims.check([ev], n_boot=300)
+    rho = _row(res, "c1_spearman")
+    assert rho.value == pytest.approx(-1.0) and rho.verdict == "contradicted"
+    assert _row(res, "c1_count_drop").verdict == "contradicted"
+
+
+def test_unrelated_profiles_are_inconclusive_with_an_interval_around_zero():
+    rng = np.random.default_rng(3)
+    # no structure over blocks: every block's values drawn from the same distribution
+    ev = _evidence("R", 5 + rng.standard_normal((N, 12)), 0.5 + 0.1 * rng.standard_normal((N, 12)))
+    res = claims.check([ev], n_boot=1000, seed=1)
+    rho = _row(res, "c1_spearman")
+    assert rho.ci_low < 0 < rho.ci_high and rho.verdict == "inconclusive"
+    assert rho.ci_high - rho.ci_low > 0.5
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_normal_interval():
+    rng = np.random.default_rng(4)
+    n = 400
+    count = np.zeros((n, 5))
+    count[:, 2] = rng.normal(-1.0, 2.0, n)  # the mid block (depth 0.5) minus block 0: mean -1, sd 2
+    ev = _evidence("M", count, _profile(np.linspace(1, 0.5, 5), n=n, rng=rng))
+    drop = _row(claims.check([ev], n_boot=2000, seed=0), "c1_count_drop")
+    half = 1.96 * count[:, 2].std(ddof=1) / np.sqrt(n)
+    assert drop.value == pytest.approx(count[:, 2].mean())
+    assert (drop.ci_high - drop.ci_low) / 2 == pytest.approx(half, rel=0.12)
+
+
+def test_c2_transformer_against_cnn():
+    flat, decaying = np.full(L, 1.0), np.linspace(1.0, 0.25, L)
+    vit = _evidence("ViT", _profile(np.linspace(9, 3, L)), _profile(decaying, noise=0.02))
+    cnn = _evidence("CNN", _profile(np.linspace(9, 3, L)), _profile(flat, noise=0.02), layout="NCHW")
+    assert cnn.kind == "cnn" and vit.kind == "transformer"
+    res = claims.check([vit, cnn], n_boot=300)
+    diff = _row(res, "c2_ratio_difference")
+    assert diff.models == "ViT - CNN"
+    assert diff.value == pytest.approx(0.25 - 1.0, abs=0.03) and diff.verdict == "holds" and diff.note == ""
+    assert _row(res, "c2_decay_ratio", "CNN").verdict == "inconclusive"
+    assert _row(res, "c2_decay_ratio", "ViT").verdict == "holds"
+
+
+def test_models_on_the_same_images_are_resampled_together():
+    a = _evidence("A", _profile(np.linspace(9, 3, L)), _profile(np.linspace(1, 0.5, L)))
+    b = _evidence("B", _profile(np.linspace(9, 3, L)), _profile(np.linspace(1, 0.5, L)))
+    c = _evidence("C", _profile(np.linspace(9, 3, L)), _profile(np.linspace(1, 0.5, L)), prefix="other")
+    rs = claims._Resampler([a, b, c], 50, 0)
+    assert rs.weights[rs.key["A"]] is rs.weights[rs.key["B"]]
+    assert rs.key["C"] != rs.key["A"]
+    w = rs.weights[rs.key["A"]]
+    assert w.shape == (51, N) and np.all(w[0] == 1) and np.all(w.sum(1) == N)
+
+
+def test_c3_across_models_and_training_and_c4_heads():
+    rng = np.random.default_rng(5)
+    evs = []
+    # better grouping (ARI) goes with a smaller last-block perturbation, over 4 models
+    for k, (ari, last) in enumerate([(0.2, 0.9), (0.4, 0.7), (0.6, 0.5), (0.8, 0.3)]):
+        pert = _profile(np.linspace(1.0, last, L), noise=0.01, rng=rng)
+        ev = _evidence(f"M{k}", _profile(np.linspace(8, 4, L), rng=rng), pert, heads=[1, 2, 4, 8][k])
+        scores = GroupingScores(ev.label, ev.spectrum.blocks, np.clip(ari + 0.02 * rng.standard_normal((L, N)), 0, 1),
+                                np.zeros((L, N)))
+        evs.append(claims.Evidence(ev.label, ev.spectrum, ev.probe, scores=scores, heads=ev.heads))
+    # snapshots of one training run: grouping falls as robustness rises -> contradicted
+    for step, (count_mean, last) in enumerate([(4, 0.9), (6, 0.7), (8, 0.5)]):
+        evs.append(_evidence(f"S{step}", _profile(np.full(L, count_mean), rng=rng),
+                             _profile(np.linspace(1.0, last, L), noise=0.01, rng=rng), series="vit", step=step * 100))
+    res = claims.check(evs, n_boot=300)
+    models = _row(res, "c3_models")
+    assert "mean mask ARI" in models.statistic and models.n_units == 4
+    assert models.value == pytest.approx(1.0) and models.verdict == "holds"
+    train = _row(res, "c3_training[vit]")
+    assert "-mean count" in train.statistic and train.value == pytest.approx(-1.0) and train.verdict == "contradicted"
+    heads = _row(res, "c4_heads")
+    assert heads.value == pytest.approx(1.0) and heads.verdict == "holds" and heads.n_units == 4
+    # snapshots enter only the training series
+    assert not any(r.models.startswith("S") for r in res.rows if r.claim == "C1")
+
+
+def test_undefined_statistics_are_inconclusive_never_nan(tmp_path):
+    ev = _evidence("K", np.full((N, L), 3.0), _profile(np.linspace(1, 0.5, L)))
+    res = claims.check([ev], n_boot=100)
+    rho = _row(res, "c1_spearman")
+    assert rho.value is None and rho.verdict == "inconclusive" and rho.note.startswith("undefined")
+    text = res.to_csv()
+    assert "nan" not in text.lower()
+    files = res.save(tmp_path / "c")
+    assert sorted(p.name for p in files) == ["claims.csv", "claims.json", "claims.md"]
+    md = (tmp_path / "c" / "claims.md").read_text()
+    assert "| C1 | c1_spearman | K | undefined |" in md
+
+
+def test_bad_input_is_named():
+    ev = _evidence("A", _profile(np.linspace(9, 3, L)), _profile(np.linspace(1, 0.5, L)))
+    with pytest.raises(FanlensError, match="evidence must be a non-empty list"):
+        claims.check([])
+    with pytest.raises(FanlensError, match="labels must be distinct"):
+        claims.check([ev, ev])
+    with pytest.raises(FanlensError, match="sigma must be one of"):
+        claims.check([ev], sigma=0.3)
+    with pytest.raises(FanlensError, match="n_boot must be"):
+        claims.check([ev], n_boot=0)
+    old = claims.Evidence("old", ev.spectrum.__class__(**{**ev.spectrum.__dict__, "per_image": None}), ev.probe)
+    with pytest.raises(FanlensError, match="no per-image values"):
+        claims.check([old])
+
+
+def test_the_same_seed_gives_the_same_table():
+    ev = _evidence("A", _profile(np.linspace(9, 3, L)), _profile(np.linspace(1, 0.5, L)))
+    assert claims.check([ev], n_boot=200, seed=7).to_csv() == claims.check([ev], n_boot=200, seed=7).to_csv()
+    assert claims.check([ev], n_boot=200, seed=7).to_csv() != claims.check([ev], n_boot=200, seed=8).to_csv()
