@@ -31,6 +31,16 @@ def test_running_stats_merge_equals_one_pass():
     np.testing.assert_allclose(a.summary().std, v.std(0, ddof=1), rtol=1e-12)
     np.testing.assert_allclose(whole.m2, a.m2, rtol=1e-12)
     assert merge_stats([whole])[0] is whole  # one process: identity
+    # kept per-image values come back in dataset-index order, whatever the order of arrival
+    k1, k2 = RunningStats((3,), keep=True), RunningStats((3,), keep=True)
+    k1.update(v[1::2], list(range(1, 11, 2)))
+    k2.update(v[::2], list(range(0, 11, 2)))
+    k1.merge(k2)
+    idx, vals = k1.per_image()
+    np.testing.assert_array_equal(idx, np.arange(11))
+    np.testing.assert_array_equal(vals, v)
+    with pytest.raises(ValueError, match="indices must give one dataset index per image"):
+        k1.update(v[:2])
 
 
 @pytest.mark.parametrize("command, extra", [("probe", ["--sigmas", "0,0.1,0.5"]), ("spectrum", [])])
@@ -56,6 +66,8 @@ def test_torchrun_two_processes_equals_single_process(tmp_path, command, extra):
                  (dist_res.eig_mean, single.eig_mean)]
     assert dist_res.n_images == single.n_images == 5
     assert dist_res.provenance.params["processes"] == 2 and single.provenance.params["processes"] == 1
+    pairs.append((dist_res.per_image, single.per_image))  # every image's value, in dataset order
+    assert dist_res.per_image.shape[0] == 5
     for got, want in pairs:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 

@@ -103,7 +103,8 @@ def test_stopped_run_resumes_to_the_uninterrupted_result(images, tmp_path, comma
     a, b = fanlens.load(tmp_path / "ref"), fanlens.load(out)
     assert a.n_images == b.n_images == N_IMAGES
     names = ("mean", "std", "ci_low", "ci_high") if command == "probe" else ("count_mean", "count_std", "eig_mean")
-    for name in names:  # exactly equal: same batches, same Welford merges
+    assert a.per_image.shape[0] == N_IMAGES
+    for name in names + ("per_image",):  # exactly equal: same batches, same Welford merges
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert (tmp_path / "ref" / "results.csv").read_text() == (out / "results.csv").read_text()
 
