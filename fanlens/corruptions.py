@@ -116,6 +116,8 @@ def _sep_conv(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor, mode: str) ->
     b, c, h, w = x.shape
     ph, pw = kh.numel() // 2, kw.numel() // 2
     y = _pad(x.reshape(b * c, 1, h, w), ph, pw, mode)
+    if kh.numel() + kw.numel() > 40:  # long kernels: one FFT pass with the outer product
+        return _fft_correlate_valid(y, kh.double()[:, None] * kw.double()[None, :]).reshape(b, c, h, w)
     y = F.conv2d(y, kh.to(x)[None, None, :, None])
     y = F.conv2d(y, kw.to(x)[None, None, None, :])
     return y.reshape(b, c, h, w)
@@ -128,10 +130,27 @@ def _gaussian_filter(x: torch.Tensor, sigma: float | tuple[float, float], mode: 
     return _sep_conv(x, _gauss_kernel1d(sh, truncate), _gauss_kernel1d(sw, truncate), mode)
 
 
+def _fft_correlate_valid(y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``F.conv2d(y, k)`` (valid correlation of (N, 1, H, W) with one (kh, kw) kernel, or with one
+    kernel per row of ``y`` given as (N, kh, kw)) through real FFTs: the cost no longer grows
+    with the kernel's area. Equal to the direct sum up to float rounding (about 1e-6 of the
+    range in float32)."""
+    H, W = y.shape[-2:]
+    kh, kw = k.shape[-2:]
+    dt = y.dtype if y.dtype in (torch.float32, torch.float64) else torch.float32
+    kf = torch.flip(k.to(device=y.device, dtype=dt), dims=(-2, -1))  # correlation = convolution with the flip
+    spec = torch.fft.rfft2(y.to(dt), s=(H, W)) * torch.fft.rfft2(kf, s=(H, W)).reshape(
+        (-1, 1) + (H, W // 2 + 1) if k.dim() == 3 else (H, W // 2 + 1))
+    full = torch.fft.irfft2(spec, s=(H, W))
+    return full[..., kh - 1 :, kw - 1 :].to(y.dtype)  # circular wrap-around only touches the discarded border
+
+
 def _conv2d_same(x: torch.Tensor, k: torch.Tensor, mode: str) -> torch.Tensor:
     b, c, h, w = x.shape
     kh, kw = k.shape
     y = _pad(x.reshape(b * c, 1, h, w), kh // 2, kw // 2, mode)
+    if kh * kw > 81:  # large kernels (defocus blur's disks): FFT, as OpenCV's filter2D switches to a DFT
+        return _fft_correlate_valid(y, k).reshape(b, c, h, w)
     return F.conv2d(y, k.to(x)[None, None]).reshape(b, c, h, w)
 
 
@@ -201,7 +220,8 @@ def _shift_clamped(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
 
 def _motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) -> torch.Tensor:
     """The reference's motion blur: a Gaussian-weighted sum of copies shifted along a line (one
-    angle per image), the border row/column repeated; all images of the batch in each step."""
+    angle per image), the border row/column repeated. Built as one sparse kernel per image (the
+    weights at the shifts) applied to the edge-padded image by FFT: the same sum, in one pass."""
     width = 2 * radius + 1
     k = np.exp(-(np.arange(width) ** 2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
     k = k / k.sum()
@@ -209,23 +229,20 @@ def _motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tenso
     ang = np.radians(np.asarray(angles, dtype=np.float64).reshape(-1))
     py, px = width * np.sin(ang), width * np.cos(ang)
     hyp = np.hypot(py, px)
-    ar_h = torch.arange(h, device=x.device)
-    ar_w = torch.arange(w, device=x.device)
-    acc = torch.zeros_like(x)
-    alive = np.ones(b, dtype=bool)  # the reference stops an image's sum once a shift leaves the image
-    for i in range(width):
-        dy = -np.ceil(i * py / hyp - 0.5).astype(np.int64)
-        dx = -np.ceil(i * px / hyp - 0.5).astype(np.int64)
-        alive &= (np.abs(dy) < h) & (np.abs(dx) < w)
-        if not alive.any():
-            break
-        iy = (ar_h[None] - torch.from_numpy(dy).to(x.device)[:, None]).clamp(0, h - 1)  # (B, H)
-        ix = (ar_w[None] - torch.from_numpy(dx).to(x.device)[:, None]).clamp(0, w - 1)  # (B, W)
-        shifted = x.gather(2, iy[:, None, :, None].expand(b, c, h, w))
-        shifted = shifted.gather(3, ix[:, None, None, :].expand(b, c, h, w))
-        weight = torch.from_numpy(np.where(alive, k[i], 0.0)).to(x)[:, None, None, None]
-        acc = acc + weight * shifted
-    return acc
+    steps = np.arange(width)[:, None]
+    dy = -np.ceil(steps * py / hyp - 0.5).astype(np.int64)  # (width, B): the shift of copy i of image b
+    dx = -np.ceil(steps * px / hyp - 0.5).astype(np.int64)
+    # the reference stops an image's sum at the first shift that leaves the image
+    alive = np.logical_and.accumulate((np.abs(dy) < h) & (np.abs(dx) < w), axis=0)
+    r = int(max(np.abs(dy[alive]).max(initial=0), np.abs(dx[alive]).max(initial=0)))
+    # shifted[y, x] = x[clamp(y - dy), clamp(x - dx)]: a correlation with weight k_i at (r - dy_i, r - dx_i)
+    kern = np.zeros((b, 2 * r + 1, 2 * r + 1))
+    for bi in range(b):
+        sel = alive[:, bi]
+        np.add.at(kern[bi], (r - dy[sel, bi], r - dx[sel, bi]), k[sel])
+    padded = F.pad(x.reshape(b * c, 1, h, w), (r, r, r, r), mode="replicate") if r else x.reshape(b * c, 1, h, w)
+    kern_t = torch.from_numpy(np.repeat(kern, c, axis=0))
+    return _fft_correlate_valid(padded, kern_t).reshape(b, c, h, w)
 
 
 # --------------------------------------------------------------------------- the corruptions
