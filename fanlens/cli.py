@@ -188,12 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--batch-size", type=int, default=32)
     rp.add_argument("--no-progress", action="store_true")
 
+    dp = sub.add_parser(
+        "training-dynamics",
+        help="how grouping and robustness emerge during training: analyse train-zoo snapshots",
+        description="Per snapshot written by `fanlens train-zoo NAME --snapshots 0,5,20,50,100 --out DIR`: count, "
+        "perturbation, mask agreement, clean and corrupted accuracy on the held-out zoo images; claim C3 across "
+        "training; one figure per architecture.",
+    )
+    dp.add_argument("snapshots", help="the folder train-zoo wrote (cards NAME.json and NAME-snapshots/)")
+    _add_output(dp, "training-dynamics")
+    dp.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES, help="held-out zoo images")
+    dp.add_argument("--sigmas", default=",".join(f"{s:g}" for s in DEFAULT_SIGMAS))
+    dp.add_argument("--seed", type=int, default=0)
+    dp.add_argument("--device", default="cpu")
+    dp.add_argument("--batch-size", type=int, default=32)
+    dp.add_argument("--no-progress", action="store_true")
+
     tp = sub.add_parser("train-zoo", help="train the embedded zoo models (reproducible from the seed)")
-    tp.add_argument("names", nargs="+", choices=("vit", "fan", "cnn"))
+    from .zoo import ALL_NAMES
+
+    tp.add_argument("names", nargs="+", choices=ALL_NAMES)
     tp.add_argument("--seed", type=int, default=0)
     tp.add_argument("--data-seed", type=int, default=0)
-    tp.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
-    from .zoo.train import DEFAULT_POOL, DEFAULT_VAL
+    from .zoo.training import DEFAULT_POOL, DEFAULT_VAL, STEPS
+
+    tp.add_argument("--steps", type=int, default=None, help=f"optimisation steps (default: {STEPS}, every model)")
+    tp.add_argument("--snapshots", default=None, metavar="PCTS",
+                    help="also keep the weights at these percentages of the steps, e.g. 0,5,20,50,100 "
+                         "(written to NAME-snapshots/; analysed by `fanlens training-dynamics`)")
 
     tp.add_argument("--pool", type=int, default=DEFAULT_POOL, help=f"rendered training images (default: {DEFAULT_POOL})")
     tp.add_argument("--val-size", type=int, default=DEFAULT_VAL, help=f"validation images (default: {DEFAULT_VAL})")
@@ -228,7 +250,7 @@ def _out_path(args: argparse.Namespace) -> str:
     return args.out if args.out is not None else f"{DEFAULT_OUT}/{args.command}"
 
 
-def _check_images_outside(images: Sequence[str], out: Path) -> None:
+def _check_images_outside(images: Sequence[str], out: Path, param: str = "images") -> None:
     """A run never reads its own output folder as input."""
     o = out.resolve()
     for im in images:
@@ -236,7 +258,7 @@ def _check_images_outside(images: Sequence[str], out: Path) -> None:
             continue
         p = Path(im).resolve()
         if p == o or o in p.parents:
-            raise FanlensError(f"images must lie outside the output folder {str(out)!r}. Got {im!r} instead.")
+            raise FanlensError(f"{param} must lie outside the output folder {str(out)!r}. Got {im!r} instead.")
 
 
 def _run_reproduce(args: argparse.Namespace) -> list[Path]:
@@ -251,12 +273,31 @@ def _run_reproduce(args: argparse.Namespace) -> list[Path]:
         batch_size=args.batch_size, progress=not args.no_progress,
         log=lambda m: print(f"fanlens: {m}", file=sys.stderr, flush=True),
     )
+    if res.claims is not None:
+        print(res.claims.to_markdown())
     print(f"reproduce finished in {res.seconds:.1f} s")
     return res.written
 
 
+def _run_training_dynamics(args: argparse.Namespace) -> list[Path]:
+    from ._validation import check_seed
+    from .pipeline import training_dynamics
+    from .runner import check_device
+
+    check_device(args.device)
+    check_seed(args.seed, "--seed")
+    _check_images_outside([args.snapshots], Path(_out_path(args)), "snapshots")
+    res = training_dynamics(args.snapshots, out=_out_path(args), overwrite=args.overwrite, n_images=args.n_images,
+                            sigmas=args.sigmas, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                            progress=not args.no_progress,
+                            log=lambda m: print(f"fanlens: {m}", file=sys.stderr, flush=True))
+    print(res.claims.to_markdown())
+    print(f"training-dynamics finished in {res.seconds:.1f} s")
+    return res.written
+
+
 def _run_train(args: argparse.Namespace) -> list[Path]:
-    from .zoo.train import _output_folder, train_model, write_trained
+    from .zoo.training import _output_folder, parse_snapshots, train_model, write_trained
 
     from ._validation import check_seed
 
@@ -264,12 +305,15 @@ def _run_train(args: argparse.Namespace) -> list[Path]:
         raise FanlensError(f"--into-package and --out exclude each other. Got --out {args.out!r} instead.")
     check_seed(args.seed, "--seed")
     check_seed(args.data_seed, "--data-seed")
+    snapshots = parse_snapshots(args.snapshots, "--snapshots")
+    if snapshots and args.into_package:
+        raise FanlensError("--snapshots goes with --out: snapshot weights are not shipped inside the package.")
     out = _output_folder(None if args.into_package else _out_path(args), overwrite=args.overwrite,
                          into_package=args.into_package)
     trained = []
     for name in args.names:
         m = train_model(name, seed=args.seed, data_seed=args.data_seed, steps=args.steps, pool=args.pool,
-                        val_size=args.val_size, progress=not args.no_progress)
+                        val_size=args.val_size, snapshots=snapshots, progress=not args.no_progress)
         print(f"{name}: validation accuracy {m.card['validation_accuracy']:.3f}, {m.card['wall_time_s']:.0f} s")
         trained.append(m)
     return write_trained(out, trained)
@@ -365,6 +409,8 @@ def _run(args: argparse.Namespace) -> list[Path]:
         return _run_reproduce(args)
     if args.command == "train-zoo":
         return _run_train(args)
+    if args.command == "training-dynamics":
+        return _run_training_dynamics(args)
     if args.command == "robustness":
         return _run_robustness(args)
 

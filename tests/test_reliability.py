@@ -52,7 +52,7 @@ def test_train_zoo_never_writes_into_the_package(tmp_path, capsys, monkeypatch):
     assert code == 2 and "outside the installed fanlens package" in err
     code, _, err = _run(["train-zoo", "cnn", "--into-package", "--out", tmp_path / "x"], capsys)
     assert code == 2 and "--into-package and --out exclude each other" in err
-    from fanlens.zoo.train import train
+    from fanlens.zoo.training import train
 
     with pytest.raises(FanlensError, match="outside the installed fanlens package"):
         train("cnn", out_dir=zoo.WEIGHTS_DIR, steps=1, pool=32, val_size=16, progress=False)
