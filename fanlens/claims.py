@@ -245,8 +245,9 @@ def _column(res: ProbeResult, sigma: float | None) -> int:
     if res.per_image is None:
         raise FanlensError(f"the probe result of {res.model!r} has no per-image values (saved by an older fanlens); "
                            f"run the analysis again.")
-    if res.perturbations:
-        raise FanlensError("probe must be a Gaussian-noise probe (sigmas), not a corruption probe.")
+    if res.perturbations or res.mode != "additive":
+        raise FanlensError("probe must be an additive Gaussian-noise probe (sigmas), not a corruption or pure-noise "
+                           f"probe. Got mode={res.mode!r}, perturbations={list(res.perturbations)}.")
     sig = max(res.sigmas) if sigma is None else float(sigma)
     if sig not in res.sigmas:
         raise FanlensError(f"sigma must be one of the probe's sigmas {res.sigmas}. Got {sigma!r} instead.")

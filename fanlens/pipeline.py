@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import analysis, spectral
+from . import analysis, claims, spectral
 from ._validation import FanlensError, check_positive_int, check_seed
 from .grouping import GroupingScores, mask_scores
 from .models import LoadedModel, build_model
@@ -33,7 +33,7 @@ from .results import (GroupsResult, ProbeResult, RobustnessResult, SpectrumResul
 from .robustness import corruption_errors, robustness
 from .runner import OutputFolder
 
-__all__ = ["Comparison", "compare", "ModelRun", "ReproduceResult", "reproduce", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
+__all__ = ["Comparison", "compare", "ModelRun", "ReproduceResult", "reproduce", "TrainingDynamics", "training_dynamics", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ CORRUPTION_PROBE_SEVERITY = 3
 ROBUSTNESS_BASELINE = "CNN"  # the zoo's CE / mCE are normalised by the zoo CNN
 RANDOM_SUFFIX = "@random-init"
 ZOO_LABELS = {"vit": "ViT", "fan": "FAN", "cnn": "CNN"}
+_ZOO_SHORT = {v: k for k, v in ZOO_LABELS.items()}
 
 
 @dataclass
@@ -58,10 +59,16 @@ class ModelRun:
     trained: bool
     spectrum: SpectrumResult
     probe: ProbeResult
-    groups: GroupsResult
+    groups: GroupsResult | None
     scores: GroupingScores | None
     robustness: RobustnessResult | None = None
     corruption_probe: ProbeResult | None = None
+    heads: int | None = None
+
+    def evidence(self, series: str | None = None) -> claims.Evidence:
+        """This run as input of :func:`fanlens.claims.check`."""
+        return claims.Evidence(self.label, self.spectrum, self.probe, scores=self.scores, robustness=self.robustness,
+                               heads=self.heads, series=series)
 
     def rows(self) -> list[dict]:
         rows = self.spectrum.rows() + self.probe.rows()
@@ -80,6 +87,8 @@ class ReproduceResult:
     runs: list[ModelRun]
     written: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    claims: claims.ClaimsResult | None = None
+    heads_runs: list[ModelRun] = field(default_factory=list)
 
 
 def _zoo_images(n: int, seed: int):
@@ -126,7 +135,9 @@ def _pairs(models: Sequence[str] | None, pretrained: bool, checkpoints: Sequence
 
 def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any, masks: np.ndarray | None,
              sigmas: Sequence[float], seed: int, device: str, batch_size: int, progress: bool,
-             labels: Any = None) -> ModelRun:
+             labels: Any = None, figures: bool = True) -> ModelRun:
+    """Every analysis of one model; ``figures=False`` leaves out what only the figures use (the
+    Figure 4 groups and the per-family corruption probe)."""
     common = dict(seed=seed, device=device, batch_size=batch_size, progress=progress)
     spec, probe = analysis.analyze(lm, images, sigmas=sigmas, **common)
     if masks is not None:
@@ -134,12 +145,16 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
         scores = mask_scores(groups, masks)
     else:
         scores = None
-    vis_images = images[: len(FIGURE4_IMAGES)] if isinstance(images, torch.Tensor) else images
-    vis = analysis.group_tokens(lm, vis_images, n_clusters=FIGURE4_CLUSTERS, **common)
+    vis = None
+    if figures:
+        vis_images = images[: len(FIGURE4_IMAGES)] if isinstance(images, torch.Tensor) else images
+        vis = analysis.group_tokens(lm, vis_images, n_clusters=FIGURE4_CLUSTERS, **common)
     rob = cprobe = None
     if trained:  # a random-init twin is at chance under every corruption: nothing to learn from it
         rob = robustness(lm, images, labels=labels, **common)
-        cprobe = analysis.noise_probe(lm, images, corruption=BENCHMARK, severity=CORRUPTION_PROBE_SEVERITY, **common)
+        if figures:
+            cprobe = analysis.noise_probe(lm, images, corruption=BENCHMARK, severity=CORRUPTION_PROBE_SEVERITY,
+                                          **common)
     return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe)
 
 
@@ -167,7 +182,7 @@ def _slug(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s).strip("_").lower()
 
 
-def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float]) -> None:
+def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], heads_runs: Sequence[ModelRun] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,6 +225,12 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float]) -> None:
             plotting.plot_probe_families(r.corruption_probe, r.spectrum, ax=ax)
             ax.set_title(r.label)
         _save_fig(fig, out / "corruption_families.png")
+    # C4: robustness against the number of heads (the zoo ViTs of one width)
+    with_heads = sorted([r for r in trained if r.heads is not None and r.short == "ViT"] + list(heads_runs),
+                        key=lambda r: r.heads)
+    if len(with_heads) >= 2:
+        _save_fig(plotting.plot_heads({r.heads: (r.probe, r.robustness) for r in with_heads}, sigma=sig),
+                  out / "heads.png")
     # grouping against the masks
     if all(r.scores is not None for r in runs):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), layout="constrained")
@@ -220,11 +241,23 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float]) -> None:
 
 
 def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], models, pretrained: bool, checkpoints,
-                   image_names, imgs, n_images: int, seed: int) -> None:
-    """Figures, ``results.csv`` and ``manifest.json`` of a reproduce run, into ``out`` (a staging folder)."""
-    _figures(runs, out, sigmas)
+                   image_names, imgs, n_images: int, seed: int, checked: claims.ClaimsResult,
+                   heads_runs: list[ModelRun]) -> None:
+    """Figures, ``results.csv``, ``claims.*`` and ``manifest.json`` of a reproduce run, into ``out``
+    (a staging folder)."""
+    _figures(runs, out, sigmas, heads_runs)
     # tables and provenance
-    write_atomic(out / "results.csv", rows_to_csv([row for r in runs for row in r.rows()]).encode())
+    write_atomic(out / "results.csv", rows_to_csv([row for r in runs + heads_runs for row in r.rows()]).encode())
+    checked.write_files(out)
+    if any(r.value is not None and r.statistic.startswith(("c1_spearman", "c3", "c4")) for r in checked.rows):
+        import matplotlib.pyplot as plt
+
+        from . import plotting
+
+        n = sum(1 for r in checked.rows if r.value is not None and r.statistic.startswith(("c1_spearman", "c3", "c4")))
+        fig, ax = plt.subplots(figsize=(7.5, 0.28 * n + 1.4), layout="constrained")
+        plotting.plot_claims(checked, ax=ax)
+        _save_fig(fig, out / "claims.png")
     manifest = {
         "kind": "reproduce",
         "parameters": {
@@ -241,14 +274,21 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
             {
                 "label": r.label,
                 "trained": r.trained,
+                "heads": r.heads,
                 "spectrum": r.spectrum.manifest(),
                 "probe": r.probe.manifest(),
-                "groups": r.groups.manifest(),
+                "groups": r.groups.manifest() if r.groups is not None else None,
                 **({"robustness": r.robustness.manifest()} if r.robustness is not None else {}),
                 **({"corruption_probe": r.corruption_probe.manifest()} if r.corruption_probe is not None else {}),
             }
             for r in runs
         ],
+        "heads_runs": [
+            {"label": r.label, "heads": r.heads, "spectrum": r.spectrum.manifest(), "probe": r.probe.manifest(),
+             **({"robustness": r.robustness.manifest()} if r.robustness is not None else {})}
+            for r in heads_runs
+        ],
+        "claims": checked.parameters,
     }
     write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
 
@@ -308,10 +348,27 @@ def reproduce(
             say(f"analysing {label}")
             runs.append(_run_one(lm, label, short, trained, imgs, masks, sigmas, seed, device, batch_size, progress,
                                  labels))
-    _normalise_errors(runs)
+    heads_runs: list[ModelRun] = []
+    if not models:
+        from . import zoo
+
+        for r in runs:
+            r.heads = zoo.HEADS.get(_ZOO_SHORT.get(r.short, ""))
+        for name in (n for n in zoo.HEAD_VARIANTS if n in zoo.available()):
+            lm = zoo.load(name)
+            say(f"analysing {lm.name} (heads, claim C4)")
+            run = _run_one(lm, lm.name, name, True, imgs, masks, sigmas, seed, device, batch_size, progress, labels,
+                           figures=False)
+            run.heads = zoo.HEADS[name]
+            heads_runs.append(run)
+    _normalise_errors(runs + heads_runs)
+    evidence = [r.evidence() for r in runs if r.trained] + [r.evidence(claims.HEADS_SERIES) for r in heads_runs]
+    say("checking the claims (bootstrap over images)")
+    checked = claims.check(evidence, sigma=0.1 if 0.1 in sigmas else None, seed=seed)
     with folder.staging() as out:
-        _write_outputs(runs, out, sigmas, models, pretrained, checkpoints, image_names, imgs, n_images, seed)
-    return ReproduceResult(runs, folder.written, time.perf_counter() - t0)
+        _write_outputs(runs, out, sigmas, models, pretrained, checkpoints, image_names, imgs, n_images, seed,
+                       checked, heads_runs)
+    return ReproduceResult(runs, folder.written, time.perf_counter() - t0, checked, heads_runs)
 
 
 # --------------------------------------------------------------------------- several models, a few lines
@@ -400,3 +457,132 @@ def compare(
 
 _GROUP_KEYS = ("blocks", "affinity", "center", "knn", "token_budget", "input_size", "num_prefix_tokens", "layout",
                "grid")
+
+
+# --------------------------------------------------------------------------- how grouping emerges in training
+@dataclass
+class TrainingDynamics:
+    """Per architecture, per training snapshot: the analyses of :func:`reproduce` and the claim C3
+    across training.
+
+    Attributes:
+        runs: architecture -> {step: :class:`ModelRun`}.
+        val_accuracy: architecture -> {step: validation accuracy from the training card}.
+        claims: :class:`fanlens.claims.ClaimsResult` (C3 across the snapshots of each series).
+    """
+
+    runs: dict[str, dict[int, ModelRun]]
+    val_accuracy: dict[str, dict[int, float]]
+    claims: claims.ClaimsResult | None = None
+    written: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _snapshot_cards(folder: Path) -> dict[str, dict]:
+    from . import zoo
+
+    cards = {}
+    for p in sorted(folder.glob("*.json")):
+        try:
+            card = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise FanlensError(f"snapshots folder {str(folder)!r}: {p.name} is not a readable card ({e}).") from None
+        if isinstance(card, dict) and card.get("snapshots") and card.get("name") in zoo.ALL_NAMES:
+            cards[card["name"]] = card
+    if not cards:
+        raise FanlensError(f"snapshots must name a folder written by `fanlens train-zoo NAME --snapshots ...` (cards "
+                           f"NAME.json listing snapshots). Got {str(folder)!r}, which has none.")
+    return cards
+
+
+def training_dynamics(
+    snapshots: str | Path,
+    *,
+    out: str | Path = "fanlens_out/training-dynamics",
+    overwrite: bool = False,
+    n_images: int = DEFAULT_N_IMAGES,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 32,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainingDynamics:
+    """Analyse the training snapshots of zoo models: count, perturbation, mask agreement, clean
+    and corrupted accuracy per snapshot, C3 across training, one figure per architecture.
+
+    Args:
+        snapshots: a folder written by ``fanlens train-zoo NAME --snapshots 0,5,20,50,100``.
+        out: output folder (new or empty unless ``overwrite``): ``results.csv``, ``claims.*``,
+            ``training_NAME.png``, ``manifest.json``.
+        n_images, sigmas, seed: as in :func:`reproduce` (the same held-out images).
+    """
+    from . import plotting, zoo
+    from .models import build_model
+
+    t0 = time.perf_counter()
+    say = log or (lambda s: None)
+    check_positive_int("n_images", n_images)
+    check_seed(seed)
+    check_positive_int("batch_size", batch_size)
+    sigmas = analysis.parse_sigmas(sigmas)
+    src = Path(snapshots)
+    if not src.is_dir():
+        raise FanlensError(f"snapshots must be a folder. Got {str(src)!r} instead.")
+    cards = _snapshot_cards(src)
+    for name, card in cards.items():
+        for snap in card["snapshots"]:
+            if not (src / snap["file"]).is_file():
+                raise FanlensError(f"snapshots folder {str(src)!r} lacks {snap['file']} listed in {name}.json.")
+    folder = OutputFolder(out, overwrite=overwrite, command="training-dynamics")
+    imgs, masks, image_names, labels = _zoo_images(n_images, seed)
+    runs: dict[str, dict[int, ModelRun]] = {}
+    val: dict[str, dict[int, float]] = {}
+    for name, card in cards.items():
+        runs[name], val[name] = {}, {}
+        for snap in card["snapshots"]:
+            step = int(snap["step"])
+            lm = build_model(f"zoo:{name}", checkpoint=str(src / snap["file"]), seed=seed)
+            label = f"zoo:{name}@step-{step}"
+            say(f"analysing {label}")
+            run = _run_one(lm, label, name, True, imgs, masks, sigmas, seed, device, batch_size, progress, labels,
+                           figures=False)
+            run.heads = zoo.HEADS.get(name)
+            runs[name][step] = run
+            val[name][step] = float(snap["validation_accuracy"])
+    evidence = [dataclasses.replace(r.evidence(series=name), step=step)
+                for name, by_step in runs.items() for step, r in by_step.items()]
+    checked = claims.check(evidence, sigma=0.1 if 0.1 in sigmas else None, seed=seed)
+    checked.rows[:] = [r for r in checked.rows if r.statistic.startswith("c3_training")]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with folder.staging() as tmp:
+        for name, by_step in runs.items():
+            fig = plotting.plot_training_dynamics(
+                {st: (r.spectrum, r.probe, r.scores, r.robustness, val[name][st]) for st, r in by_step.items()},
+                sigma=0.1 if 0.1 in sigmas else None)
+            fig.suptitle(f"zoo {name}: {len(by_step)} snapshots of one training run", fontsize=9)
+            _save_fig(fig, tmp / f"training_{_slug(name)}.png")
+        rows = []
+        for name, by_step in runs.items():
+            for step, r in by_step.items():
+                for row in r.rows():
+                    rows.append(row)
+                rows.append({"model": r.label, "metric": "validation_accuracy", "statistic": "mean",
+                             "value": f"{val[name][step]:.6g}", "n": cards[name]["data"]["val_size"]})
+        write_atomic(tmp / "results.csv", rows_to_csv(rows).encode())
+        checked.write_files(tmp)
+        manifest = {
+            "kind": "training-dynamics",
+            "parameters": {"snapshots": str(src), "n_images": n_images, "images": image_names, "sigmas": list(sigmas),
+                           "seed": seed, "mask_clusters": MASK_CLUSTERS},
+            "cards": cards,
+            "versions": versions(),
+            "runs": [{"label": r.label, "step": st, "spectrum": r.spectrum.manifest(), "probe": r.probe.manifest(),
+                      **({"robustness": r.robustness.manifest()} if r.robustness is not None else {})}
+                     for by_step in runs.values() for st, r in by_step.items()],
+            "claims": checked.parameters,
+        }
+        write_atomic(tmp / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    return TrainingDynamics(runs, val, checked, folder.written, time.perf_counter() - t0)

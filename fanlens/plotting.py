@@ -15,6 +15,9 @@ from .results import GroupsResult, ProbeResult, SpectrumResult
 
 __all__ = [
     "PALETTE",
+    "plot_heads",
+    "plot_claims",
+    "plot_training_dynamics",
     "plot_spectrum",
     "plot_probe",
     "plot_groups",
@@ -569,3 +572,102 @@ def plot_probe_families(probe: ProbeResult, spectrum: SpectrumResult | None = No
     ax.legend(handles, labels, frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
     ax.set_title(probe.model)
     return ax
+
+
+def plot_heads(results: dict, *, sigma: float | None = None, fig=None):
+    """Robustness against the number of heads (claim C4): ``results`` maps heads to
+    ``(ProbeResult, RobustnessResult or None)``; left the last-block perturbation at ``sigma``,
+    right the mean corruption error (where robustness results are given), each with its 95 %
+    interval over images; returns the Figure."""
+    if not isinstance(results, dict) or not results:
+        raise FanlensError(f"results must map heads to (probe, robustness). Got {results!r} instead.")
+    import matplotlib.pyplot as plt
+
+    heads = sorted(results)
+    robs = [results[h][1] for h in heads]
+    n_panels = 2 if all(r is not None and r.per_image is not None for r in robs) else 1
+    if fig is None:
+        fig = plt.figure(figsize=(4.0 * n_panels, 3.2), layout="constrained")
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    last = [results[h][0].values(sigma)[-1] for h in heads]
+    lo = [results[h][0].values(sigma, "ci_low")[-1] for h in heads]
+    hi = [results[h][0].values(sigma, "ci_high")[-1] for h in heads]
+    sig = max(results[heads[0]][0].sigmas) if sigma is None else sigma
+    axes[0].errorbar(heads, last, yerr=[np.subtract(last, lo), np.subtract(hi, last)], marker="o", capsize=3,
+                     color=PALETTE[0])
+    axes[0].set(xscale="log", xlabel="heads", ylabel=f"last-block perturbation (sigma={sig:g})")
+    if n_panels == 2:
+        err = [np.asarray(r.per_image, float)[:, 1:].mean(1) for r in robs]
+        m = [e.mean() for e in err]
+        half = [1.96 * e.std(ddof=1) / np.sqrt(len(e)) if len(e) > 1 else 0.0 for e in err]
+        axes[1].errorbar(heads, m, yerr=half, marker="o", capsize=3, color=PALETTE[1])
+        axes[1].set(xscale="log", xlabel="heads", ylabel=f"mean corruption {robs[0].metric.replace('_', ' ')}")
+    for ax in axes:
+        ax.set_xticks(heads, [str(h) for h in heads])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_claims(result, *, ax=None):
+    """Every statistic of a :class:`fanlens.claims.ClaimsResult` with its 95 % interval, coloured
+    by verdict, against its null value (correlations on a -1..1 scale); returns the Axes."""
+    from .claims import ClaimsResult
+
+    _check_type("result", result, ClaimsResult)
+    rows = [r for r in result.rows if r.value is not None and r.statistic.startswith(("c1_spearman", "c3", "c4"))]
+    if not rows:
+        raise FanlensError("result has no defined correlation statistic to draw.")
+    ax = _axes(ax)
+    colours = {"holds": "#2a9d8f", "contradicted": "#e76f51", "inconclusive": "#8d99ae"}
+    y = np.arange(len(rows))[::-1]
+    for yi, r in zip(y, rows):
+        ax.errorbar([r.value], [yi], xerr=[[r.value - r.ci_low], [r.ci_high - r.value]], fmt="o", capsize=3,
+                    color=colours[r.verdict])
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, [f"{r.claim} {r.statistic.split(' ')[0]} · {r.models}"[:60] for r in rows], fontsize=7)
+    ax.set(xlim=(-1.05, 1.05), xlabel="Spearman rho (95 % bootstrap interval)")
+    for verdict, c in colours.items():
+        ax.plot([], [], "o", color=c, label=verdict)
+    ax.legend(fontsize=7, loc="lower left")
+    return ax
+
+
+def plot_training_dynamics(rows: dict, *, sigma: float | None = None, rule: str | None = None, fig=None):
+    """How grouping and robustness emerge during training, one architecture: ``rows`` maps the
+    training step to ``(SpectrumResult, ProbeResult, GroupingScores or None, RobustnessResult or
+    None, validation accuracy)``. Panels: the count per block, the perturbation per block (one
+    line per snapshot, darker = later), and over the steps the mean mask ARI, the clean and the
+    corrupted accuracy; returns the Figure."""
+    if not isinstance(rows, dict) or not rows:
+        raise FanlensError(f"rows must map training steps to snapshot results. Got {rows!r} instead.")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(rows)
+    if fig is None:
+        fig = plt.figure(figsize=(12, 3.3), layout="constrained")
+    ax_c, ax_p, ax_s = fig.subplots(1, 3)
+    cmap = plt.get_cmap("viridis")
+    for k, st in enumerate(steps):
+        spec, probe = rows[st][0], rows[st][1]
+        col = cmap(0.1 + 0.8 * k / max(len(steps) - 1, 1))
+        ax_c.plot(spec.depth, spec.count(rule), marker="o", ms=3, color=col, label=f"step {st}")
+        ax_p.plot(probe.depth, probe.values(sigma), marker="o", ms=3, color=col)
+    ax_c.set(xlabel="relative depth", ylabel=f"significant eigenvalues ({rule or rows[steps[0]][0].rules[0]})")
+    sig = max(rows[steps[0]][1].sigmas) if sigma is None else sigma
+    ax_p.set(xlabel="relative depth", ylabel=f"perturbation (sigma={sig:g})")
+    ax_c.legend(fontsize=7)
+    x = np.asarray(steps, float)
+    ax_s.plot(x, [rows[s][4] for s in steps], marker="o", label="clean accuracy (val)", color=PALETTE[0])
+    if all(rows[s][3] is not None for s in steps):
+        ax_s.plot(x, [rows[s][3].robust_accuracy if rows[s][3].metric == "top1_error" else
+                      1 - float(np.mean(rows[s][3].mean)) for s in steps], marker="s",
+                  label="corrupted accuracy", color=PALETTE[1])
+    if all(rows[s][2] is not None for s in steps):
+        ax_s.plot(x, [float(np.mean(rows[s][2].ari)) for s in steps], marker="^", label="mean mask ARI",
+                  color=PALETTE[2])
+    ax_s.set(xlabel="training step", ylim=(-0.05, 1.05))
+    ax_s.legend(fontsize=7)
+    for ax in (ax_c, ax_p, ax_s):
+        ax.grid(alpha=0.3)
+    return fig

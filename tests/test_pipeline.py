@@ -38,6 +38,13 @@ def test_real_model_path_with_random_init_models(tmp_path, image_dir, capsys):
     assert man["parameters"]["sigmas"] == [0.0, 0.1]
     for f in sorted(out.glob("*.png")):
         assert f"wrote {f}" in captured.out
+    # the claims of real models: no masks, so C3 uses the count; C2 compares the ViT with the ResNet
+    table = list(csv.DictReader(open(out / "claims.csv")))
+    stats = {(r["statistic"], r["models"]) for r in table}
+    assert ("c2_ratio_difference (transformer - CNN)", f"{TINY} - resnet18") in stats
+    assert ("c3_blocks (-count vs -perturbation)", "resnet18") in stats
+    assert all(r["n_images"] == str(len(list(image_dir.iterdir()))) for r in table)
+    assert "| C1 | c1_spearman |" in captured.out  # the table is printed too
 
 
 def test_checkpoint_count_must_match_models(tmp_path, image_dir):
@@ -50,14 +57,24 @@ def test_zoo_images_are_rejected_as_images_argument(tmp_path):
         reproduce(None, images="samples", out=tmp_path)
 
 
-@pytest.mark.skipif(zoo.available() != list(zoo.ZOO_NAMES), reason="zoo weights not installed")
+@pytest.mark.skipif(set(zoo.available()) != set(zoo.ALL_NAMES), reason="zoo weights not installed")
 def test_zoo_path_writes_every_figure(tmp_path):
     res = reproduce(None, out=tmp_path, n_images=6, sigmas=(0.1, 0.2), progress=False)
     names = {p.name for p in res.written}
     expected = {f"figure3ab_{n}.png" for n in ("vit", "fan", "cnn")} | {f"figure4_{n}.png" for n in ("vit", "fan", "cnn")}
     expected |= {"figure3c.png", "figure4_mask_agreement.png", "results.csv", "manifest.json", "robustness.png",
-                 "corruption_families.png"}
+                 "corruption_families.png", "heads.png", "claims.csv", "claims.md", "claims.json", "claims.png"}
     assert names == expected
+    # the claim table: every claim, verdicts from the closed set, n = the images, no undefined number as a value
+    table = list(csv.DictReader(open(tmp_path / "claims.csv")))
+    assert {r["claim"] for r in table} == {"C1", "C2", "C3", "C4"}
+    assert {r["verdict"] for r in table} <= {"holds", "contradicted", "inconclusive"}
+    assert all(r["n_images"] == "6" for r in table)
+    assert all(r["value"] not in ("nan", "inf") for r in table)
+    heads = [r for r in table if r["claim"] == "C4"]
+    assert heads and all(r["n_units"] == "4" for r in heads)  # vit-h1, vit-h2, vit (4 heads), vit-h8
+    assert [r.heads for r in res.heads_runs] == [1, 2, 8] and res.runs[0].heads == 4
+    assert res.claims.parameters["n_boot"] == 1000 and "| C1 |" in (tmp_path / "claims.md").read_text()
     assert len(res.runs) == 6 and [r.trained for r in res.runs] == [True, False] * 3
     # robustness of the trained models only, CE against the zoo CNN (1 for the CNN where defined)
     assert [r.robustness is not None for r in res.runs] == [True, False] * 3
