@@ -357,7 +357,8 @@ def reproduce(
         for name in (n for n in zoo.HEAD_VARIANTS if n in zoo.available()):
             lm = zoo.load(name)
             say(f"analysing {lm.name} (heads, claim C4)")
-            run = _run_one(lm, lm.name, name, True, imgs, masks, sigmas, seed, device, batch_size, progress, labels,
+            # C4 reads the perturbation and the corruption error: no groups needed
+            run = _run_one(lm, lm.name, name, True, imgs, None, sigmas, seed, device, batch_size, progress, labels,
                            figures=False)
             run.heads = zoo.HEADS[name]
             heads_runs.append(run)

@@ -192,6 +192,11 @@ def _cases() -> list[Case]:
         Case("train-zoo: unknown name", ["train-zoo", "resnet"], "names"),
         Case("train-zoo: --into-package with --out", ["train-zoo", "cnn", "--into-package"], "--into-package"),
         Case("train-zoo: --seed -1", ["train-zoo", "cnn", "--seed", "-1"], "--seed"),
+        Case("train-zoo: --snapshots not numbers", ["train-zoo", "cnn", "--snapshots", "a,b"], "--snapshots"),
+        Case("train-zoo: --snapshots above 100", ["train-zoo", "cnn", "--snapshots", "0,150"], "--snapshots"),
+        Case("training-dynamics: a folder without cards", ["training-dynamics", "{W}/imgs"], "snapshots"),
+        Case("training-dynamics: no such folder", ["training-dynamics", "{W}/nope"], "snapshots"),
+        Case("training-dynamics: --n-images 0", ["training-dynamics", "{W}/imgs", "--n-images", "0"], "n_images"),
         Case("train-zoo: into the package by --out", ["train-zoo", "cnn", "--out", str(PACKAGE / "zoo" / "weights")],
              "out", out=False),
     ]

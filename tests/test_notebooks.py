@@ -12,7 +12,7 @@ from PIL import Image
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 MAIN_FIGURES = {
-    "01_reproduce_figure3.ipynb": ["notebook01_figure3.png"],
+    "01_reproduce_figure3.ipynb": ["notebook01_figure3.png", "notebook01_claims.png"],
     "02_grouped_tokens.ipynb": ["notebook02_figure4.png", "notebook02_attribution.png"],
     "03_explore_a_new_architecture.ipynb": ["notebook03_comparison.png"],
 }
@@ -63,8 +63,16 @@ def test_notebook_runs_offline_and_saves_its_main_figure(name, tmp_path, monkeyp
         rows = [l for l in out.splitlines() if re.match(r"^(ViT|FAN|CNN)( \(random init\))?\s+\d", l)]
         assert len(rows) == 6
         assert re.search(r"FAN: median smallest flipping sigma \d\.\d{3} \(\d+/32", out)
+        # the claim table is shown, and its verdicts add up to its rows
+        md = "".join(o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                     if "text/markdown" in o.get("data", {}))
+        assert "| C1 | c1_spearman | ViT |" in md and "| C2 | c2_ratio_difference (transformer - CNN) | FAN - CNN |" in md
+        counts = re.search(r"\{'holds': (\d+), 'contradicted': (\d+), 'inconclusive': (\d+)\}", out)
+        assert sum(map(int, counts.groups())) == md.count("\n| C")
     if name.startswith("02"):
         share = re.search(r"share of IG mass in the best group: ([\d. ]+)", out).group(1).split()
         assert len(share) == 6 and all(0 < float(v) <= 1 for v in share)
     if name.startswith("03"):
         assert re.search(r"ViT \+ channel attention\s+counts", out)
+        steps = int(re.search(r"trained (\d+) steps in \d+ s: validation accuracy", out).group(1))
+        assert steps >= 10  # trained, not a random initialisation
