@@ -36,6 +36,18 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _add_zoo_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of the main job and of training-dynamics (held-out zoo images, sigmas, run)."""
+    from .pipeline import DEFAULT_N_IMAGES, DEFAULT_SIGMAS
+
+    p.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES, help="held-out zoo images")
+    p.add_argument("--sigmas", default=",".join(f"{s:g}" for s in DEFAULT_SIGMAS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_output(p: argparse.ArgumentParser, command: str, *, resumable: bool = False) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None,
@@ -167,8 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-figure", action="store_true", help="do not write the PNG figure")
     _add_output(rb, "robustness", resumable=True)
 
-    from .pipeline import DEFAULT_N_IMAGES, DEFAULT_SIGMAS
-
     rp = sub.add_parser(
         "reproduce",
         help="the main job: Figure 3 and Figure 4 analyses; offline on the embedded zoo by default",
@@ -181,12 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local weights, once per --model in the same order ('-' for none)")
     rp.add_argument("--images", nargs="+", default=None, help="images for real models (default: samples)")
     _add_output(rp, "reproduce")
-    rp.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES, help="held-out zoo images")
-    rp.add_argument("--sigmas", default=",".join(f"{s:g}" for s in DEFAULT_SIGMAS))
-    rp.add_argument("--seed", type=int, default=0)
-    rp.add_argument("--device", default="cpu")
-    rp.add_argument("--batch-size", type=int, default=32)
-    rp.add_argument("--no-progress", action="store_true")
+    _add_zoo_run_options(rp)
 
     dp = sub.add_parser(
         "training-dynamics",
@@ -197,12 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dp.add_argument("snapshots", help="the folder train-zoo wrote (cards NAME.json and NAME-snapshots/)")
     _add_output(dp, "training-dynamics")
-    dp.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES, help="held-out zoo images")
-    dp.add_argument("--sigmas", default=",".join(f"{s:g}" for s in DEFAULT_SIGMAS))
-    dp.add_argument("--seed", type=int, default=0)
-    dp.add_argument("--device", default="cpu")
-    dp.add_argument("--batch-size", type=int, default=32)
-    dp.add_argument("--no-progress", action="store_true")
+    _add_zoo_run_options(dp)
 
     tp = sub.add_parser("train-zoo", help="train the embedded zoo models (reproducible from the seed)")
     from .zoo import ALL_NAMES

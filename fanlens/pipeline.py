@@ -158,6 +158,13 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
     return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe)
 
 
+def _check_run_args(n_images: Any, seed: Any, batch_size: Any, sigmas: Any) -> tuple[float, ...]:
+    check_positive_int("n_images", n_images)
+    check_seed(seed)
+    check_positive_int("batch_size", batch_size)
+    return analysis.parse_sigmas(sigmas)
+
+
 def _normalise_errors(runs: list[ModelRun]) -> None:
     """CE and mCE of the zoo models against the zoo CNN (top-1 errors only); a corruption under which
     the CNN makes no error on these images has no CE and is left out of the mCE (NaN CE)."""
@@ -323,10 +330,7 @@ def reproduce(
     """
     t0 = time.perf_counter()
     say = log or (lambda s: None)
-    check_positive_int("n_images", n_images)
-    check_seed(seed)
-    check_positive_int("batch_size", batch_size)
-    sigmas = analysis.parse_sigmas(sigmas)
+    sigmas = _check_run_args(n_images, seed, batch_size, sigmas)
     if not models and images is not None:
         raise FanlensError("images applies to real models; the zoo uses its own held-out images with masks.")
     pairs = _pairs(models, pretrained, checkpoints, seed)
@@ -523,10 +527,7 @@ def training_dynamics(
 
     t0 = time.perf_counter()
     say = log or (lambda s: None)
-    check_positive_int("n_images", n_images)
-    check_seed(seed)
-    check_positive_int("batch_size", batch_size)
-    sigmas = analysis.parse_sigmas(sigmas)
+    sigmas = _check_run_args(n_images, seed, batch_size, sigmas)
     src = Path(snapshots)
     if not src.is_dir():
         raise FanlensError(f"snapshots must be a folder. Got {str(src)!r} instead.")

@@ -114,3 +114,29 @@ def test_compare_equals_analyze_per_model_and_tabulates(image_dir):
     assert len(fig.get_axes()[0].get_lines()) == 2
     with pytest.raises(fanlens.FanlensError, match="models must map"):
         fanlens.compare({})
+
+
+def test_training_dynamics_reads_train_zoo_snapshots(tmp_path, capsys):
+    from fanlens.zoo import train
+
+    train("cnn", steps=4, pool=32, val_size=16, snapshots=(0, 0.5, 1.0), out_dir=tmp_path / "run", progress=False)
+    out = tmp_path / "dyn"
+    code = cli.main(["training-dynamics", str(tmp_path / "run"), "--out", str(out), "--n-images", "4",
+                     "--sigmas", "0.1", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert {p.name for p in out.iterdir()} >= {"training_cnn.png", "results.csv", "claims.csv", "claims.md",
+                                                "manifest.json"}
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["model"] for r in rows} == {f"zoo:cnn@step-{s}" for s in (0, 2, 4)}
+    card = json.loads((tmp_path / "run" / "cnn.json").read_text())
+    val = {r["model"]: float(r["value"]) for r in rows if r["metric"] == "validation_accuracy"}
+    assert val == {f"zoo:cnn@step-{s['step']}": pytest.approx(s["validation_accuracy"]) for s in card["snapshots"]}
+    assert {"significant_eigenvalues", "relative_perturbation", "mask_ari", "top1_error"} <= {r["metric"] for r in rows}
+    table = list(csv.DictReader(open(out / "claims.csv")))
+    assert table and all(r["statistic"].startswith("c3_training[cnn]") and r["n_units"] == "3" for r in table)
+    man = json.loads((out / "manifest.json").read_text())
+    assert [r["step"] for r in man["runs"]] == [0, 2, 4]
+    # a folder that train-zoo did not write is refused before any work
+    code = cli.main(["training-dynamics", str(out), "--out", str(tmp_path / "x"), "--no-progress"])
+    assert code == 2 and "snapshots must name a folder written by" in capsys.readouterr().err

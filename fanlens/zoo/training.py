@@ -37,7 +37,7 @@ from torch import nn
 from .._validation import FanlensError, check_nonneg_float, check_positive_int, check_seed
 from ..runner import OutputFolder
 from ..synthetic import SHAPE_CLASSES, SyntheticShapes
-from . import ARCHITECTURES, WEIGHTS_DIR, ZOO_DATA_CONFIG, _check_name, build
+from ._arch import ARCHITECTURES, WEIGHTS_DIR, ZOO_DATA_CONFIG, _check_name, build
 
 __all__ = ["RECIPES", "STEPS", "DEFAULT_SNAPSHOTS", "TrainedModel", "train", "train_model", "write_trained",
            "evaluate", "parse_snapshots"]
