@@ -44,6 +44,7 @@ MASK_CLUSTERS = 2
 FIGURE4_CLUSTERS = 4
 FIGURE4_IMAGES = (0, 1, 2)
 CORRUPTION_PROBE_SEVERITY = 3
+TRAINING_SEVERITIES = (3,)  # training-dynamics: corrupted accuracy at severity 3 (15 cells per snapshot)
 ROBUSTNESS_BASELINE = "CNN"  # the zoo's CE / mCE are normalised by the zoo CNN
 RANDOM_SUFFIX = "@random-init"
 ZOO_LABELS = {"vit": "ViT", "fan": "FAN", "cnn": "CNN"}
@@ -135,7 +136,7 @@ def _pairs(models: Sequence[str] | None, pretrained: bool, checkpoints: Sequence
 
 def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any, masks: np.ndarray | None,
              sigmas: Sequence[float], seed: int, device: str, batch_size: int, progress: bool,
-             labels: Any = None, figures: bool = True) -> ModelRun:
+             labels: Any = None, figures: bool = True, severities: Sequence[int] = (1, 2, 3, 4, 5)) -> ModelRun:
     """Every analysis of one model; ``figures=False`` leaves out what only the figures use (the
     Figure 4 groups and the per-family corruption probe)."""
     common = dict(seed=seed, device=device, batch_size=batch_size, progress=progress)
@@ -151,7 +152,7 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
         vis = analysis.group_tokens(lm, vis_images, n_clusters=FIGURE4_CLUSTERS, **common)
     rob = cprobe = None
     if trained:  # a random-init twin is at chance under every corruption: nothing to learn from it
-        rob = robustness(lm, images, labels=labels, **common)
+        rob = robustness(lm, images, labels=labels, severities=severities, **common)
         if figures:
             cprobe = analysis.noise_probe(lm, images, corruption=BENCHMARK, severity=CORRUPTION_PROBE_SEVERITY,
                                           **common)
@@ -510,6 +511,7 @@ def training_dynamics(
     seed: int = 0,
     device: str = "cpu",
     batch_size: int = 32,
+    severities: Sequence[int] = TRAINING_SEVERITIES,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TrainingDynamics:
@@ -521,6 +523,8 @@ def training_dynamics(
         out: output folder (new or empty unless ``overwrite``): ``results.csv``, ``claims.*``,
             ``training_NAME.png``, ``manifest.json``.
         n_images, sigmas, seed: as in :func:`reproduce` (the same held-out images).
+        severities: the corrupted accuracy is the mean over the 15 ImageNet-C corruptions at
+            these severities (default 3 alone: a fifth of the full grid's cost per snapshot).
     """
     from . import plotting, zoo
     from .models import build_model
@@ -548,7 +552,7 @@ def training_dynamics(
             label = f"zoo:{name}@step-{step}"
             say(f"analysing {label}")
             run = _run_one(lm, label, name, True, imgs, masks, sigmas, seed, device, batch_size, progress, labels,
-                           figures=False)
+                           figures=False, severities=severities)
             run.heads = zoo.HEADS.get(name)
             runs[name][step] = run
             val[name][step] = float(snap["validation_accuracy"])
@@ -578,7 +582,8 @@ def training_dynamics(
         manifest = {
             "kind": "training-dynamics",
             "parameters": {"snapshots": str(src), "n_images": n_images, "images": image_names, "sigmas": list(sigmas),
-                           "seed": seed, "mask_clusters": MASK_CLUSTERS},
+                           "seed": seed, "mask_clusters": MASK_CLUSTERS,
+                           "robustness": {"corruptions": list(BENCHMARK), "severities": list(severities)}},
             "cards": cards,
             "versions": versions(),
             "runs": [{"label": r.label, "step": st, "spectrum": r.spectrum.manifest(), "probe": r.probe.manifest(),

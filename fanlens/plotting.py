@@ -662,7 +662,8 @@ def plot_training_dynamics(rows: dict, *, sigma: float | None = None, rule: str 
     if all(rows[s][3] is not None for s in steps):
         ax_s.plot(x, [rows[s][3].robust_accuracy if rows[s][3].metric == "top1_error" else
                       1 - float(np.mean(rows[s][3].mean)) for s in steps], marker="s",
-                  label="corrupted accuracy", color=PALETTE[1])
+                  label=f"corrupted accuracy (severity {','.join(map(str, rows[steps[0]][3].severities))})",
+                  color=PALETTE[1])
     if all(rows[s][2] is not None for s in steps):
         ax_s.plot(x, [float(np.mean(rows[s][2].ari)) for s in steps], marker="^", label="mean mask ARI",
                   color=PALETTE[2])
