@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fanlens import zoo
+
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 MAIN_FIGURES = {
     "01_reproduce_figure3.ipynb": ["notebook01_figure3.png", "notebook01_claims.png"],
@@ -71,7 +73,7 @@ def test_notebook_runs_offline_and_saves_its_main_figure(name, tmp_path, monkeyp
         assert sum(map(int, counts.groups())) == md.count("\n| C")
     if name.startswith("02"):
         share = re.search(r"share of IG mass in the best group: ([\d. ]+)", out).group(1).split()
-        assert len(share) == 6 and all(0 < float(v) <= 1 for v in share)
+        assert len(share) == zoo.DEPTH and all(0 < float(v) <= 1 for v in share)  # one value per FAN block
     if name.startswith("03"):
         assert re.search(r"ViT \+ channel attention\s+counts", out)
         steps = int(re.search(r"trained (\d+) steps in \d+ s: validation accuracy", out).group(1))
