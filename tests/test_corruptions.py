@@ -105,6 +105,62 @@ def test_known_values():
     torch.testing.assert_close(C.corrupt(g, "gaussian_blur", 5), g)
 
 
+def _glass_loop(off, delta):
+    """Glass blur's pass the slow way: visit the inner pixels bottom-right to top-left, each
+    taking its source's current value (here: the source's index)."""
+    b, h, w = off.shape[:3]
+    idx = torch.arange(h * w).reshape(h, w).repeat(b, 1, 1)
+    for bi in range(b):
+        for y in range(h - delta, delta, -1):
+            for x in range(w - delta, delta, -1):
+                dx, dy = int(off[bi, y, x, 0]), int(off[bi, y, x, 1])
+                idx[bi, y, x] = idx[bi, y + dy, x + dx].clone()
+    return idx.reshape(b, h * w)
+
+
+@pytest.mark.parametrize("delta", [1, 2, 3, 4])
+def test_glass_blur_sources_equal_the_sequential_loop(delta):
+    g = torch.Generator().manual_seed(delta)
+    for h, w in ((13, 17), (2 * delta + 3, 2 * delta + 2), (24, 9)):
+        off = torch.randint(-delta, delta, (3, h, w, 2), generator=g)
+        assert torch.equal(C._glass_sources(off, delta), _glass_loop(off, delta))
+    # a chain: every inner pixel copies its right neighbour, which was visited just before it,
+    # so a whole inner row takes the value right of the visited area
+    off = torch.zeros(1, 9, 9, 2, dtype=torch.long)
+    off[..., 0] = 1
+    src = C._glass_sources(off, 2).reshape(9, 9)
+    assert src[4, 3:8].tolist() == [4 * 9 + 8] * 5 and src[1, 3].item() == 1 * 9 + 3
+
+
+def test_hsv_corruptions_equal_the_hsv_round_trip():
+    skimage = pytest.importorskip("skimage.color")
+    x = _pixels(2, 16, 16, seed=5).double()  # corrupt works in float32: equal to 1e-6
+    x[0, :, :3, :3] = 0.4  # grey: no hue
+    x[0, :, 3:5, :3] = 0.0  # black
+    x[1, 0, :2] = 1.0
+    hsv = torch.from_numpy(skimage.rgb2hsv(x.permute(0, 2, 3, 1).numpy(), channel_axis=-1))
+    for s, c in enumerate([0.1, 0.2, 0.3, 0.4, 0.5], 1):
+        v = hsv.clone()
+        v[..., 2] = (v[..., 2] + c).clip(0, 1)
+        ref = torch.from_numpy(skimage.hsv2rgb(v.numpy(), channel_axis=-1)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(C.corrupt(x, "brightness", s), ref.clamp(0, 1), rtol=0, atol=1e-6)
+    for s, (c0, c1) in enumerate([(0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2)], 1):
+        v = hsv.clone()
+        v[..., 1] = (v[..., 1] * c0 + c1).clip(0, 1)
+        ref = torch.from_numpy(skimage.hsv2rgb(v.numpy(), channel_axis=-1)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(C.corrupt(x, "saturate", s), ref.clamp(0, 1), rtol=0, atol=1e-6)
+
+
+def test_gaussian_filter_equals_scipy_short_and_long_kernels():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = _pixels(2, 30, 41, seed=2).double()
+    for sigma in (0.7, 1.5, 3.0, 6.0):  # 7 to 49 taps: shifted sums, then FFT
+        for mode in ("nearest", "reflect"):
+            ref = ndimage.gaussian_filter(x.numpy(), (0, 0, sigma, sigma), mode=mode)
+            out = C._gaussian_filter(x.float(), sigma, mode=mode)
+            assert float((out.double() - torch.from_numpy(ref)).abs().max()) < 1e-6
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_matches_cpu():  # pragma: no cover - needs a GPU
     x = _pixels(3, 64, 64)
