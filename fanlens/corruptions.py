@@ -60,8 +60,8 @@ DEVIATIONS = {
                         "another device make a round trip",
     "frost": "the reference overlays crops of six frost photographs that ship inside it; fanlens makes its "
              "frost texture procedurally (no image data is shipped or downloaded)",
-    "spatter": "the reference draws water edges with OpenCV (Canny, distance transform, histogram "
-               "equalisation); fanlens shapes the same water layer with smooth torch operations",
+    "spatter": "where the liquid layer is empty (no water at all), the reference divides by zero; "
+               "fanlens leaves the image as it is",
 }
 
 
@@ -447,22 +447,111 @@ def _snow(x, s, gens):
 def _spatter(x, s, gens):
     c = [(0.65, 0.3, 4, 0.69, 0.6, 0), (0.65, 0.3, 3, 0.68, 0.6, 0), (0.65, 0.3, 2, 0.68, 0.5, 0),
          (0.65, 0.3, 1, 0.65, 1.5, 1), (0.67, 0.4, 1, 0.65, 1.5, 1)][s - 1]
-    h, w = x.shape[-2:]
-    liquid = _rand(gens, (1, h, w), x.device) * c[1] + c[0]
+    liquid = _rand(gens, (1, *x.shape[-2:]), "cpu") * c[1] + c[0]
     liquid = _gaussian_filter(liquid, c[2])
     liquid = torch.where(liquid < c[3], torch.zeros_like(liquid), liquid)
-    if c[5] == 0:  # water: pale turquoise where the liquid layer has edges
-        edge = (liquid > 0).float()
-        dist = _gaussian_filter(edge, 1.5) * (1 - _gaussian_filter(edge, 1.5))  # bright at the rims
-        m = liquid * dist * 4
-        m = m / m.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-8) * c[4] * 0.4  # scaled to the reference's mean
-        color = torch.tensor([175, 238, 238], dtype=x.dtype, device=x.device)[None, :, None, None] / 255
-        return x + m.to(x) * color
+    if c[5] == 0:  # water: pale turquoise, brightest along the rims of the liquid layer
+        level = torch.floor(liquid * 255).clamp(0, 255)  # the reference's uint8 layer
+        m = level * _water_rims(level)
+        peak = m.amax(dim=(-2, -1), keepdim=True)
+        m = torch.where(peak > 0, m / torch.where(peak > 0, peak, torch.ones_like(peak)), m) * c[4]
+        color = torch.tensor([175, 238, 238], dtype=x.dtype)[None, :, None, None] / 255
+        return x + (m * color).to(x.device, x.dtype)
     m = (liquid > c[3]).float()  # mud
     m = _gaussian_filter(m, c[4])
     m = torch.where(m < 0.8, torch.zeros_like(m), m).to(x)
     color = torch.tensor([63, 42, 20], dtype=x.dtype, device=x.device)[None, :, None, None] / 255
     return x * (1 - m) + color * m
+
+
+# The reference shapes water spatter with OpenCV: Canny edges of the liquid layer, the distance to
+# them (5 x 5 chamfer, truncated at 20), a 3 x 3 box blur, histogram equalisation, an emboss
+# filter and another box blur, with uint8 steps in between. The functions below are those steps
+# on (B, 1, H, W) tensors of uint8 levels (held as floats), each tested equal to OpenCV's.
+_TG22 = 13573  # OpenCV's Canny: tan(22.5 deg) in 1.15 fixed point
+
+
+def _water_rims(level: torch.Tensor) -> torch.Tensor:
+    edge = _canny(level, 50, 150)
+    dist = _chamfer_distance(edge, 20.0)
+    dist = torch.floor(_box3(dist))
+    dist = _equalize_hist(dist)
+    emboss = [[-2, -1, 0], [-1, 1, 1], [0, 1, 2]]
+    p = F.pad(dist, (1, 1, 1, 1), mode="reflect")
+    h, w = dist.shape[-2:]
+    dist = sum(emboss[i][j] * p[..., i : i + h, j : j + w] for i in range(3) for j in range(3) if emboss[i][j])
+    return torch.round(_box3(dist.clamp(0, 255)))  # the uint8 box blur rounds
+
+
+def _box3(x: torch.Tensor) -> torch.Tensor:
+    """OpenCV's ``blur(x, (3, 3))``: 3 x 3 mean, border reflected without the edge (REFLECT_101)."""
+    h, w = x.shape[-2:]
+    p = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    return sum(p[..., i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9
+
+
+def _canny(level: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """OpenCV's ``Canny(level, low, high)`` (3 x 3 Sobel on the edge-replicated image, L1
+    magnitude, non-maximum suppression in four directions, 8-connected hysteresis) as a bool map."""
+    p = F.pad(level.double(), (1, 1, 1, 1), mode="replicate")
+    dx = (p[..., :-2, 2:] - p[..., :-2, :-2]) + 2 * (p[..., 1:-1, 2:] - p[..., 1:-1, :-2]) + (p[..., 2:, 2:] - p[..., 2:, :-2])
+    dy = (p[..., 2:, :-2] - p[..., :-2, :-2]) + 2 * (p[..., 2:, 1:-1] - p[..., :-2, 1:-1]) + (p[..., 2:, 2:] - p[..., :-2, 2:])
+    dx, dy = dx.long(), dy.long()
+    mag = F.pad(dx.abs() + dy.abs(), (1, 1, 1, 1))  # magnitude with a zero border
+    c = mag[..., 1:-1, 1:-1]
+    ax, ay = dx.abs(), dy.abs() << 15
+    tg22x = ax * _TG22
+    horizontal = ay < tg22x
+    vertical = ~horizontal & (ay > tg22x + (ax << 16))
+    diagonal = ~horizontal & ~vertical
+    peak_h = (c > mag[..., 1:-1, :-2]) & (c >= mag[..., 1:-1, 2:])
+    peak_v = (c > mag[..., :-2, 1:-1]) & (c >= mag[..., 2:, 1:-1])
+    opposite = (dx ^ dy) < 0  # gradient along the anti-diagonal
+    peak_d = torch.where(opposite, (c > mag[..., :-2, 2:]) & (c > mag[..., 2:, :-2]),
+                         (c > mag[..., :-2, :-2]) & (c > mag[..., 2:, 2:]))
+    candidate = (c > low) & ((horizontal & peak_h) | (vertical & peak_v) | (diagonal & peak_d))
+    edge = candidate & (c > high)
+    while True:  # hysteresis: candidates 8-connected to a strong edge
+        grown = candidate & (F.max_pool2d(edge.float(), 3, 1, 1) > 0)
+        if torch.equal(grown, edge):
+            return edge
+        edge = grown
+
+
+def _chamfer_distance(zero: torch.Tensor, cap: float) -> torch.Tensor:
+    """OpenCV's ``distanceTransform(DIST_L2, 5)`` to the True pixels of ``zero``, truncated at
+    ``cap``: the shortest path with steps 1 (edge), 1.4 (diagonal) and 2.1969 (knight's move), by
+    relaxation until no distance below ``cap`` changes. Float32 sums in another order than
+    OpenCV's scan: equal to about 2e-6."""
+    h, w = zero.shape[-2:]
+    far = float(cap) + 3.0
+    d = torch.where(zero, 0.0, far).float()
+    steps = [(dy, dx, {1: 1.0, 2: 1.4, 5: 2.1969}[dy * dy + dx * dx]) for dy in range(-2, 3) for dx in range(-2, 3)
+             if dy * dy + dx * dx in (1, 2, 5)]
+    for _ in range(int(math.ceil(far)) + 1):
+        p = F.pad(d, (2, 2, 2, 2), value=far)
+        new = d.clone()
+        for dy, dx, wgt in steps:
+            torch.minimum(new, p[..., 2 + dy : 2 + dy + h, 2 + dx : 2 + dx + w] + wgt, out=new)
+        if torch.equal(new, d):
+            break
+        d = new
+    return d.clamp_max(cap)
+
+
+def _equalize_hist(level: torch.Tensor) -> torch.Tensor:
+    """OpenCV's ``equalizeHist`` per image: the levels above the lowest one mapped by their
+    cumulative count onto 0..255 (rounded); a constant image stays as it is."""
+    b = level.shape[0]
+    flat = level.reshape(b, -1).long()
+    hist = torch.zeros(b, 256, dtype=torch.long).scatter_add_(1, flat, torch.ones_like(flat))
+    first = (hist > 0).float().argmax(1, keepdim=True)
+    n_first = hist.gather(1, first)
+    scale = 255.0 / (flat.shape[1] - n_first).clamp_min(1).float()
+    lut = torch.round((hist.cumsum(1) - n_first).float() * scale).clamp(0, 255)
+    lut = torch.where(torch.arange(256)[None] <= first, 0.0, lut)
+    out = lut.gather(1, flat).reshape(level.shape)
+    return torch.where((n_first == flat.shape[1])[:, :, None, None], level, out)
 
 
 def _brightness(x, s, gens):
