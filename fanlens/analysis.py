@@ -82,7 +82,7 @@ def _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig) -> tu
     if not rules:
         raise FanlensError("rules must name at least one rule. Got an empty list instead.")
     for r in rules:
-        check_choice("rules", r, sp.RULES)
+        check_choice("rules", r, sp.ALL_RULES)
     check_choice("affinity", affinity, sp.AFFINITIES)
     thresholds = dict(thresholds or {})
     for k, v in thresholds.items():
@@ -135,7 +135,9 @@ class _SpectralAcc(AccState):
             need_norm = any(r in sp.NORMALIZED_RULES for r in self.rules)
             spec = sp.spectrum(torch.cat([affs[li] for li in lis], dim=0), dtype=self.eig_dtype, normalized=need_norm)
             counts = torch.stack(
-                [sp.count_significant(spec, r, threshold=self.thresholds.get(r), max_k=self.max_k) for r in self.rules],
+                [sp.count_significant(spec, r, threshold=self.thresholds.get(r), max_k=self.max_k)
+                 if r in sp.RULES else torch.cat([sp.dimension(pooled[li][0].float(), r).to(spec.affinity) for li in lis])
+                 for r in self.rules],
                 dim=-1,
             ).cpu().numpy()
             lam = spec.affinity
@@ -143,7 +145,8 @@ class _SpectralAcc(AccState):
             top = np.full((rel.shape[0], self.n_eig), np.nan)
             top[:, : min(self.n_eig, rel.shape[1])] = rel[:, : self.n_eig]
             for j, li in enumerate(lis):
-                _finite_or_raise(counts[j * b : (j + 1) * b], self.infos[li].name, "significant-eigenvalue count")
+                _finite_or_raise(counts[j * b : (j + 1) * b], self.infos[li].name,
+                                 "significant-eigenvalue count or dimension measure")
                 self.stats[li].update(counts[j * b : (j + 1) * b], idx)
                 self.eig[li].update(top[j * b : (j + 1) * b])
 
@@ -378,7 +381,9 @@ def spectrum(
         model: a module, or a spec (timm name, ``file.py:factory``, ``module:factory``).
         images: a pixel tensor, folder, files, ``"samples"`` or a DataLoader.
         blocks: block names / glob patterns; ``None`` for the model family's blocks.
-        rules: counting rules, from :data:`fanlens.spectral.RULES`; the first is the headline.
+        rules: counting rules, from :data:`fanlens.spectral.RULES`, and the dimension measures
+            of :data:`fanlens.spectral.DIMENSION_RULES` (``"twonn"``, ``"rankme"``, on the same
+            pooled tokens); the first is the headline.
         thresholds: ``tau`` per threshold rule (defaults in ``spectral.DEFAULT_THRESHOLDS``).
         affinity: ``"cosine"`` (negatives clipped), ``"gaussian"`` or ``"knn"``.
         center: subtract each image's mean token before the affinity.

@@ -102,7 +102,7 @@ def _add_spectral(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
     from .attribution import DEFAULT_IG_STEPS
-    from .spectral import RULES
+    from .spectral import DIMENSION_RULES, RULES
 
     parser = _Parser(prog="fanlens", description="Look inside vision models the way the FAN paper does.")
     parser.add_argument("--version", action="version", version=f"fanlens {__version__}")
@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("spectrum", help="significant-eigenvalue counts of the token affinity per block")
     _add_common(sp)
     _add_spectral(sp)
-    sp.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, first is the headline ({', '.join(RULES)})")
+    sp.add_argument("--rules", default=",".join(RULES),
+                    help=f"comma-separated, first is the headline: counting rules ({', '.join(RULES)}) and "
+                         f"dimension measures ({', '.join(DIMENSION_RULES)})")
     sp.add_argument("--threshold", action="append", default=[], metavar="RULE=TAU",
                     help="threshold of a threshold rule, e.g. rel_threshold=0.05")
     sp.add_argument("--include-prefix", action="store_true", help="include CLS/register tokens")

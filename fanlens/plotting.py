@@ -19,6 +19,7 @@ __all__ = [
     "plot_claims",
     "plot_training_dynamics",
     "plot_spectrum",
+    "plot_rules",
     "plot_probe",
     "plot_groups",
     "plot_figure3ab",
@@ -48,6 +49,15 @@ def _axes(ax):
     return ax
 
 
+def _rule_label(rule: str) -> str:
+    """Axis label of a counting rule or dimension measure."""
+    if rule == "twonn":
+        return "intrinsic dimension (TwoNN)"
+    if rule == "rankme":
+        return "RankMe"
+    return f"significant eigenvalues ({rule})"
+
+
 def plot_spectrum(result: SpectrumResult, *, rule: str | None = None, ax=None, label: str | None = None,
                   color: str | None = None):
     """Significant-eigenvalue count per block with its 95 % interval; returns the Axes."""
@@ -61,9 +71,35 @@ def plot_spectrum(result: SpectrumResult, *, rule: str | None = None, ax=None, l
     ax.plot(x, y, marker="o", color=color, label=label or f"{result.model} ({rule})")
     ax.fill_between(x, result.count(rule, "ci_low"), result.count(rule, "ci_high"), color=color, alpha=0.2)
     ax.set_xlabel("block")
-    ax.set_ylabel(f"significant eigenvalues ({rule})")
+    ax.set_ylabel(_rule_label(rule))
     ax.set_xticks(x)
     ax.legend(frameon=False)
+    return ax
+
+
+def plot_rules(result: SpectrumResult, *, rules: Sequence[str] | None = None, ax=None):
+    """Every counting rule and dimension measure of ``result`` per block, on one axis (each with
+    its 95 % interval), so that "how many groups" and "how many directions" can be read
+    together; returns the Axes."""
+    if not isinstance(result, SpectrumResult):
+        raise FanlensError(f"result must be a SpectrumResult. Got {type(result).__name__} instead.")
+    rules = tuple(result.rules if rules is None else rules)
+    for r in rules:
+        if r not in result.rules:
+            raise FanlensError(f"rules must be among the result's rules {result.rules}. Got {r!r} instead.")
+    ax = _axes(ax)
+    x = np.arange(len(result.blocks))
+    markers = "osD^v<>p"
+    for i, r in enumerate(rules):
+        color = PALETTE[i % len(PALETTE)]
+        ax.plot(x, result.count(r), marker=markers[i % len(markers)], ms=4, color=color,
+                label=_rule_label(r) if r in ("twonn", "rankme") else r)
+        ax.fill_between(x, result.count(r, "ci_low"), result.count(r, "ci_high"), color=color, alpha=0.15)
+    ax.set_xlabel("block")
+    ax.set_ylabel("count / dimension")
+    ax.set_xticks(x)
+    ax.set_title(result.model)
+    ax.legend(frameon=False, fontsize=7)
     return ax
 
 
@@ -152,7 +188,7 @@ def plot_figure3ab(spectrum: SpectrumResult, probe: ProbeResult, *, baseline_spe
             right.plot(x, prob.values(sigma), style, marker="s", ms=3, color=c_pert, label=f"perturbation{tag}")
             right.fill_between(x, prob.values(sigma, "ci_low"), prob.values(sigma, "ci_high"), color=c_pert, alpha=0.15)
     ax.set_xlabel("block")
-    ax.set_ylabel(f"significant eigenvalues ({rule})", color=c_count)
+    ax.set_ylabel(_rule_label(rule), color=c_count)
     right.set_ylabel(f"relative perturbation (sigma={sigma:g})", color=c_pert)
     ax.set_title(title or spectrum.model)
     lines = ax.get_lines() + right.get_lines()
@@ -429,7 +465,7 @@ def plot_comparison(results: dict, *, sigma: float | None = None, rule: str | No
         right.plot(xp, prob.values(sg), style, marker="o", ms=3, color=c, label=label)
         right.fill_between(xp, prob.values(sg, "ci_low"), prob.values(sg, "ci_high"), color=c, alpha=0.12)
     left.set_xlabel("relative depth")
-    left.set_ylabel(f"significant eigenvalues ({r})")
+    left.set_ylabel(_rule_label(r))
     right.set_xlabel("relative depth")
     right.set_ylabel(f"relative perturbation (sigma={sg:g})")
     left.legend(frameon=False, fontsize=7)
@@ -566,7 +602,7 @@ def plot_probe_families(probe: ProbeResult, spectrum: SpectrumResult | None = No
         right = ax.twinx()
         r = rule or spectrum.rules[0]
         right.plot(np.arange(len(spectrum.blocks)), spectrum.count(r), "k--", marker="s", ms=3, label=f"count ({r})")
-        right.set_ylabel(f"significant eigenvalues ({r})")
+        right.set_ylabel(_rule_label(r))
         h2, l2 = right.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, frameon=False, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3)
@@ -653,7 +689,7 @@ def plot_training_dynamics(rows: dict, *, sigma: float | None = None, rule: str 
         col = cmap(0.1 + 0.8 * k / max(len(steps) - 1, 1))
         ax_c.plot(spec.depth, spec.count(rule), marker="o", ms=3, color=col, label=f"step {st}")
         ax_p.plot(probe.depth, probe.values(sigma), marker="o", ms=3, color=col)
-    ax_c.set(xlabel="relative depth", ylabel=f"significant eigenvalues ({rule or rows[steps[0]][0].rules[0]})")
+    ax_c.set(xlabel="relative depth", ylabel=_rule_label(rule or rows[steps[0]][0].rules[0]))
     sig = max(rows[steps[0]][1].sigmas) if sigma is None else sigma
     ax_p.set(xlabel="relative depth", ylabel=f"perturbation (sigma={sig:g})")
     ax_c.legend(fontsize=7)

@@ -314,8 +314,12 @@ class SpectrumResult(_ResultIO):
 
     def rows(self) -> list[dict]:
         stats = {s: getattr(self, f"count_{s}") for s in STATISTICS}
-        return _stat_rows(self.model, self.blocks, self.depth, "significant_eigenvalues", stats, self.n_images,
+        rows = _stat_rows(self.model, self.blocks, self.depth, "significant_eigenvalues", stats, self.n_images,
                           rules=self.rules)
+        for r in rows:  # TwoNN and RankMe are dimensions, not eigenvalue counts
+            if r["rule"] in ("twonn", "rankme"):
+                r["metric"] = "dimension"
+        return rows
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,17 @@ Significant-eigenvalue rules (see :data:`RULES`):
 - ``"participation_ratio"``: ``(sum lambda)^2 / sum lambda^2`` over eigenvalues of ``A``.
 
 On an affinity made of ``k`` disconnected equal blocks every rule gives ``k``.
+
+Two more "how many directions are in use" measures work on the tokens themselves, not on an
+affinity (see :data:`DIMENSION_RULES`; :func:`dimension` computes them, and ``rules=`` of the
+analyses accepts them beside the five above):
+
+- ``"twonn"``: the TwoNN intrinsic dimension (Facco et al. 2017, used per layer by Ansuini et
+  al. 2019): from each distinct token's ratio ``mu = r2 / r1`` of the distances to its two
+  nearest neighbours, the slope through the origin of ``-log(1 - F(mu))`` against ``log mu``
+  (``F`` the empirical distribution), the largest 10 % of the ratios discarded.
+- ``"rankme"``: RankMe (Garrido et al. 2023), ``exp(H(p))`` with ``p_k = s_k / sum(s) + 1e-7``
+  over the singular values ``s`` of the (uncentred) ``N x C`` token matrix.
 """
 
 from __future__ import annotations
@@ -53,6 +64,11 @@ __all__ = [
     "eigvalsh",
     "spectrum",
     "count_significant",
+    "DIMENSION_RULES",
+    "ALL_RULES",
+    "dimension",
+    "twonn",
+    "rankme",
     "spectral_clustering",
     "kmeans",
     "pool_tokens",
@@ -61,7 +77,11 @@ __all__ = [
 AFFINITIES = ("cosine", "gaussian", "knn")
 RULES = ("rel_threshold", "norm_threshold", "eigengap", "effective_rank", "participation_ratio")
 DEFAULT_AFFINITY = "cosine"
+DIMENSION_RULES = ("twonn", "rankme")
+ALL_RULES = RULES + DIMENSION_RULES
 DEFAULT_RULE = "rel_threshold"
+TWONN_DISCARD = 0.1
+RANKME_EPS = 1e-7
 DEFAULT_THRESHOLDS = {"rel_threshold": 0.05, "norm_threshold": 0.9}
 DEFAULT_KNN = 10
 DEFAULT_MAX_GAP_K = 32
@@ -215,6 +235,91 @@ def count_significant(
         h = -(p * torch.log(p.clamp_min(_EPS))).sum(-1)
         return torch.exp(h)
     return total.pow(2) / lam.pow(2).sum(-1).clamp_min(_EPS)
+
+
+# --------------------------------------------------------------------------- dimension measures
+def _check_finite_tokens(tokens: torch.Tensor) -> None:
+    _check_tokens(tokens)
+    if not bool(torch.isfinite(tokens).all()):
+        raise FanlensError("tokens must be finite. Got NaN or inf values instead (check the model's output).")
+
+
+def rankme(tokens: torch.Tensor, *, eps: float = RANKME_EPS) -> torch.Tensor:
+    """RankMe of each image's token matrix: ``exp(-sum p log p)``, ``p = s / sum(s) + eps``.
+
+    Args:
+        tokens: ``(B, N, C)``.
+        eps: the paper's smoothing constant.
+
+    Returns:
+        ``(B,)`` float64: ``r`` for a rank-``r`` matrix with equal singular values (up to
+        ``eps``), between 1 and ``min(N, C)`` in general, 0 for an all-zero matrix.
+    """
+    _check_finite_tokens(tokens)
+    sv = torch.linalg.svdvals(tokens.double())
+    total = sv.sum(-1, keepdim=True)
+    p = sv / total.clamp_min(1e-300) + eps
+    out = torch.exp(-(p * torch.log(p)).sum(-1))
+    return torch.where(total[:, 0] > 0, out, torch.zeros_like(out))
+
+
+def twonn(tokens: torch.Tensor, *, discard: float = TWONN_DISCARD) -> torch.Tensor:
+    """TwoNN intrinsic dimension of each image's token set.
+
+    Repeated tokens count once (the estimator needs distinct points). Fewer than three distinct
+    tokens: 0 for a single point, 1 for two. Where every distinct token's two nearest distances
+    are equal (a regular lattice) the estimator is undefined and the value is NaN, which the
+    analyses refuse to report.
+
+    Args:
+        tokens: ``(B, N, C)``.
+        discard: share of the largest ratios left out of the fit (Facco et al.: 0.1).
+
+    Returns:
+        ``(B,)`` float64.
+    """
+    _check_finite_tokens(tokens)
+    discard = float(discard)
+    if not 0.0 <= discard < 1.0:
+        raise FanlensError(f"discard must be in [0, 1). Got {discard!r} instead.")
+    x = tokens.double()
+    out = torch.empty(x.shape[0], dtype=torch.float64)
+    if x.shape[1] >= 3:
+        d = torch.cdist(x, x)
+        d.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+        r = d.topk(2, dim=-1, largest=False).values  # (B, N, 2)
+        distinct = (r[..., 0] > 0).all(-1)
+    else:
+        distinct = torch.zeros(x.shape[0], dtype=torch.bool)
+    for i in range(x.shape[0]):
+        if bool(distinct[i]):
+            out[i] = _twonn_fit(r[i, :, 1] / r[i, :, 0], discard)
+            continue
+        pts = torch.unique(x[i], dim=0)
+        if pts.shape[0] < 3:
+            out[i] = float(pts.shape[0] - 1)
+            continue
+        dd = torch.cdist(pts, pts)
+        dd.fill_diagonal_(float("inf"))
+        rr = dd.topk(2, dim=-1, largest=False).values
+        out[i] = _twonn_fit(rr[:, 1] / rr[:, 0], discard)
+    return out
+
+
+def _twonn_fit(mu: torch.Tensor, discard: float) -> float:
+    n = mu.shape[0]
+    keep = max(2, int(np.floor(n * (1.0 - discard))))
+    keep = min(keep, n - 1)  # F = 1 at the largest ratio: -log(0) is never used
+    xs = torch.log(mu.sort().values[:keep])
+    ys = -torch.log1p(-torch.arange(1, keep + 1, dtype=torch.float64) / n)
+    sxx = float((xs * xs).sum())
+    return float((xs * ys).sum()) / sxx if sxx > 0 else float("nan")
+
+
+def dimension(tokens: torch.Tensor, rule: str) -> torch.Tensor:
+    """One of :data:`DIMENSION_RULES` for each image's tokens ``(B, N, C)``: ``(B,)`` float64."""
+    check_choice("rule", rule, DIMENSION_RULES)
+    return twonn(tokens) if rule == "twonn" else rankme(tokens)
 
 
 # --------------------------------------------------------------------------- token budget

@@ -232,3 +232,22 @@ def test_analyze_equals_separate_spectrum_and_probe(tiny_vit):
     np.testing.assert_allclose(probe.mean, probe2.mean, rtol=1e-5)
     assert probe.values(0.0).tolist() == [0.0] * 3
     assert spec.blocks == spec2.blocks and probe.blocks == probe2.blocks
+
+
+def test_dimension_measures_reported_like_counts(tiny_vit):
+    x = _pixels(3, seed=5)
+    r = fanlens.spectrum(tiny_vit, x, rules=("twonn", "rel_threshold", "rankme"), batch_size=2, progress=False)
+    assert r.rules == ("twonn", "rel_threshold", "rankme")
+    cfg = data_config(tiny_vit)
+    with torch.no_grad(), fanlens.TokenCapture(tiny_vit) as cap:
+        cap.run(cfg.normalize(x))
+        bts = list(cap.block_tokens())
+    for li, bt in enumerate(bts):
+        tw = fanlens.spectral.twonn(bt.tokens.double())
+        rk = fanlens.spectral.rankme(bt.tokens.double())
+        np.testing.assert_allclose(r.per_image[:, li, 0], tw.numpy(), rtol=1e-4)
+        np.testing.assert_allclose(r.per_image[:, li, 2], rk.numpy(), rtol=1e-4)
+        assert r.count("rankme")[li] == pytest.approx(rk.mean().item(), rel=1e-4)
+    rows = [row for row in r.rows() if row["rule"] == "twonn" and row["statistic"] == "mean"]
+    assert {row["metric"] for row in rows} == {"dimension"}
+    assert len(rows) == len(bts) and float(rows[0]["value"]) == pytest.approx(r.count("twonn")[0], rel=1e-6)

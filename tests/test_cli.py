@@ -37,6 +37,21 @@ def test_spectrum_writes_results_and_figure(tmp_path, image_dir, capsys):
     assert params["thresholds"]["rel_threshold"] == 0.1
 
 
+def test_spectrum_with_dimension_measures(tmp_path, image_dir, capsys):
+    code, out, err = run(["spectrum", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "o"),
+                          "--rules", "twonn,rel_threshold,rankme"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "o" / "results.csv")))
+    assert {(r["metric"], r["rule"]) for r in rows} == {("dimension", "twonn"), ("significant_eigenvalues",
+                                                                                 "rel_threshold"),
+                                                       ("dimension", "rankme")}
+    rankme = [float(r["value"]) for r in rows if r["rule"] == "rankme" and r["statistic"] == "mean"]
+    assert len(rankme) == 3 and all(1.0 <= v <= 16 for v in rankme)  # between 1 and min(N, C)
+    code, _, err = run(["spectrum", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "x"),
+                        "--rules", "twonn,dimension"], capsys)
+    assert code != 0 and "rules must be one of" in err and "rankme" in err
+
+
 def test_probe_and_groups(tmp_path, image_dir, capsys):
     code, _, err = run(["probe", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "p"),
                         "--sigmas", "0,0.1,0.5"], capsys)

@@ -72,6 +72,22 @@ def test_plot_spectrum_draws_the_counts_with_labels():
     assert len(ax.collections) == 1  # the 95 % band
 
 
+def test_plot_rules_draws_counts_and_dimensions_together():
+    c = np.array([[5, 12.5, 3.2], [4, 10.0, 2.9], [3, 8.0, 2.5], [2, 6.5, 2.0]])
+    res = SpectrumResult(blocks=_blocks(4), rules=("rel_threshold", "twonn", "rankme"), n_images=2, count_mean=c,
+                         count_std=np.ones_like(c), count_ci_low=c - 1, count_ci_high=c + 1,
+                         eig_mean=np.ones((4, 3)), provenance=_prov())
+    ax = plotting.plot_rules(res)
+    lines = ax.get_lines()
+    assert len(lines) == 3 and len(ax.collections) == 3
+    np.testing.assert_array_equal(lines[1].get_ydata(), c[:, 1])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["rel_threshold", "intrinsic dimension (TwoNN)",
+                                                                    "RankMe"]
+    assert plotting.plot_spectrum(res, rule="twonn").get_ylabel() == "intrinsic dimension (TwoNN)"
+    with pytest.raises(FanlensError, match="rules must be among"):
+        plotting.plot_rules(res, rules=("eigengap",))
+
+
 def test_plot_probe_one_line_per_sigma_and_log_scale():
     pr = _probe([[0.1, 0.2], [0.05, 0.1], [0.02, 0.05], [0.01, 0.02]], sigmas=(0.1, 0.2))
     ax = plotting.plot_probe(pr, log=True)

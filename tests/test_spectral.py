@@ -202,3 +202,64 @@ def test_normalized_spectrum_is_optional():
     assert sp.count_significant(spec, "rel_threshold").item() == 3
     with pytest.raises(FanlensError, match="needs the normalised spectrum"):
         sp.count_significant(spec, "eigengap")
+
+
+# --------------------------------------------------------------------------- dimension measures
+def _subspace(d: int, n: int, ambient: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(torch.randn(ambient, d, generator=g, dtype=torch.float64)).Q
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ q.T
+
+
+@pytest.mark.parametrize("d", [2, 5, 10])
+def test_twonn_recovers_the_dimension_of_a_linear_subspace(d):
+    x = torch.stack([_subspace(d, 2000, 40, seed) for seed in range(3)])
+    est = sp.twonn(x)
+    assert est.shape == (3,)
+    assert ((est - d).abs() / d <= 0.10).all(), est
+
+
+def test_twonn_recovers_the_dimension_of_curved_manifolds():
+    g = torch.Generator().manual_seed(7)
+    for d in (2, 4):  # flat torus T^d embedded in R^(2d): no boundary, curved embedding
+        a = torch.rand(1, 2000, d, generator=g, dtype=torch.float64) * 2 * math.pi
+        est = sp.twonn(torch.cat([a.cos(), a.sin()], -1)).item()
+        assert abs(est - d) / d <= 0.10, (d, est)
+    t = 1.5 * math.pi * (1 + 2 * torch.rand(2000, generator=g, dtype=torch.float64))
+    h = 20 * torch.rand(2000, generator=g, dtype=torch.float64)
+    roll = torch.stack([t * t.cos(), h, t * t.sin()], -1)  # the swiss roll: a 2-d sheet in R^3
+    assert abs(sp.twonn(roll[None]).item() - 2) / 2 <= 0.10
+
+
+def test_twonn_known_fit_and_degenerate_sets():
+    # three points on a line at 0, 1, 3: ratios r2/r1 = 3, 2, 3/2 (sorted 1.5, 2, 3); with
+    # nothing discarded the fit uses the two smallest (F = 1/3, 2/3; the largest has F = 1)
+    x = torch.tensor([[[0.0], [1.0], [3.0]]], dtype=torch.float64)
+    xs = torch.log(torch.tensor([1.5, 2.0], dtype=torch.float64))
+    ys = -torch.log1p(-torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+    assert sp.twonn(x, discard=0.0).item() == pytest.approx(float((xs * ys).sum() / (xs * xs).sum()))
+    # repeated tokens count once: the same answer with duplicates
+    dup = torch.cat([x, x[:, :2]], dim=1)
+    assert sp.twonn(dup, discard=0.0).item() == pytest.approx(sp.twonn(x, discard=0.0).item())
+    assert sp.twonn(torch.ones(1, 5, 3)).item() == 0.0  # one point
+    assert sp.twonn(torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])).item() == 1.0  # two points
+    with pytest.raises(FanlensError, match="discard must be in"):
+        sp.twonn(x, discard=1.0)
+
+
+def test_rankme_known_values():
+    g = torch.Generator().manual_seed(0)
+    for r in (1, 3, 7):  # rank r, equal singular values: RankMe = r
+        u = torch.linalg.qr(torch.randn(50, r, generator=g, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(20, r, generator=g, dtype=torch.float64)).Q
+        assert sp.rankme((2.5 * u @ v.T)[None]).item() == pytest.approx(r, rel=1e-4)
+    # singular values 3, 1: p = 3/4, 1/4 (+1e-7)
+    m = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))[None]
+    p = torch.tensor([0.75, 0.25], dtype=torch.float64) + 1e-7
+    assert sp.rankme(m).item() == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-12)
+    assert sp.rankme(torch.zeros(1, 4, 3)).item() == 0.0
+    assert torch.equal(sp.dimension(m, "rankme"), sp.rankme(m))
+    with pytest.raises(FanlensError, match="rule must be one of"):
+        sp.dimension(m, "rel_threshold")
+    with pytest.raises(FanlensError, match="finite"):
+        sp.rankme(torch.full((1, 3, 2), float("nan")))
