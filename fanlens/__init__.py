@@ -18,6 +18,7 @@ with _warnings.catch_warnings():
 from ._validation import FanlensError
 from . import corruptions, zoo  # zoo registers the "zoo:" model specs
 from .analysis import analyze, group_tokens, make_noise, noise_probe, spectrum
+from .attention import AttentionMaps, attention_maps
 from .attribution import AttributionShare, attribute, attribution_share, min_flip_sigma
 from .capture import BlockTokens, TokenCapture, TokenLayout, find_blocks
 from .models import build_model, load_checkpoint
@@ -37,6 +38,8 @@ __all__ = [
     "analyze",
     "group_tokens",
     "make_noise",
+    "attention_maps",
+    "AttentionMaps",
     "attribute",
     "attribution_share",
     "min_flip_sigma",

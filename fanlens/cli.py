@@ -483,7 +483,8 @@ def _analyse(args: argparse.Namespace, analysis, build_model, input_size, out: P
             center=not args.no_center, knn=args.knn, token_budget=args.token_budget,
             include_prefix=args.include_prefix, **common,
         )
-        fig_name, draw = "spectrum.png", "plot_spectrum"
+        # several rules: all of them on one axis (counts and dimension measures together)
+        fig_name, draw = "spectrum.png", "plot_rules" if len(res.rules) > 1 else "plot_spectrum"
     elif args.command == "probe":
         res = analysis.noise_probe(
             lm, images, sigmas=args.sigmas, mode=args.mode, space=args.space, n_noise=args.n_noise,

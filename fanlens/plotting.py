@@ -32,6 +32,7 @@ __all__ = [
     "plot_probe_flip",
     "plot_comparison",
     "plot_attention",
+    "plot_attention_maps",
     "plot_robustness",
     "plot_robustness_comparison",
     "plot_probe_families",
@@ -511,6 +512,72 @@ def plot_attention(attn, pixels, *, grid: tuple[int, int], query: tuple[int, int
     ax.set_title(f"attention of token ({r}, {c})" + ("" if head is None else f", head {head}"), fontsize=8)
     ax.set_axis_off()
     return ax
+
+
+def plot_attention_maps(maps, *, image: int = 0, blocks: Sequence[int] | None = None, head: int | None = None,
+                        groups: GroupsResult | None = None, fig=None, alpha: float = 0.6, cmap: str = "viridis"):
+    """CLS-to-patch attention of each block over one image (for models without a class token,
+    the attention each patch receives, averaged over the queries), with the token groups of the
+    same blocks in a second row when ``groups`` is given; returns the Figure.
+
+    Args:
+        maps: :class:`fanlens.AttentionMaps`.
+        image: index of the image.
+        blocks: indices into ``maps.blocks`` (default: all).
+        head: one head (default: the mean of the heads).
+        groups: a :class:`GroupsResult` of the same images; its blocks are matched by name.
+    """
+    from .attention import AttentionMaps
+
+    if not isinstance(maps, AttentionMaps):
+        raise FanlensError(f"maps must be an AttentionMaps. Got {type(maps).__name__} instead.")
+    if not 0 <= image < len(maps.images):
+        raise FanlensError(f"image must be in [0, {len(maps.images) - 1}]. Got {image!r} instead.")
+    idx = list(range(len(maps.blocks))) if blocks is None else [int(b) for b in blocks]
+    if groups is not None:
+        if not isinstance(groups, GroupsResult):
+            raise FanlensError(f"groups must be a GroupsResult. Got {type(groups).__name__} instead.")
+        names = [b.name for b in groups.blocks]
+        missing = [maps.blocks[i] for i in idx if maps.blocks[i] not in names]
+        if missing or image >= len(groups.images):
+            raise FanlensError(f"groups must hold the blocks {missing or ''} and image {image} of the attention "
+                               f"maps. Got blocks {names} and {len(groups.images)} images instead.")
+    if maps.num_prefix_tokens:
+        heat, what = maps.cls_to_patch(head)[image], "CLS attention"
+    else:
+        p2p = maps.patch_to_patch(head)[image]
+        heat, what = p2p.mean(axis=1).reshape(p2p.shape[0], *maps.grid), "attention received"
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    rows = 2 if groups is not None else 1
+    cols = len(idx) + 1
+    if fig is None:
+        fig = plt.figure(figsize=(1.9 * cols, 2.0 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    px = maps.pixels[image]
+    h, w = px.shape[:2]
+    axes[0, 0].imshow(px)
+    axes[0, 0].set_title("image", fontsize=8)
+    for ax, li in zip(axes[0, 1:], idx):
+        ax.imshow(px)
+        ax.imshow(heat[li], cmap=cmap, alpha=alpha, extent=(0, w, h, 0), interpolation="nearest")
+        ax.set_title(f"{maps.blocks[li]}\n{what}" + ("" if head is None else f", head {head}"), fontsize=7)
+    if groups is not None:
+        axes[1, 0].set_visible(False)
+        kmax = max(int(groups.n_clusters.max()), 1)
+        gcmap = ListedColormap([PALETTE[i % len(PALETTE)] for i in range(kmax)])
+        gpx = groups.pixels[image]
+        gh, gw = gpx.shape[:2]
+        for ax, li in zip(axes[1, 1:], idx):
+            gi = names.index(maps.blocks[li])
+            ax.imshow(gpx)
+            ax.imshow(groups.labels[gi][image], cmap=gcmap, vmin=-0.5, vmax=gcmap.N - 0.5, alpha=0.55,
+                      extent=(0, gw, gh, 0), interpolation="nearest")
+            ax.set_title(f"groups (k={int(groups.n_clusters[gi, image])})", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    return fig
 
 
 def _short(name: str) -> str:
