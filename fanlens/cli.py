@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--attribution-block", default=None, metavar="NAME",
                     help="Grad-CAM block (default: the last block)")
     at.add_argument("--ig-steps", type=int, default=DEFAULT_IG_STEPS, help="Integrated Gradients steps")
+    gp.add_argument("--attention", action="store_true",
+                    help="also read the attention of every block (timm ViT/DeiT, fused attention left on) and "
+                         "draw the CLS attention above the groups of the first image (attention.png, "
+                         "attention_cls.csv)")
     _add_output(gp, "groups")
 
     rb = sub.add_parser("robustness", help="top-1 error (or flip rate) under ImageNet-C corruptions, CE and mCE")
@@ -526,8 +530,17 @@ def _extras(args: argparse.Namespace, lm, images, common: dict, res) -> dict:
         print(f"share of the {args.attribution} attribution mass in the best group (mean over {s['n']} images):")
         for li, b in enumerate(share.blocks):
             print(f"  {b.name:<24} share {s['mean'][li]:.3f}   area of that group {a['mean'][li]:.3f}")
-        return {"attribution": attr, "share": share}
-    return {}
+        out = {"attribution": attr, "share": share}
+    else:
+        out = {}
+    if args.command == "groups" and args.attention:
+        from .attention import attention_maps
+
+        out["attention"] = attention_maps(
+            lm, images, blocks=args.blocks, batch_size=args.batch_size, input_size=common["input_size"], num_prefix_tokens=args.num_prefix_tokens,
+            device=args.device, seed=args.seed, progress=common["progress"],
+        )
+    return out
 
 
 def _save_extras(args: argparse.Namespace, res, extra: dict, out: Path) -> None:
@@ -539,6 +552,8 @@ def _save_extras(args: argparse.Namespace, res, extra: dict, out: Path) -> None:
     if "attribution" in extra:
         extra["attribution"].write_files(out / "attribution")
         write_atomic(out / "attribution_share.csv", rows_to_csv(extra["share"].rows()).encode())
+    if "attention" in extra:
+        write_atomic(out / "attention_cls.csv", _attention_rows(extra["attention"]).encode())
     if extra and not args.no_figure:
         import matplotlib
 
@@ -549,6 +564,30 @@ def _save_extras(args: argparse.Namespace, res, extra: dict, out: Path) -> None:
             save_png(plotting.plot_probe_flip(res, extra["flip"]), out / "probe_flip.png")
         if "attribution" in extra:
             save_png(plotting.plot_attribution_groups(res, extra["attribution"]), out / "groups_attribution.png")
+        if "attention" in extra:
+            save_png(plotting.plot_attention_maps(extra["attention"], groups=res), out / "attention.png")
+
+
+def _attention_rows(maps) -> str:
+    """Tidy CSV of the head-averaged attention each patch gets from the CLS token (or, without
+    one, from all patches on average): image, block, row, col, value."""
+    import csv
+    import io
+
+    if maps.num_prefix_tokens:
+        heat = maps.cls_to_patch()
+    else:
+        p2p = maps.patch_to_patch()
+        heat = p2p.mean(axis=2).reshape(*p2p.shape[:2], *maps.grid)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image", "block", "row", "col", "value"])
+    for i, name in enumerate(maps.images):
+        for li, block in enumerate(maps.blocks):
+            for r in range(maps.grid[0]):
+                for c in range(maps.grid[1]):
+                    w.writerow([name, block, r, c, f"{heat[i, li, r, c]:.6g}"])
+    return buf.getvalue()
 
 
 def _int_arg(name: str, value: str) -> int:

@@ -52,6 +52,20 @@ def test_spectrum_with_dimension_measures(tmp_path, image_dir, capsys):
     assert code != 0 and "rules must be one of" in err and "rankme" in err
 
 
+def test_groups_with_attention(tmp_path, image_dir, capsys):
+    code, out, err = run(["groups", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "g"),
+                          "--n-clusters", "2", "--attention"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "g" / "attention.png").is_file() and f"wrote {tmp_path / 'g' / 'attention.png'}" in out
+    rows = list(csv.DictReader(open(tmp_path / "g" / "attention_cls.csv")))
+    assert len(rows) == 3 * 3 * 16  # images x blocks x patches (4 x 4)
+    per = {}
+    for r in rows:
+        per.setdefault((r["image"], r["block"]), []).append(float(r["value"]))
+    # the CLS row over the patches: a share of one softmax row (the rest goes to the CLS token)
+    assert all(0.0 < sum(v) <= 1.0 + 1e-5 for v in per.values())
+
+
 def test_probe_and_groups(tmp_path, image_dir, capsys):
     code, _, err = run(["probe", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "p"),
                         "--sigmas", "0,0.1,0.5"], capsys)
