@@ -19,6 +19,7 @@ from ._validation import FanlensError
 from . import corruptions, zoo  # zoo registers the "zoo:" model specs
 from .analysis import analyze, group_tokens, make_noise, noise_probe, spectrum
 from .attention import AttentionMaps, attention_maps
+from .colouring import SpectralColours, spectral_colouring
 from .attribution import AttributionShare, attribute, attribution_share, min_flip_sigma
 from .capture import BlockTokens, TokenCapture, TokenLayout, find_blocks
 from .models import build_model, load_checkpoint
@@ -39,6 +40,8 @@ __all__ = [
     "group_tokens",
     "make_noise",
     "attention_maps",
+    "spectral_colouring",
+    "SpectralColours",
     "AttentionMaps",
     "attribute",
     "attribution_share",

@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--attribution-block", default=None, metavar="NAME",
                     help="Grad-CAM block (default: the last block)")
     at.add_argument("--ig-steps", type=int, default=DEFAULT_IG_STEPS, help="Integrated Gradients steps")
+    gp.add_argument("--colour", choices=("spectral",), default=None,
+                    help="also colour every token continuously by the top-3 non-trivial eigenvectors of the "
+                         "joint token graph of all images, aligned from block to block (colours.png, "
+                         "colours.npz)")
     gp.add_argument("--attention", action="store_true",
                     help="also read the attention of every block (timm ViT/DeiT, fused attention left on) and "
                          "draw the CLS attention above the groups of the first image (attention.png, "
@@ -533,6 +537,15 @@ def _extras(args: argparse.Namespace, lm, images, common: dict, res) -> dict:
         out = {"attribution": attr, "share": share}
     else:
         out = {}
+    if args.command == "groups" and args.colour == "spectral":
+        from .colouring import spectral_colouring
+
+        out["colours"] = spectral_colouring(
+            lm, images, blocks=args.blocks, affinity=args.affinity, center=not args.no_center, knn=args.knn,
+            token_budget=args.token_budget, batch_size=args.batch_size, input_size=common["input_size"],
+            num_prefix_tokens=args.num_prefix_tokens, layout=args.layout, device=args.device, seed=args.seed,
+            progress=common["progress"],
+        )
     if args.command == "groups" and args.attention:
         from .attention import attention_maps
 
@@ -554,6 +567,8 @@ def _save_extras(args: argparse.Namespace, res, extra: dict, out: Path) -> None:
         write_atomic(out / "attribution_share.csv", rows_to_csv(extra["share"].rows()).encode())
     if "attention" in extra:
         write_atomic(out / "attention_cls.csv", _attention_rows(extra["attention"]).encode())
+    if "colours" in extra:
+        extra["colours"].save_npz(out / "colours.npz")
     if extra and not args.no_figure:
         import matplotlib
 
@@ -566,6 +581,8 @@ def _save_extras(args: argparse.Namespace, res, extra: dict, out: Path) -> None:
             save_png(plotting.plot_attribution_groups(res, extra["attribution"]), out / "groups_attribution.png")
         if "attention" in extra:
             save_png(plotting.plot_attention_maps(extra["attention"], groups=res), out / "attention.png")
+        if "colours" in extra:
+            save_png(plotting.plot_spectral_colours(extra["colours"]), out / "colours.png")
 
 
 def _attention_rows(maps) -> str:

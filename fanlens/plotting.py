@@ -33,6 +33,8 @@ __all__ = [
     "plot_comparison",
     "plot_attention",
     "plot_attention_maps",
+    "plot_spectral_colour",
+    "plot_spectral_colours",
     "plot_robustness",
     "plot_robustness_comparison",
     "plot_probe_families",
@@ -577,6 +579,53 @@ def plot_attention_maps(maps, *, image: int = 0, blocks: Sequence[int] | None = 
             ax.set_title(f"groups (k={int(groups.n_clusters[gi, image])})", fontsize=7)
     for ax in axes.ravel():
         ax.set_axis_off()
+    return fig
+
+
+def _check_colours(result):
+    from .colouring import SpectralColours
+
+    if not isinstance(result, SpectralColours):
+        raise FanlensError(f"result must be a SpectralColours. Got {type(result).__name__} instead.")
+
+
+def plot_spectral_colour(result, *, image: int = 0, block: int = 0, ax=None, alpha: float = 0.85):
+    """One image's tokens of one block in their spectral colours, over the image; returns the Axes."""
+    _check_colours(result)
+    if not 0 <= image < len(result.images):
+        raise FanlensError(f"image must be in [0, {len(result.images) - 1}]. Got {image!r} instead.")
+    if not 0 <= block < len(result.blocks):
+        raise FanlensError(f"block must be in [0, {len(result.blocks) - 1}]. Got {block!r} instead.")
+    ax = _axes(ax)
+    px = result.pixels[image]
+    h, w = px.shape[:2]
+    ax.imshow(px)
+    ax.imshow(result.colours[block][image], alpha=alpha, extent=(0, w, h, 0), interpolation="nearest")
+    ax.set_title(result.blocks[block].name, fontsize=8)
+    ax.set_axis_off()
+    return ax
+
+
+def plot_spectral_colours(result, *, images: Sequence[int] | None = None, blocks: Sequence[int] | None = None,
+                          fig=None):
+    """Spectral colours of several images (rows) and blocks (columns); the same colour is the
+    same eigen-direction across images and, after alignment, across blocks. Returns the Figure."""
+    _check_colours(result)
+    import matplotlib.pyplot as plt
+
+    rows = list(range(min(len(result.images), 4))) if images is None else [int(i) for i in images]
+    cols = list(range(len(result.blocks))) if blocks is None else [int(b) for b in blocks]
+    if fig is None:
+        fig = plt.figure(figsize=(1.7 * (len(cols) + 1), 1.8 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), len(cols) + 1, squeeze=False)
+    for r, i in enumerate(rows):
+        axes[r, 0].imshow(result.pixels[i])
+        axes[r, 0].set_title(result.images[i][-24:], fontsize=7)
+        axes[r, 0].set_axis_off()
+        for c, li in enumerate(cols):
+            plot_spectral_colour(result, image=i, block=li, ax=axes[r, c + 1])
+            if r:
+                axes[r, c + 1].set_title("")
     return fig
 
 

@@ -72,6 +72,9 @@ __all__ = [
     "spectral_clustering",
     "kmeans",
     "pool_tokens",
+    "spectral_embedding",
+    "align_embedding",
+    "embedding_colours",
 ]
 
 AFFINITIES = ("cosine", "gaussian", "knn")
@@ -503,3 +506,123 @@ def spectral_clustering(
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(_EPS)
         labels[sel] = kmeans(u, int(k), n_init=n_init, seed=seed, indices=[indices[i] for i in sel.tolist()])
     return labels, ks
+
+
+# --------------------------------------------------------------------------- spectral colouring
+DEFAULT_LANDMARKS = 2048
+
+
+def spectral_embedding(
+    tokens: torch.Tensor,
+    *,
+    n_vectors: int = 3,
+    kind: str = DEFAULT_AFFINITY,
+    center: bool = True,
+    knn: int = DEFAULT_KNN,
+    landmarks: int = DEFAULT_LANDMARKS,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The top non-trivial eigenvectors of the normalised affinity of all tokens of all images
+    together (one graph, so that the same part gets the same coordinates in every image).
+
+    Args:
+        tokens: ``(B, N, C)``; the ``B * N`` tokens form one graph. Centring (``center``)
+            subtracts each image's mean token, as for the counts.
+        n_vectors: eigenvectors kept after the trivial one (the top eigenvector of
+            ``D^{-1/2} A D^{-1/2}``, proportional to ``sqrt(degree)``).
+        kind, knn: the affinity (see :func:`affinity`).
+        landmarks: above this many tokens the eigenvectors come from a Nyström extension:
+            ``landmarks`` tokens drawn with ``seed`` carry the eigendecomposition (degrees
+            estimated from them, scaled to all tokens), every token gets
+            ``v(x) = sum_j M(x, j) u(j) / mu`` (equal to ``u`` on the landmarks).
+        seed: draws the landmarks.
+
+    Returns:
+        ``(B, N, n_vectors)`` float64, each vector scaled to unit norm over all tokens (zero
+        columns where the graph has fewer non-trivial eigenvectors).
+    """
+    _check_finite_tokens(tokens)
+    check_choice("kind", kind, AFFINITIES)
+    check_positive_int("n_vectors", n_vectors)
+    check_positive_int("landmarks", landmarks, minimum=2)
+    b, n, c = tokens.shape
+    x = tokens.double()
+    if center:
+        x = x - x.mean(dim=1, keepdim=True)
+    flat = x.reshape(1, b * n, c)
+    total = b * n
+    out = torch.zeros(total, n_vectors, dtype=torch.float64)
+    if total <= landmarks:
+        a = affinity(flat, kind=kind, center=False, knn=min(knn, total))[0]
+        m = normalized_affinity(a[None])[0]
+        ev, vec = torch.linalg.eigh(0.5 * (m + m.T))
+        vec = vec.flip(-1)[:, 1 : 1 + n_vectors]
+        out[:, : vec.shape[1]] = vec
+    else:
+        g = torch.Generator().manual_seed(int(seed))
+        idx = torch.randperm(total, generator=g)[:landmarks].sort().values
+        w = _cross_affinity(flat[0], flat[0, idx], kind, knn)  # (total, m)
+        deg = (w.sum(1) * (total / landmarks)).clamp_min(_EPS)  # every token's degree, estimated
+        wl = w[idx]
+        ml = wl / torch.sqrt(deg[idx][:, None] * deg[idx][None, :])
+        mu, u = torch.linalg.eigh(0.5 * (ml + ml.T))
+        mu, u = mu.flip(-1)[1 : 1 + n_vectors], u.flip(-1)[:, 1 : 1 + n_vectors]
+        mx = w / torch.sqrt(deg[:, None] * deg[idx][None, :])
+        keep = mu > 1e-8
+        vec = torch.where(keep[None], mx @ u / torch.where(keep, mu, torch.ones_like(mu))[None], torch.zeros(1))
+        out[:, : vec.shape[1]] = vec
+    out = out / out.norm(dim=0, keepdim=True).clamp_min(_EPS)
+    return out.reshape(b, n, n_vectors)
+
+
+def _cross_affinity(x: torch.Tensor, y: torch.Tensor, kind: str, knn: int) -> torch.Tensor:
+    """Affinity between every token of ``x`` (n, C) and the landmarks ``y`` (m, C), as
+    :func:`affinity` defines it (the Gaussian bandwidth from the landmarks' distances; the knn
+    graph: each token's ``knn`` nearest landmarks)."""
+    if kind == "gaussian":
+        d2 = torch.cdist(x, y).pow(2)
+        dl = torch.cdist(y, y)
+        off = ~torch.eye(y.shape[0], dtype=torch.bool)
+        h2 = dl[off].median().pow(2).clamp_min(_EPS)
+        return torch.exp(-d2 / (2.0 * h2))
+    xn = x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    yn = y / y.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    sim = xn @ yn.T
+    if kind == "cosine":
+        return sim.clamp_min(0.0)
+    k = min(knn, y.shape[0])
+    idx = sim.topk(k, dim=-1).indices
+    return torch.zeros_like(sim).scatter_(-1, idx, 1.0)
+
+
+def align_embedding(emb: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """Make an embedding ``(T, k)`` (rows: tokens) independent of the eigensolver's arbitrary
+    signs and rotations.
+
+    With a ``reference`` of the same shape (the previous block's embedding of the same tokens)
+    the orthogonal ``R`` minimising ``||emb R - reference||`` is applied (Procrustes: rotations
+    and sign flips), so that colours stay comparable along depth. Without one, each column's
+    sign is chosen so that its third moment is positive (the long tail points to bright
+    colours); a column without skew keeps the sign that makes its largest entry positive.
+    """
+    if reference is not None:
+        if reference.shape != emb.shape:
+            raise FanlensError(f"reference must have the embedding's shape {tuple(emb.shape)}. "
+                               f"Got {tuple(reference.shape)} instead.")
+        u, _s, vt = torch.linalg.svd(emb.T @ reference)
+        return emb @ (u @ vt)
+    skew = (emb**3).sum(0)
+    big = emb.gather(0, emb.abs().argmax(0, keepdim=True))[0]
+    sign = torch.where(skew.abs() > 1e-12 * emb.abs().max().clamp_min(_EPS) ** 3, skew.sign(), big.sign())
+    return emb * torch.where(sign == 0, torch.ones_like(sign), sign)[None]
+
+
+def embedding_colours(emb: torch.Tensor, *, quantile: float = 0.99) -> torch.Tensor:
+    """RGB in [0, 1] from an embedding ``(..., 3)``: each coordinate divided by the ``quantile``
+    of its absolute values over all tokens (clipped to [-1, 1]) and mapped to ``0.5 + 0.5 e``:
+    the origin is grey, each eigenvector moves one channel."""
+    if emb.shape[-1] != 3:
+        raise FanlensError(f"emb must have 3 coordinates in its last dimension. Got shape {tuple(emb.shape)} instead.")
+    flat = emb.reshape(-1, 3)
+    scale = torch.quantile(flat.abs(), float(quantile), dim=0).clamp_min(_EPS)
+    return (0.5 + 0.5 * (emb / scale).clamp(-1, 1)).float()

@@ -200,3 +200,19 @@ def test_captum_option_errors(tmp_path, image_dir, capsys, args, match):
     assert code == 2
     assert match in err and err.startswith("fanlens: error:")
     assert not (tmp_path / "x").exists()  # nothing written on failure
+
+
+def test_groups_with_spectral_colours(tmp_path, image_dir, capsys):
+    import numpy as np
+
+    code, out, err = run(["groups", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "g"),
+                          "--n-clusters", "2", "--colour", "spectral"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "g" / "colours.png").is_file() and f"wrote {tmp_path / 'g' / 'colours.npz'}" in out
+    with np.load(tmp_path / "g" / "colours.npz") as z:
+        assert sorted(z.files) == ["colours_0", "colours_1", "colours_2"]
+        assert z["colours_0"].shape == (3, 4, 4, 3) and 0 <= z["colours_0"].min() and z["colours_0"].max() <= 1
+    with pytest.raises(SystemExit) as exc:
+        run(["groups", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "h"),
+             "--colour", "rainbow"], capsys)
+    assert exc.value.code == 2 and "--colour" in capsys.readouterr().err
