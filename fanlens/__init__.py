@@ -20,6 +20,7 @@ from . import corruptions, zoo  # zoo registers the "zoo:" model specs
 from .analysis import analyze, group_tokens, make_noise, noise_probe, spectrum
 from .attention import AttentionMaps, attention_maps
 from .colouring import SpectralColours, spectral_colouring
+from .reporting import report
 from .attribution import AttributionShare, attribute, attribution_share, min_flip_sigma
 from .capture import BlockTokens, TokenCapture, TokenLayout, find_blocks
 from .models import build_model, load_checkpoint
@@ -41,6 +42,7 @@ __all__ = [
     "make_noise",
     "attention_maps",
     "spectral_colouring",
+    "report",
     "SpectralColours",
     "AttentionMaps",
     "attribute",

@@ -214,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(dp, "training-dynamics")
     _add_zoo_run_options(dp)
 
+    rr = sub.add_parser("report", help="one self-contained report.html from a fanlens output folder",
+                        description="Figures, per-block tables, claims, provenance and a block-by-block viewer of "
+                        "the groups and spectral colours, embedded in one HTML file that opens offline.")
+    rr.add_argument("folder", help="a folder written by fanlens (spectrum, probe, groups, robustness, reproduce)")
+    rr.add_argument("--out", default=None, metavar="FILE", help="the file to write (default: FOLDER/report.html)")
+    rr.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    rr.add_argument("--max-images", type=int, default=8, help="images per model in the block viewer (default 8)")
+
     tp = sub.add_parser("train-zoo", help="train the embedded zoo models (reproducible from the seed)")
     from .zoo import ALL_NAMES
 
@@ -423,6 +431,12 @@ def _run(args: argparse.Namespace) -> list[Path]:
         return _run_training_dynamics(args)
     if args.command == "robustness":
         return _run_robustness(args)
+    if args.command == "report":
+        from .reporting import report
+
+        path = report(args.folder, out=args.out, overwrite=args.overwrite, max_images=args.max_images)
+        print(f"report: {path.stat().st_size / 1e6:.1f} MB")
+        return [path]
 
     from .distributed import is_main
 

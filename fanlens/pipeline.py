@@ -31,6 +31,7 @@ from .corruptions import BENCHMARK
 from .results import (GroupsResult, ProbeResult, RobustnessResult, SpectrumResult, rows_to_csv, save_png, versions,
                       write_atomic)
 from .robustness import corruption_errors, robustness
+from .colouring import spectral_colouring
 from .runner import OutputFolder
 
 __all__ = ["Comparison", "compare", "ModelRun", "ReproduceResult", "reproduce", "TrainingDynamics", "training_dynamics", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
@@ -65,6 +66,7 @@ class ModelRun:
     robustness: RobustnessResult | None = None
     corruption_probe: ProbeResult | None = None
     heads: int | None = None
+    colours: Any = None  # SpectralColours of the Figure 4 images, for the report's viewer
 
     def evidence(self, series: str | None = None) -> claims.Evidence:
         """This run as input of :func:`fanlens.claims.check`."""
@@ -146,17 +148,18 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
         scores = mask_scores(groups, masks)
     else:
         scores = None
-    vis = None
+    vis = colours = None
     if figures:
         vis_images = images[: len(FIGURE4_IMAGES)] if isinstance(images, torch.Tensor) else images
         vis = analysis.group_tokens(lm, vis_images, n_clusters=FIGURE4_CLUSTERS, **common)
+        colours = spectral_colouring(lm, vis_images, **common)
     rob = cprobe = None
     if trained:  # a random-init twin is at chance under every corruption: nothing to learn from it
         rob = robustness(lm, images, labels=labels, severities=severities, **common)
         if figures:
             cprobe = analysis.noise_probe(lm, images, corruption=BENCHMARK, severity=CORRUPTION_PROBE_SEVERITY,
                                           **common)
-    return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe)
+    return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe, colours=colours)
 
 
 def _check_run_args(n_images: Any, seed: Any, batch_size: Any, sigmas: Any) -> tuple[float, ...]:
@@ -299,6 +302,22 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
         "claims": checked.parameters,
     }
     write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    _write_report(runs, out)
+
+
+def _write_report(runs: list[ModelRun], out: Path) -> None:
+    """The groups and spectral colours of each run's Figure 4 images under ``viewer/`` (what the
+    report's block viewer shows), then ``report.html`` from the whole folder."""
+    from .reporting import REPORT_NAME, build_html
+
+    for i, r in enumerate(runs):
+        if r.groups is None:
+            continue
+        folder = out / "viewer" / f"{i:02d}_{r.short}{'' if r.trained else '_random_init'}"
+        r.groups.write_files(folder)
+        if r.colours is not None:
+            r.colours.save_npz(folder / "colours.npz")
+    write_atomic(out / REPORT_NAME, build_html(out).encode("utf-8"))
 
 
 def reproduce(

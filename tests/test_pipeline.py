@@ -45,6 +45,7 @@ def test_real_model_path_with_random_init_models(tmp_path, image_dir, capsys):
     assert ("c3_blocks (-count vs -perturbation)", "resnet18") in stats
     assert all(r["n_images"] == str(len(list(image_dir.iterdir()))) for r in table)
     assert "| C1 | c1_spearman |" in captured.out  # the table is printed too
+    assert (out / "report.html").is_file() and len(list((out / "viewer").iterdir())) == 4
 
 
 def test_checkpoint_count_must_match_models(tmp_path, image_dir):
@@ -63,8 +64,15 @@ def test_zoo_path_writes_every_figure(tmp_path):
     names = {p.name for p in res.written}
     expected = {f"figure3ab_{n}.png" for n in ("vit", "fan", "cnn")} | {f"figure4_{n}.png" for n in ("vit", "fan", "cnn")}
     expected |= {"figure3c.png", "figure4_mask_agreement.png", "results.csv", "manifest.json", "robustness.png",
-                 "corruption_families.png", "heads.png", "claims.csv", "claims.md", "claims.json", "claims.png"}
+                 "corruption_families.png", "heads.png", "claims.csv", "claims.md", "claims.json", "claims.png",
+                 "report.html", "viewer"}  # viewer/: the groups and colours of each run's Figure 4 images
     assert names == expected
+    viewer = sorted(p.name for p in (tmp_path / "viewer").iterdir())
+    assert viewer == ["00_ViT", "01_ViT_random_init", "02_FAN", "03_FAN_random_init", "04_CNN", "05_CNN_random_init"]
+    assert {p.name for p in (tmp_path / "viewer" / "02_FAN").iterdir()} == {"arrays.npz", "results.csv",
+                                                                          "manifest.json", "colours.npz"}
+    page = (tmp_path / "report.html").read_text()
+    assert all(f"<figcaption>{n}</figcaption>" in page for n in expected if n.endswith(".png")) and "C4" in page
     # the claim table: every claim, verdicts from the closed set, n = the images, no undefined number as a value
     table = list(csv.DictReader(open(tmp_path / "claims.csv")))
     assert {r["claim"] for r in table} == {"C1", "C2", "C3", "C4"}

@@ -1,0 +1,165 @@
+"""fanlens.report: one self-contained HTML page per output folder, checked as text and in a real
+(headless) Chromium: no console errors, the block viewer steps, a screenshot that shows the page."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import fanlens
+from fanlens import FanlensError
+
+from conftest import write_images
+
+
+@pytest.fixture
+def groups_folder(tmp_path, tiny_vit):
+    """A groups run with spectral colours, as `fanlens groups --colour spectral` writes it."""
+    paths = write_images(tmp_path / "imgs", 3, size=(64, 64))
+    out = tmp_path / "run"
+    res = fanlens.group_tokens(tiny_vit, paths, n_clusters=2, progress=False)
+    res.save(out)
+    fanlens.spectral_colouring(tiny_vit, paths, progress=False).save_npz(out / "colours.npz")
+    spec = fanlens.spectrum(tiny_vit, paths, rules=("rel_threshold", "twonn"), progress=False)
+    spec.save(tmp_path / "spec")
+    return out, res
+
+
+def _esc(s: str) -> str:
+    import html
+
+    return html.escape(s, quote=True)
+
+
+def _viewer_data(page: str) -> list:
+    m = re.search(r"<script id='viewer-data' type='application/json'>(.*?)</script>", page, re.S)
+    return json.loads(m.group(1).replace("<\\/", "</"))
+
+
+def test_report_is_self_contained_with_viewer_tables_and_provenance(groups_folder, tmp_path):
+    out, res = groups_folder
+    path = fanlens.report(out)
+    assert path == out / "report.html"
+    page = path.read_text()
+    # nothing fetched from elsewhere: no http(s) or protocol-relative sources, links or imports
+    assert not re.search(r"(src|href)\s*=\s*['\"](https?:|//)", page) and "@import" not in page
+    assert "<script src" not in page and "<link" not in page
+    data = _viewer_data(page)
+    assert len(data) == 1 and data[0]["blocks"] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert len(data[0]["images"]) == 3 and data[0]["images"][0]["k"] == [2, 2, 2]
+    # every viewer frame is a PNG data URI of the image (64 px, upscaled 4x)
+    from PIL import Image
+    import io
+
+    first = data[0]["images"][0]["groups"][1]
+    assert first.startswith("data:image/png;base64,")
+    img = Image.open(io.BytesIO(base64.b64decode(first.split(",", 1)[1])))
+    assert img.size == (256, 256)
+    assert len(data[0]["images"][2]["colours"]) == 3
+    assert res.provenance.weights_sha256 is None or res.provenance.weights_sha256[:16] in page
+    assert "fanlens report: groups" in page and _esc(res.provenance.model) in page
+    # per-block table of a spectrum folder: the mean count of block 0 as in its results.csv
+    spec_page = fanlens.report(tmp_path / "spec").read_text()
+    rows = [r for r in csv.DictReader(open(tmp_path / "spec" / "results.csv"))
+            if r["statistic"] == "mean" and r["block_index"] == "0" and r["rule"] == "twonn"]
+    assert f"<td>{float(rows[0]['value']):.4g}</td>" in spec_page and ": dimension</h3>" in spec_page
+    assert "id='viewer'" not in spec_page  # no groups there: no viewer
+
+
+def test_report_refuses_overwrite_package_and_non_folders(groups_folder, tmp_path):
+    out, _ = groups_folder
+    fanlens.report(out)
+    before = (out / "report.html").read_bytes()
+    with pytest.raises(FanlensError, match="exists; pass overwrite"):
+        fanlens.report(out)
+    assert (out / "report.html").read_bytes() == before
+    fanlens.report(out, overwrite=True, max_images=1)
+    assert len(_viewer_data((out / "report.html").read_text())[0]["images"]) == 1
+    with pytest.raises(FanlensError, match="fanlens output folder"):
+        fanlens.report(tmp_path / "imgs")
+    from fanlens._output import package_dir
+
+    with pytest.raises(FanlensError, match="outside the installed fanlens package"):
+        fanlens.report(out, out=package_dir() / "report.html")
+    with pytest.raises(FanlensError, match="max_images must be"):
+        fanlens.report(out, overwrite=True, max_images=0)
+
+
+def test_report_cli(groups_folder, capsys):
+    from fanlens import cli
+
+    out, _ = groups_folder
+    assert cli.main(["report", str(out)]) == 0
+    assert f"wrote {out / 'report.html'}" in capsys.readouterr().out
+    assert cli.main(["report", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- in a real browser
+def _browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+           "--enable-logging=stderr", "--v=0", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _console_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_report_in_headless_chromium(groups_folder, tmp_path):
+    browser = _browser()
+    if browser is None:
+        reason = ("no Chromium on this machine (.ci/install_browser installs Debian's chromium where apt-get "
+                  "and root are available)")
+        print(f"SKIPPED: {reason}")
+        pytest.skip(reason)
+    out, _ = groups_folder
+    page = fanlens.report(out)
+    data = _viewer_data(page.read_text())
+    url = page.resolve().as_uri()
+    # the check itself catches console output: a page that logs an error and throws
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><script>console.error('boom'); throw new Error('kaboom');</script></body></html>")
+    assert len(_console_lines(_chromium(browser, "--dump-dom", bad.as_uri()).stderr)) == 2
+    # loads without console messages; stepping with the viewer's 'next' button changes the block shown
+    first = _chromium(browser, "--dump-dom", url)
+    assert first.returncode == 0 and _console_lines(first.stderr) == []
+    assert "block 1 / 3: blocks.0" in first.stdout and 'data-viewer-block="0"' in first.stdout
+    stepped = _chromium(browser, "--dump-dom", url + "#next=2")
+    assert _console_lines(stepped.stderr) == []
+    assert "block 3 / 3: blocks.2" in stepped.stdout and 'data-viewer-block="2"' in stepped.stdout
+    shown = re.search(r'id="viewer-groups"[^>]*src="([^"]+)"|src="([^"]+)"[^>]*id="viewer-groups"', stepped.stdout)
+    assert shown and (shown.group(1) or shown.group(2)) == data[0]["images"][0]["groups"][2]
+    beyond = _chromium(browser, "--dump-dom", url + "#next=7")  # clamps at the last block
+    assert 'data-viewer-block="2"' in beyond.stdout
+    # a screenshot: not blank, the title drawn at the top, the viewer's coloured frames below it
+    shot = tmp_path / "report.png"
+    res = _chromium(browser, "--window-size=1200,900", f"--screenshot={shot}", url)
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    from PIL import Image
+
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(float)
+    assert px.shape[:2] == (900, 1200)
+    assert px.std() > 20  # not a blank page
+    assert "<title>fanlens report: groups" in first.stdout
+    top = px[:120]
+    assert (top.mean(-1) < 90).sum() > 500  # the dark heading text near the top
+    sat = px.max(-1) - px.min(-1)
+    assert (sat[150:700] > 80).sum() > 2000  # the coloured groups frame of the viewer
+    print(f"screenshot: {shot}")
