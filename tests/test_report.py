@@ -12,7 +12,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
 import fanlens
 from fanlens import FanlensError
