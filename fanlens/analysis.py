@@ -10,20 +10,20 @@ bounded by the batch, not by the number of images.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import spectral as sp
 from ._stats import RunningStats
+from ._threads import one_thread
 from ._validation import FanlensError, check_choice, check_fraction, check_nonneg_float, check_positive_int
-from .capture import TokenCapture
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
 from .results import BlockInfo, GroupsResult, ProbeResult, Provenance, SpectrumResult
-from .runner import (AccState, Setup, make_noise, make_provenance, n_batches, nonfinite_message, progress_iter,
-                     resolve_shard, run_forward, run_state, setup, state_key, stream, uint8_images)
+from .runner import (AccState, Setup, make_noise, make_provenance, n_batches, resolve_shard, run_state, setup,
+                     state_key, stream, uint8_images)
 
 __all__ = [
     "DEFAULT_TOKEN_BUDGET",
@@ -114,6 +114,10 @@ class _SpectralAcc(AccState):
         self.eig: list[RunningStats] = []
 
     def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
+        with one_thread():  # small matrices: see fanlens._threads
+            self._update(bts, b, idx)
+
+    def _update(self, bts: list, b: int, idx: Sequence[int]) -> None:
         pooled = []
         for bt in bts:
             tok, g = sp.pool_tokens(bt.tokens[:b], bt.layout.grid, self.token_budget)
@@ -209,17 +213,25 @@ class _ProbeAcc(AccState):
     def __init__(self, mode: str, sigmas: tuple[float, ...], perturbations: tuple[str, ...] = ()) -> None:
         self.mode, self.sigmas, self.perturbations = mode, sigmas, perturbations
         self.n_cols = len(perturbations) if perturbations else len(sigmas)
+        # the forwarded copy behind each column (sigma = 0 is answered without one: its value is 0)
+        self.copy_of = (list(range(len(perturbations))) if perturbations else
+                        [None if sg == 0 else sum(1 for v in sigmas[:k] if v != 0) for k, sg in enumerate(sigmas)])
         self.infos: list[BlockInfo] = []
         self.stats: list[RunningStats] = []
 
     def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
+        with one_thread():  # small reductions: see fanlens._threads
+            self._update(bts, b, idx)
+
+    def _update(self, bts: list, b: int, idx: Sequence[int]) -> None:
         vals = []
         for bt in bts:
             t = bt.tokens
             if self.mode == "additive":
                 clean = t[:b]
                 denom = _block_norm(clean).clamp_min(1e-12)
-                cols = [_block_norm(t[(k + 1) * b : (k + 2) * b] - clean) / denom for k in range(self.n_cols)]
+                cols = [torch.zeros_like(denom) if j is None else _block_norm(t[(j + 1) * b : (j + 2) * b] - clean) / denom
+                        for j in self.copy_of]
                 vals.append(torch.stack(cols, dim=-1).cpu().numpy())
             else:
                 vals.append(t.float().norm(dim=-1).mean(dim=1, keepdim=True).cpu().numpy())
@@ -268,9 +280,13 @@ class _ProbeAcc(AccState):
 
 
 def _noisy_input(s: Setup, sigmas: tuple[float, ...], space: str, seed: int):
-    """Clean copy, then one noisy copy per sigma, in one batch (noise paired by image index)."""
+    """Clean copy, then one noisy copy per non-zero sigma, in one batch (noise paired by image
+    index); sigma = 0 needs no copy (its perturbation is 0 by definition)."""
+    sigmas = tuple(sg for sg in sigmas if sg != 0)
 
     def make(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        if not sigmas:
+            return s.cfg.normalize(x).to(s.device)
         eps = torch.stack([make_noise(seed, j, x.shape[1:]) for j in idx])
         if space == "pixel":
             return s.cfg.normalize(torch.cat([x] + [x + sg * eps for sg in sigmas]).to(s.device))
@@ -503,7 +519,7 @@ def noise_probe(
     if mode == "additive":
         batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
         make = _corrupted_input(s, cells, seed) if cells else _noisy_input(s, sig, space, seed)
-        copies = ["clean"] + ([f"{c} at severity {v}" for c, v in cells] or [f"sigma={v:g}" for v in sig])
+        copies = ["clean"] + ([f"{c} at severity {v}" for c, v in cells] or [f"sigma={v:g}" for v in sig if v != 0])
     else:
         h, w = s.cfg.input_size
         ids = list(range(n_noise))[rank::world]
@@ -552,14 +568,26 @@ def analyze(
     state_dir: str | None = None,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     resume: bool = False,
-) -> tuple[SpectrumResult, ProbeResult]:
+    groups: int | str | None = None,
+    n_init: int = 4,
+):
     """:func:`spectrum` and the additive :func:`noise_probe` from the same forward passes.
 
-    Each batch holds the clean images and one noisy copy per sigma; the spectral
+    Each batch holds the clean images and one noisy copy per non-zero sigma; the spectral
     statistics read the clean part, the probe compares the noisy parts with it. The
     results equal those of the two separate calls (same arguments), at the cost of the
     probe's forward passes alone. ``state_dir``, ``checkpoint_every`` and ``resume`` as in
     :func:`spectrum`.
+
+    With ``groups`` (a cluster count, or ``"auto"`` for the eigengap) the clean tokens of the
+    same pass are also grouped, as :func:`group_tokens` with ``n_clusters=groups`` (and
+    ``n_init``) would group them, and ``(spectrum, probe, groups)`` is returned: no image is
+    forwarded twice. Groups are not checkpointed or gathered across processes: with
+    ``groups``, ``state_dir`` and several processes are refused.
+
+    Returns:
+        ``(SpectrumResult, ProbeResult)``, or ``(SpectrumResult, ProbeResult, GroupsResult)``
+        with ``groups``.
     """
     rules, thresholds = _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
     check_choice("space", space, NOISE_SPACES)
@@ -576,17 +604,97 @@ def analyze(
     sparams = dict(analysis="spectrum", **sacc.params(), **common)
     pparams = dict(analysis="probe", mode="additive", sigmas=list(sig), space=space, n_noise=None, noise=_NOISE_DOC,
                    norm="Frobenius norm over patch tokens", **common)
+    accs: list = [sacc, pacc]
+    make = _noisy_input(s, sig, space, seed)
+    gacc = None
+    if groups is not None:
+        if state_dir is not None or world > 1:
+            raise FanlensError("groups are neither checkpointed nor gathered across processes: call analyze(groups=...) "
+                               "without state_dir in one process, or group_tokens separately.")
+        k = None if groups == "auto" else check_positive_int("groups", groups)
+        check_positive_int("n_init", n_init)
+        gacc = _GroupsAcc(k, affinity, center, knn, max_k, token_budget, n_init, seed)
+        make = gacc.wrap(make)
+        accs.append(gacc)
     state = run_state(state_dir, state_key(s, seed, {"spectrum": sparams, "probe": pparams}), world, rank,
-                   checkpoint_every, resume)
+                      checkpoint_every, resume)
     stream(s, lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
-            n_batches(n_local, batch_size), "analyze", progress, _noisy_input(s, sig, space, seed), [sacc, pacc],
-            state, ["clean"] + [f"sigma={v:g}" for v in sig])
+           n_batches(n_local, batch_size), "analyze", progress, make, accs,
+           state, ["clean"] + [f"sigma={v:g}" for v in sig if v != 0])
     sprov = make_provenance(s, seed, sparams, s.images.names)
     pprov = make_provenance(s, seed, pparams, s.images.names)
-    return sacc.result(sprov), pacc.result(pprov, space)
+    if gacc is None:
+        return sacc.result(sprov), pacc.result(pprov, space)
+    gparams = dict(analysis="groups", blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens,
+                   layout=layout, grid=grid, n_images=None, computed_by="fanlens.analyze (the clean tokens of its pass)",
+                   **gacc.params())
+    return (sacc.result(sprov), pacc.result(pprov, space),
+            gacc.result(make_provenance(s, seed, gparams, s.images.names), s.images.names))
 
 
 # --------------------------------------------------------------------------- groups
+class _GroupsAcc:
+    """Spectral clusters of the clean tokens of every block, per image (the groups analysis as
+    an accumulator of the one batch loop, so that :func:`analyze` can group the tokens of its
+    own forward pass). Labels depend on (seed, image index) alone."""
+
+    def __init__(self, n_clusters, affinity, center, knn, max_k, token_budget, n_init, seed) -> None:
+        self.n_clusters, self.affinity, self.center, self.knn = n_clusters, affinity, center, knn
+        self.max_k, self.token_budget, self.n_init, self.seed = max_k, token_budget, n_init, seed
+        self.infos: list[BlockInfo] = []
+        self.labels: list[list[np.ndarray]] = []
+        self.ks: list[list[np.ndarray]] = []
+        self.pixels: list[np.ndarray] = []
+
+    def wrap(self, make: Callable) -> Callable:
+        """``make_input`` of the batch loop that also keeps the batch's pixels (for the figures)."""
+
+        def make_and_keep(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+            self.pixels.append(uint8_images(x))
+            return make(x, idx)
+
+        return make_and_keep
+
+    def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
+        with one_thread():  # small matrices: see fanlens._threads
+            for li, bt in enumerate(bts):
+                tok, g = sp.pool_tokens(bt.tokens[:b], bt.layout.grid, self.token_budget)
+                _check_token_count(bt.label, tok.shape[1], g)
+                if self.n_clusters is not None and self.n_clusters > tok.shape[1]:
+                    raise FanlensError(
+                        f"n_clusters must be <= the token count of every block; block {bt.label!r} has "
+                        f"{tok.shape[1]} tokens ({g[0]}x{g[1]}). Got {self.n_clusters} instead."
+                    )
+                a = sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1]))
+                lab, k = sp.spectral_clustering(a, self.n_clusters, max_k=self.max_k, n_init=self.n_init,
+                                                seed=self.seed, indices=idx, dtype=CLUSTER_DTYPE)
+                if len(self.infos) <= li:
+                    self.infos.append(BlockInfo(li, bt.label, bt.layout, g))
+                    self.labels.append([])
+                    self.ks.append([])
+                self.labels[li].append(lab.reshape(-1, *g).cpu().numpy())
+                self.ks[li].append(k.cpu().numpy())
+
+    def params(self) -> dict:
+        return dict(
+            n_clusters=self.n_clusters, affinity=self.affinity, center=self.center, knn=self.knn, max_k=self.max_k,
+            token_budget=self.token_budget, n_init=self.n_init,
+            clustering="normalised spectral clustering (Ng-Jordan-Weiss) + batched k-means++ drawn from "
+                       "SeedSequence([seed, image_index, 1]); labels by first appearance",
+            cluster_dtype=str(CLUSTER_DTYPE),
+        )
+
+    def result(self, provenance: Provenance, names: Sequence[str]) -> GroupsResult:
+        return GroupsResult(
+            blocks=tuple(self.infos),
+            images=tuple(names),
+            labels=tuple(np.concatenate(lab) for lab in self.labels),
+            n_clusters=np.stack([np.concatenate(k) for k in self.ks]),
+            pixels=np.concatenate(self.pixels),
+            provenance=provenance,
+        )
+
+
 def group_tokens(
     model: Any,
     images: Any = "samples",
@@ -631,50 +739,11 @@ def group_tokens(
         check_positive_int("n_images", n_images)
     s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
                blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
-    labels: list[list[np.ndarray]] = []
-    ks: list[list[np.ndarray]] = []
-    pix: list[np.ndarray] = []
-    infos: list[BlockInfo] = []
-    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
-        names = s.images.names[:n_images]
-        batches = s.images.batches(batch_size, stop=n_images)
-        for pixels, idx in progress_iter(batches, n_batches(len(names), batch_size), "groups", progress):
-            cap.clear()
-            run_forward(cap, s.cfg.normalize(pixels.to(s.device)))
-            pix.append(uint8_images(pixels))
-            for li, bt in enumerate(cap.block_tokens()):
-                if not bool(torch.isfinite(bt.tokens).all()):
-                    raise FanlensError(nonfinite_message(bt, pixels.shape[0], None))
-                tok, g = sp.pool_tokens(bt.tokens, bt.layout.grid, token_budget)
-                _check_token_count(bt.label, tok.shape[1], g)
-                if n_clusters is not None and n_clusters > tok.shape[1]:
-                    raise FanlensError(
-                        f"n_clusters must be <= the token count of every block; block {bt.label!r} has "
-                        f"{tok.shape[1]} tokens ({g[0]}x{g[1]}). Got {n_clusters} instead."
-                    )
-                a = sp.affinity(tok.float(), kind=affinity, center=center, knn=min(knn, tok.shape[1]))
-                lab, k = sp.spectral_clustering(a, n_clusters, max_k=max_k, n_init=n_init, seed=seed, indices=idx,
-                                                dtype=CLUSTER_DTYPE)
-                if len(infos) <= li:
-                    infos.append(BlockInfo(li, bt.label, bt.layout, g))
-                    labels.append([])
-                    ks.append([])
-                labels[li].append(lab.reshape(-1, *g).cpu().numpy())
-                ks[li].append(k.cpu().numpy())
-            cap.clear()
-    params = dict(
-        analysis="groups", n_clusters=n_clusters, blocks=blocks, affinity=affinity, center=center, knn=knn,
-        max_k=max_k, token_budget=token_budget, n_init=n_init, batch_size=batch_size,
-        num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, n_images=n_images,
-        clustering="normalised spectral clustering (Ng-Jordan-Weiss) + batched k-means++ drawn from "
-                   "SeedSequence([seed, image_index, 1]); labels by first appearance",
-        cluster_dtype=str(CLUSTER_DTYPE),
-    )
-    return GroupsResult(
-        blocks=tuple(infos),
-        images=tuple(names),
-        labels=tuple(np.concatenate(l) for l in labels),
-        n_clusters=np.stack([np.concatenate(k) for k in ks]),
-        pixels=np.concatenate(pix),
-        provenance=make_provenance(s, seed, params, names),
-    )
+    gacc = _GroupsAcc(n_clusters, affinity, center, knn, max_k, token_budget, n_init, seed)
+    names = s.images.names[:n_images]
+    stream(s, lambda skip: s.images.batches(batch_size, start=skip * batch_size, stop=n_images),
+           n_batches(len(names), batch_size), "groups", progress, gacc.wrap(lambda x, idx: s.cfg.normalize(
+               x.to(s.device))), [gacc])
+    params = dict(analysis="groups", blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens,
+                  layout=layout, grid=grid, n_images=n_images, **gacc.params())
+    return gacc.result(make_provenance(s, seed, params, names), names)

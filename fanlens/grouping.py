@@ -32,18 +32,52 @@ def upsample_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
+def contingency(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Counts of every (label of ``a``, label of ``b``) pair, from one ``bincount``; rows and
+    columns in the order of the sorted distinct labels."""
+    a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
+    if a.shape != b.shape:
+        raise FanlensError(f"labelings must have the same length. Got {a.size} and {b.size} instead.")
+    if a.dtype == bool:
+        a = a.astype(np.int64)
+    if b.dtype == bool:
+        b = b.astype(np.int64)
+    small = (a.size and np.issubdtype(a.dtype, np.integer) and np.issubdtype(b.dtype, np.integer)
+             and a.min() >= 0 and b.min() >= 0 and a.max() < 4096 and b.max() < 4096)
+    if small:  # labels are already small indices: no sort needed, empty rows/columns dropped after
+        na, nb = int(a.max()) + 1, int(b.max()) + 1
+        t = np.bincount(a.astype(np.int64) * nb + b, minlength=na * nb).reshape(na, nb)
+        return t[t.any(axis=1)][:, t.any(axis=0)]
+    ua, ia = np.unique(a, return_inverse=True)
+    ub, ib = np.unique(b, return_inverse=True)
+    return np.bincount(ia.ravel() * len(ub) + ib.ravel(), minlength=len(ua) * len(ub)).reshape(len(ua), len(ub))
+
+
+def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings, from their contingency table: the pair-confusion
+    form scikit-learn's ``adjusted_rand_score`` uses (exact integer pair counts, 1.0 where the two
+    labelings make no conflicting pair), without its input checks."""
+    t = contingency(a, b).astype(np.int64)
+    n = int(t.sum())
+    sum_sq = int((t * t).sum())
+    n_c, n_k = t.sum(axis=1), t.sum(axis=0)
+    c01 = int((t @ n_k).sum()) - sum_sq
+    c10 = int((t.T @ n_c).sum()) - sum_sq
+    c11 = sum_sq - n
+    c00 = n * n - c01 - c10 - sum_sq
+    tn, fp, fn, tp = c00, c01, c10, c11
+    if fn == 0 and fp == 0:
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
 def best_cluster_iou(labels: np.ndarray, mask: np.ndarray) -> float:
     """Largest IoU between one cluster and the object mask (same shape)."""
-    m = mask.astype(bool).ravel()
-    lab = labels.ravel()
-    best = 0.0
-    for c in np.unique(lab):
-        sel = lab == c
-        inter = np.count_nonzero(sel & m)
-        union = np.count_nonzero(sel | m)
-        if union:
-            best = max(best, inter / union)
-    return best
+    m = np.asarray(mask).astype(bool).ravel()
+    t = contingency(labels, m)  # rows: clusters; columns: outside / inside the mask (where present)
+    inside = t[:, -1] if m.any() else np.zeros(t.shape[0], dtype=np.int64)
+    union = t.sum(axis=1) + int(m.sum()) - inside
+    return float((inside / union).max()) if len(union) else 0.0
 
 
 @dataclass(frozen=True)
@@ -101,8 +135,6 @@ def per_block_rows(model: str, blocks: Sequence[BlockInfo], summaries: dict[str,
 
 def mask_scores(groups: GroupsResult, masks: np.ndarray) -> GroupingScores:
     """Score each block's clusters against object masks ``(n_images, H, W)`` (bool)."""
-    from sklearn.metrics import adjusted_rand_score
-
     masks = np.asarray(masks).astype(bool)
     n_img = len(groups.images)
     if masks.ndim != 3 or masks.shape[0] != n_img:
@@ -113,7 +145,7 @@ def mask_scores(groups: GroupsResult, masks: np.ndarray) -> GroupingScores:
     for li in range(L):
         for i in range(n_img):
             lab = upsample_labels(groups.labels[li][i], masks.shape[1:])
-            ari[li, i] = adjusted_rand_score(masks[i].ravel().astype(int), lab.ravel())
+            ari[li, i] = adjusted_rand(masks[i].ravel(), lab.ravel())
             iou[li, i] = best_cluster_iou(lab, masks[i])
     return GroupingScores(groups.model, groups.blocks, ari, iou)
 

@@ -142,11 +142,11 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
     """Every analysis of one model; ``figures=False`` leaves out what only the figures use (the
     Figure 4 groups and the per-family corruption probe)."""
     common = dict(seed=seed, device=device, batch_size=batch_size, progress=progress)
-    spec, probe = analysis.analyze(lm, images, sigmas=sigmas, **common)
-    if masks is not None:
-        groups = analysis.group_tokens(lm, images, n_clusters=MASK_CLUSTERS, **common)
+    if masks is not None:  # the mask groups from the clean tokens of the same pass
+        spec, probe, groups = analysis.analyze(lm, images, sigmas=sigmas, groups=MASK_CLUSTERS, **common)
         scores = mask_scores(groups, masks)
     else:
+        spec, probe = analysis.analyze(lm, images, sigmas=sigmas, **common)
         scores = None
     vis = colours = None
     if figures:

@@ -251,3 +251,30 @@ def test_dimension_measures_reported_like_counts(tiny_vit):
     rows = [row for row in r.rows() if row["rule"] == "twonn" and row["statistic"] == "mean"]
     assert {row["metric"] for row in rows} == {"dimension"}
     assert len(rows) == len(bts) and float(rows[0]["value"]) == pytest.approx(r.count("twonn")[0], rel=1e-6)
+
+
+def test_analyze_groups_the_tokens_of_its_own_pass(tiny_vit):
+    x = _pixels(5, seed=6)
+    seen = []
+    h = tiny_vit.patch_embed.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    try:
+        spec, probe, groups = fanlens.analyze(tiny_vit, x, sigmas=(0.1,), rules=("rel_threshold",), groups=2,
+                                              batch_size=2, progress=False)
+    finally:
+        h.remove()
+    assert seen == [4, 4, 2]  # clean + noisy per batch: nothing forwarded again for the groups
+    alone = fanlens.group_tokens(tiny_vit, x, n_clusters=2, batch_size=2, progress=False)
+    assert [b.name for b in groups.blocks] == [b.name for b in alone.blocks]
+    for a, b in zip(groups.labels, alone.labels):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(groups.pixels, alone.pixels)
+    assert groups.provenance.params["n_clusters"] == 2 and "analyze" in groups.provenance.params["computed_by"]
+    spec2, probe2 = fanlens.analyze(tiny_vit, x, sigmas=(0.1,), rules=("rel_threshold",), batch_size=2,
+                                    progress=False)
+    np.testing.assert_array_equal(spec.count_mean, spec2.count_mean)
+    auto = fanlens.analyze(tiny_vit, x, sigmas=(0.1,), rules=("rel_threshold",), groups="auto", progress=False)[2]
+    assert auto.n_clusters.min() >= 1
+    with pytest.raises(FanlensError, match="neither checkpointed"):
+        fanlens.analyze(tiny_vit, x, groups=2, state_dir="somewhere", progress=False)
+    with pytest.raises(FanlensError, match="groups must be"):
+        fanlens.analyze(tiny_vit, x, groups=0, progress=False)

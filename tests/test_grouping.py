@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fanlens import FanlensError
 from fanlens.capture import TokenLayout
 from fanlens.grouping import best_cluster_iou, mask_scores, match_labels, upsample_labels
 from fanlens.results import BlockInfo, GroupsResult, Provenance
@@ -55,3 +56,29 @@ def test_match_labels_keeps_colours_across_blocks():
     assert out[0].tolist() == a.tolist()
     assert out[1].tolist() == [[0, 1], [2, 2]]
     assert out[2][:2].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]] and out[2][3, 3] not in (0, 1, 2)
+
+
+def test_bincount_ari_and_iou_equal_the_direct_definitions():
+    from sklearn.metrics import adjusted_rand_score
+
+    from fanlens.grouping import adjusted_rand, best_cluster_iou, contingency
+
+    rng = np.random.default_rng(0)
+    cases = [(rng.integers(0, ka, n), rng.integers(0, kb, n)) for n, ka, kb in
+             [(4096, 2, 4), (4096, 2, 2), (500, 7, 3), (64, 2, 9), (10, 3, 3)]]
+    a = rng.integers(0, 2, 300)
+    cases += [
+        (a, a), (a, 1 - a), (a, a * 5 + 3),  # identical up to names
+        (np.zeros(50, int), np.zeros(50, int)), (np.zeros(50, int), np.arange(50)),  # one cluster / singletons
+        (np.arange(50), np.arange(50)), (np.array([1]), np.array([0])), (np.array([0, 1]), np.array([0, 0])),
+        (np.array([0, 0, 1, 1]), np.array([5, 5, 7, 7])), (np.array([-1, 3, 3, 8]), np.array([2, 2, 0, 1])),
+    ]
+    for x, y in cases:
+        assert adjusted_rand(x, y) == pytest.approx(adjusted_rand_score(x, y), abs=1e-15)
+        m = x == x[0]
+        direct = max(np.count_nonzero((y == c) & m) / np.count_nonzero((y == c) | m) for c in np.unique(y))
+        assert best_cluster_iou(y, m) == pytest.approx(direct, abs=1e-15)
+    assert best_cluster_iou(np.array([0, 1, 1]), np.zeros(3, bool)) == 0.0
+    np.testing.assert_array_equal(contingency(np.array([2, 2, 5]), np.array([0, 1, 1])), [[1, 1], [0, 1]])
+    with pytest.raises(FanlensError, match="same length"):
+        contingency(np.zeros(3), np.zeros(4))

@@ -48,6 +48,28 @@ def test_sigma_zero_gives_exactly_zero(tiny_vit):
     assert r.sigmas == (0.0, 0.2) and r.mean.shape == (3, 2)
 
 
+def test_sigma_zero_needs_no_forward_pass(tiny_vit):
+    x = _pixels(3, 64, 64)
+    seen = []
+    h = tiny_vit.patch_embed.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    try:
+        r = fanlens.noise_probe(tiny_vit, x, sigmas=(0.0, 0.1, 0.5), batch_size=3, progress=False)
+        assert seen == [3 * 3]  # clean + two noisy copies; none for sigma = 0
+        seen.clear()
+        spec, both = fanlens.analyze(tiny_vit, x, sigmas=(0.1, 0.0), batch_size=3, progress=False)
+        assert seen == [3 * 2]
+        seen.clear()
+        fanlens.noise_probe(tiny_vit, x, sigmas=(0.0,), batch_size=3, progress=False)
+        assert seen == [3]
+    finally:
+        h.remove()
+    ref = fanlens.noise_probe(tiny_vit, x, sigmas=(0.1, 0.5), batch_size=3, progress=False)
+    np.testing.assert_array_equal(r.values(0.0), 0.0)
+    np.testing.assert_allclose(r.mean[:, 1:], ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(both.values(0.1), ref.values(0.1), rtol=1e-6)
+    np.testing.assert_array_equal(both.values(0.0), 0.0)
+
+
 @pytest.mark.parametrize("space", ["normalized", "pixel"])
 def test_linear_model_closed_form(space):
     m = Linear2().eval()
