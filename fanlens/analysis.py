@@ -114,10 +114,6 @@ class _SpectralAcc(AccState):
         self.eig: list[RunningStats] = []
 
     def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
-        with one_thread():  # small matrices: see fanlens._threads
-            self._update(bts, b, idx)
-
-    def _update(self, bts: list, b: int, idx: Sequence[int]) -> None:
         pooled = []
         for bt in bts:
             tok, g = sp.pool_tokens(bt.tokens[:b], bt.layout.grid, self.token_budget)
@@ -136,23 +132,28 @@ class _SpectralAcc(AccState):
             groups.setdefault(tok.shape[1], []).append(li)
             affs.append(sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1])))
         for lis in groups.values():
-            need_norm = any(r in sp.NORMALIZED_RULES for r in self.rules)
-            spec = sp.spectrum(torch.cat([affs[li] for li in lis], dim=0), dtype=self.eig_dtype, normalized=need_norm)
-            counts = torch.stack(
-                [sp.count_significant(spec, r, threshold=self.thresholds.get(r), max_k=self.max_k)
-                 if r in sp.RULES else torch.cat([sp.dimension(pooled[li][0].float(), r).to(spec.affinity) for li in lis])
-                 for r in self.rules],
-                dim=-1,
-            ).cpu().numpy()
-            lam = spec.affinity
-            rel = (lam / lam[:, :1].clamp_min(1e-12)).cpu().numpy()
-            top = np.full((rel.shape[0], self.n_eig), np.nan)
-            top[:, : min(self.n_eig, rel.shape[1])] = rel[:, : self.n_eig]
-            for j, li in enumerate(lis):
-                _finite_or_raise(counts[j * b : (j + 1) * b], self.infos[li].name,
-                                 "significant-eigenvalue count or dimension measure")
-                self.stats[li].update(counts[j * b : (j + 1) * b], idx)
-                self.eig[li].update(top[j * b : (j + 1) * b])
+            with one_thread():  # many small eigendecompositions and counts: see fanlens._threads
+                self._count(lis, affs, pooled, b, idx)
+
+    def _count(self, lis: list[int], affs: list, pooled: list, b: int, idx: Sequence[int]) -> None:
+        """Eigenvalues, counts and the mean spectrum of the blocks ``lis`` (same token count)."""
+        need_norm = any(r in sp.NORMALIZED_RULES for r in self.rules)
+        spec = sp.spectrum(torch.cat([affs[li] for li in lis], dim=0), dtype=self.eig_dtype, normalized=need_norm)
+        counts = torch.stack(
+            [sp.count_significant(spec, r, threshold=self.thresholds.get(r), max_k=self.max_k)
+             if r in sp.RULES else torch.cat([sp.dimension(pooled[li][0].float(), r).to(spec.affinity) for li in lis])
+             for r in self.rules],
+            dim=-1,
+        ).cpu().numpy()
+        lam = spec.affinity
+        rel = (lam / lam[:, :1].clamp_min(1e-12)).cpu().numpy()
+        top = np.full((rel.shape[0], self.n_eig), np.nan)
+        top[:, : min(self.n_eig, rel.shape[1])] = rel[:, : self.n_eig]
+        for j, li in enumerate(lis):
+            _finite_or_raise(counts[j * b : (j + 1) * b], self.infos[li].name,
+                             "significant-eigenvalue count or dimension measure")
+            self.stats[li].update(counts[j * b : (j + 1) * b], idx)
+            self.eig[li].update(top[j * b : (j + 1) * b])
 
     def _stat_lists(self) -> dict[str, list[RunningStats]]:
         return {"stats": self.stats, "eig": self.eig}

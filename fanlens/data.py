@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._validation import FanlensError, check_positive_int
+from ._validation import FanlensError, all_finite, check_positive_int
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -209,9 +209,8 @@ def check_pixels(x: torch.Tensor, what: str = "images") -> None:
     Values in 0..255 or already normalised values would silently give other numbers."""
     if x.numel() == 0:
         return
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    if not all_finite(x):
+        bad = int((~torch.isfinite(x)).sum())
         raise FanlensError(f"{what} must hold finite pixel values. Got {bad} NaN or infinite value(s) instead.")
     lo, hi = float(x.min()), float(x.max())
     if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:

@@ -26,7 +26,7 @@ import torch
 
 from ._output import (RUN_MARKER, STATE_DIRNAME, Interrupted, OutputFolder, RunState, is_run_folder, package_dir,
                       signal_guard, state_dir, write_atomic)
-from ._validation import FanlensError, check_positive_int, check_seed
+from ._validation import FanlensError, all_finite, check_positive_int, check_seed
 from .capture import TokenCapture
 from .data import DataConfig, ImageSet, data_config, resolve_images
 from .distributed import check_peers, rank_and_world
@@ -342,7 +342,7 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
             elif len(bts) != n_blocks[0]:
                 raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
             for bt in bts:
-                if not bool(torch.isfinite(bt.tokens).all()):
+                if not all_finite(bt.tokens):
                     raise FanlensError(nonfinite_message(bt, x.shape[0], copies))
             for acc in accs:
                 acc.update(bts, x.shape[0], idx)
