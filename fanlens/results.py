@@ -89,9 +89,16 @@ def save_png(fig, path: str | Path, *, dpi: int = 130, close: bool = True) -> No
     ``close=False`` (in Jupyter, to still show it)."""
     import matplotlib.pyplot as plt
 
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
     buf = io.BytesIO()
+    # a constrained layout already fits every label (twin axes and outside legends included):
+    # saved as it is, the figure is drawn once; other figures need the tight bounding box,
+    # which costs a second draw
+    tight = {} if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine) else dict(bbox_inches="tight",
+                                                                                          pad_inches=0.05)
     try:
-        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.05)  # twin-axis labels too
+        fig.savefig(buf, format="png", dpi=dpi, **tight)
     finally:
         if close:
             plt.close(fig)
