@@ -5,7 +5,11 @@ temporary folder, runs the spectrum and the noise probe over the folder in batch
 (``--mode separate``: two streamed passes; ``--mode analyze``: one pass for both), and
 reports the process's peak resident set size (ru_maxrss).
 
-Run: python benchmarks/memory_rss.py --counts 100 1000 --model vit_small_patch16_224 --mode analyze
+Each count runs ``--rounds`` times (fresh processes, the counts in a shuffled order per round;
+one peak varies by several per cent between runs), and the median [min, max] peak per count and
+the ratio of the medians are reported. ``--compete`` runs a second torch job beside them.
+
+Run: python benchmarks/memory_rss.py --counts 100 1000 --model vit_small_patch16_224 --mode analyze [--rounds 5]
 """
 
 from __future__ import annotations
@@ -48,22 +52,41 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=[64, 640])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--mode", choices=("separate", "analyze"), default="separate")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--compete", action="store_true")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
         _child(args.model, args.child, args.batch_size, args.mode)
         return
-    rows = []
-    for n in args.counts:
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--batch-size", str(args.batch_size),
-                              "--mode", args.mode, "--child", str(n)], capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{args.model} ({args.mode}): {n:5d} images  peak RSS {rows[-1]['peak_rss_mib']:8.1f} MiB  "
-              f"({rows[-1]['seconds']:.1f} s for spectrum + probe)")
-    if len(rows) > 1:
-        print(f"growth {rows[-1]['n'] / rows[0]['n']:.0f}x images -> "
-              f"{rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib']:.3f}x peak RSS")
+    import random
+    import statistics
 
+    from _common import Competitor
+
+    peaks: dict[int, list[float]] = {n: [] for n in args.counts}
+    secs: dict[int, list[float]] = {n: [] for n in args.counts}
+    rng = random.Random(0)
+    with Competitor(args.compete) as comp:
+        for _ in range(args.rounds):
+            order = list(args.counts)
+            rng.shuffle(order)
+            for n in order:
+                out = subprocess.run([sys.executable, __file__, "--model", args.model, "--batch-size",
+                                      str(args.batch_size), "--mode", args.mode, "--child", str(n)],
+                                     capture_output=True, text=True, check=True)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                peaks[n].append(row["peak_rss_mib"])
+                secs[n].append(row["seconds"])
+    print(f"{args.model} ({args.mode}), {comp.label}, {args.rounds} fresh processes per count:")
+    for n in args.counts:
+        p = peaks[n]
+        print(f"  {n:5d} images  peak RSS median {statistics.median(p):8.1f} MiB [{min(p):.1f}, {max(p):.1f}] "
+              f"(N={len(p)}; {statistics.median(secs[n]):.1f} s for spectrum + probe)")
+    if len(args.counts) > 1:
+        a, b = args.counts[0], args.counts[-1]
+        print(f"growth {b / a:.0f}x images -> {statistics.median(peaks[b]) / statistics.median(peaks[a]):.3f}x "
+              f"median peak RSS")
 
 if __name__ == "__main__":
     main()

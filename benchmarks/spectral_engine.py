@@ -5,13 +5,18 @@
 2. Clustering of B images (k = 4): ``fanlens.spectral.spectral_clustering`` on the batch vs
    ``sklearn.cluster.SpectralClustering(affinity="precomputed")`` image by image.
 
-Run: python benchmarks/spectral_engine.py [--images 16] [--blocks 12] [--repeats 5]
+Both sides get the same matrices in the same dtype (float32 by default, ``--dtype float64``)
+and do the same work (all eigenvalues; the same k); they run in a shuffled order per round
+after a warm-up, ``--rounds`` rounds, median [min, max] and N reported; ``--compete`` runs a
+second torch job beside them.
+
+Run: python benchmarks/spectral_engine.py [--images 16] [--blocks 12] [--rounds 9] [--dtype float32]
+     [--compete]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import scipy.linalg
@@ -21,7 +26,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from fanlens import spectral as sp
 
-from _common import machine, med
+from _common import Competitor, alternate, machine, ratio_line, spread
 
 GOALS = {"eig": 10.0, "cluster": 30.0}
 
@@ -40,35 +45,48 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=196)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--compete", action="store_true")
     args = ap.parse_args()
     n_mat = args.images * args.blocks
-    a = sp.affinity(tokens(n_mat, args.tokens, 64, 0))
-    a_np = a.numpy().astype(np.float64)
-    tb, ts = [], []
-    for _ in range(args.repeats):
-        t = time.perf_counter(); ours = sp.eigvalsh(a); tb.append(time.perf_counter() - t)
-        t = time.perf_counter(); ref = [scipy.linalg.eigh(m, eigvals_only=True) for m in a_np]; ts.append(time.perf_counter() - t)
-    ref = np.stack(ref)[:, ::-1]
-    rel = np.abs(ours.double().numpy() - ref).max() / np.abs(ref).max()
-    r_eig = med(ts) / med(tb)
-    print(f"machine: {machine()}")
-    print(f"eigenvalues of {n_mat} matrices {args.tokens}x{args.tokens}: batched torch {med(tb):.3f} s, "
-          f"scipy loop {med(ts):.3f} s -> {r_eig:.1f}x faster (goal {GOALS['eig']:.0f}x: "
-          f"{'met' if r_eig >= GOALS['eig'] else 'missed'}); max |diff| / max|lambda| = {rel:.1e}")
-    # clustering
+    dt = getattr(torch, args.dtype)
+    a = sp.affinity(tokens(n_mat, args.tokens, 64, 0)).to(dt)
+    a_np = a.numpy()  # the same matrices, the same dtype, for scipy
     a_img = a[: args.images]
-    tc, tk = [], []
-    for r in range(args.repeats):
-        t = time.perf_counter(); lab, _ = sp.spectral_clustering(a_img, 4, seed=0); tc.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ref_lab = [SpectralClustering(4, affinity="precomputed", random_state=0).fit_predict(m.numpy())
-                   for m in a_img]
-        tk.append(time.perf_counter() - t)
-    ari = [adjusted_rand_score(ref_lab[i], lab[i].numpy()) for i in range(args.images)]
-    r_cl = med(tk) / med(tc)
-    print(f"clustering {args.images} images (k=4, N={args.tokens}): fanlens batched {med(tc):.3f} s, "
-          f"sklearn per image {med(tk):.3f} s -> {r_cl:.1f}x faster (goal {GOALS['cluster']:.0f}x: "
+    res = {}
+
+    def torch_eig():
+        res["ours"] = sp.eigvalsh(a)
+
+    def scipy_eig():
+        res["ref"] = [scipy.linalg.eigh(m, eigvals_only=True) for m in a_np]
+
+    def torch_cluster():
+        res["lab"] = sp.spectral_clustering(a_img, 4, seed=0)[0]
+
+    def sklearn_cluster():
+        res["ref_lab"] = [SpectralClustering(4, affinity="precomputed", random_state=0).fit_predict(m.numpy())
+                          for m in a_img]
+
+    with Competitor(args.compete) as comp:
+        t = alternate({"torch": torch_eig, "scipy": scipy_eig, "fanlens": torch_cluster, "sklearn": sklearn_cluster},
+                      rounds=args.rounds)
+    ref = np.stack(res["ref"])[:, ::-1]
+    rel = np.abs(res["ours"].double().numpy() - ref).max() / np.abs(ref).max()
+    r_eig, eig_line = ratio_line(t["scipy"], t["torch"])
+    print(f"machine: {machine()}; {comp.label}")
+    print(f"eigenvalues of {n_mat} matrices {args.tokens}x{args.tokens} in {args.dtype}:")
+    print(f"  batched torch eigvalsh: {spread(t['torch'])}")
+    print(f"  scipy eigh loop:        {spread(t['scipy'])}")
+    print(f"  scipy / torch: {eig_line} (goal {GOALS['eig']:.0f}x: {'met' if r_eig >= GOALS['eig'] else 'missed'}); "
+          f"max |diff| / max|lambda| = {rel:.1e}")
+    ari = [adjusted_rand_score(res["ref_lab"][i], res["lab"][i].numpy()) for i in range(args.images)]
+    r_cl, cl_line = ratio_line(t["sklearn"], t["fanlens"])
+    print(f"clustering {args.images} images (k=4, N={args.tokens}):")
+    print(f"  fanlens batched:    {spread(t['fanlens'])}")
+    print(f"  sklearn per image:  {spread(t['sklearn'])}")
+    print(f"  sklearn / fanlens: {cl_line} (goal {GOALS['cluster']:.0f}x: "
           f"{'met' if r_cl >= GOALS['cluster'] else 'missed'}); ARI vs sklearn median {np.median(ari):.3f}, "
           f"min {min(ari):.3f}")
 

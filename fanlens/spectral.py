@@ -47,6 +47,7 @@ import numpy as np
 
 import torch
 
+from ._threads import one_thread
 from ._validation import FanlensError, check_choice, check_fraction, check_positive_int, check_shape
 
 __all__ = [
@@ -167,7 +168,8 @@ def eigvalsh(m: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tens
     """
     check_shape("m", m, ["B", "N", "N"])
     work = m.to(dtype) if dtype is not None else m
-    ev = torch.linalg.eigvalsh(0.5 * (work + work.transpose(1, 2)))
+    with one_thread():  # many small decompositions: the thread pool only waits (fanlens._threads)
+        ev = torch.linalg.eigvalsh(0.5 * (work + work.transpose(1, 2)))
     return ev.flip(-1).to(m.dtype)
 
 
@@ -491,6 +493,12 @@ def spectral_clustering(
     indices = list(range(b)) if indices is None else [int(i) for i in indices]
     if len(indices) != b:
         raise FanlensError(f"indices must hold one id per matrix ({b}). Got {len(indices)} instead.")
+    with one_thread():  # small decompositions and k-means steps (fanlens._threads)
+        return _spectral_clustering(a, n_clusters, max_k, n_init, seed, dtype, indices)
+
+
+def _spectral_clustering(a, n_clusters, max_k, n_init, seed, dtype, indices):
+    b, n, _ = a.shape
     m = normalized_affinity(a)
     work = m.to(dtype) if dtype is not None else m
     evals, evecs = torch.linalg.eigh(0.5 * (work + work.transpose(1, 2)))
