@@ -10,7 +10,7 @@ bounded by the batch, not by the number of images.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ from ._validation import FanlensError, check_choice, check_fraction, check_nonne
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
 from .results import BlockInfo, GroupsResult, ProbeResult, Provenance, SpectrumResult
-from .runner import (AccState, Setup, make_noise, make_provenance, n_batches, resolve_shard, run_state, setup,
-                     state_key, stream, uint8_images)
+from .runner import (AccState, Setup, keeping_pixels, make_noise, make_provenance, n_batches, resolve_shard,
+                     run_state, setup, state_key, stream)
 
 __all__ = [
     "DEFAULT_TOKEN_BUDGET",
@@ -615,7 +615,7 @@ def analyze(
         k = None if groups == "auto" else check_positive_int("groups", groups)
         check_positive_int("n_init", n_init)
         gacc = _GroupsAcc(k, affinity, center, knn, max_k, token_budget, n_init, seed)
-        make = gacc.wrap(make)
+        make = keeping_pixels(make, gacc.pixels)
         accs.append(gacc)
     state = run_state(state_dir, state_key(s, seed, {"spectrum": sparams, "probe": pparams}), world, rank,
                       checkpoint_every, resume)
@@ -647,34 +647,25 @@ class _GroupsAcc:
         self.ks: list[list[np.ndarray]] = []
         self.pixels: list[np.ndarray] = []
 
-    def wrap(self, make: Callable) -> Callable:
-        """``make_input`` of the batch loop that also keeps the batch's pixels (for the figures)."""
-
-        def make_and_keep(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
-            self.pixels.append(uint8_images(x))
-            return make(x, idx)
-
-        return make_and_keep
-
     def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
-        with one_thread():  # small matrices: see fanlens._threads
-            for li, bt in enumerate(bts):
-                tok, g = sp.pool_tokens(bt.tokens[:b], bt.layout.grid, self.token_budget)
-                _check_token_count(bt.label, tok.shape[1], g)
-                if self.n_clusters is not None and self.n_clusters > tok.shape[1]:
-                    raise FanlensError(
-                        f"n_clusters must be <= the token count of every block; block {bt.label!r} has "
-                        f"{tok.shape[1]} tokens ({g[0]}x{g[1]}). Got {self.n_clusters} instead."
-                    )
-                a = sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1]))
-                lab, k = sp.spectral_clustering(a, self.n_clusters, max_k=self.max_k, n_init=self.n_init,
-                                                seed=self.seed, indices=idx, dtype=CLUSTER_DTYPE)
-                if len(self.infos) <= li:
-                    self.infos.append(BlockInfo(li, bt.label, bt.layout, g))
-                    self.labels.append([])
-                    self.ks.append([])
-                self.labels[li].append(lab.reshape(-1, *g).cpu().numpy())
-                self.ks[li].append(k.cpu().numpy())
+        # the affinity matmuls keep torch's threads; spectral_clustering enters one_thread itself
+        for li, bt in enumerate(bts):
+            tok, g = sp.pool_tokens(bt.tokens[:b], bt.layout.grid, self.token_budget)
+            _check_token_count(bt.label, tok.shape[1], g)
+            if self.n_clusters is not None and self.n_clusters > tok.shape[1]:
+                raise FanlensError(
+                    f"n_clusters must be <= the token count of every block; block {bt.label!r} has "
+                    f"{tok.shape[1]} tokens ({g[0]}x{g[1]}). Got {self.n_clusters} instead."
+                )
+            a = sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1]))
+            lab, k = sp.spectral_clustering(a, self.n_clusters, max_k=self.max_k, n_init=self.n_init,
+                                            seed=self.seed, indices=idx, dtype=CLUSTER_DTYPE)
+            if len(self.infos) <= li:
+                self.infos.append(BlockInfo(li, bt.label, bt.layout, g))
+                self.labels.append([])
+                self.ks.append([])
+            self.labels[li].append(lab.reshape(-1, *g).cpu().numpy())
+            self.ks[li].append(k.cpu().numpy())
 
     def params(self) -> dict:
         return dict(
@@ -743,8 +734,8 @@ def group_tokens(
     gacc = _GroupsAcc(n_clusters, affinity, center, knn, max_k, token_budget, n_init, seed)
     names = s.images.names[:n_images]
     stream(s, lambda skip: s.images.batches(batch_size, start=skip * batch_size, stop=n_images),
-           n_batches(len(names), batch_size), "groups", progress, gacc.wrap(lambda x, idx: s.cfg.normalize(
-               x.to(s.device))), [gacc])
+           n_batches(len(names), batch_size), "groups", progress,
+           keeping_pixels(lambda x, idx: s.cfg.normalize(x.to(s.device)), gacc.pixels), [gacc])
     params = dict(analysis="groups", blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens,
                   layout=layout, grid=grid, n_images=n_images, **gacc.params())
     return gacc.result(make_provenance(s, seed, params, names), names)

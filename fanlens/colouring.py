@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from . import spectral as sp
-from ._validation import FanlensError, check_choice, check_positive_int
-from .capture import TokenCapture
+from ._validation import check_choice, check_positive_int
 from .results import BlockInfo, Provenance
-from .runner import make_provenance, n_batches, progress_iter, run_forward, setup, uint8_images
+from .runner import keeping_pixels, make_provenance, n_batches, setup, stream
 
 __all__ = ["SpectralColours", "spectral_colouring"]
 
@@ -61,6 +60,25 @@ class SpectralColours:
         buf = io.BytesIO()
         np.savez_compressed(buf, **{f"colours_{i}": c for i, c in enumerate(self.colours)})
         write_atomic(path, buf.getvalue())
+
+
+class _TokenAcc:
+    """The pooled patch tokens of every block (and the pixels) of all images, gathered by the one
+    batch loop (:func:`fanlens.runner.stream`, which also checks that they are finite)."""
+
+    def __init__(self, token_budget: int) -> None:
+        self.token_budget = token_budget
+        self.infos: list[BlockInfo] = []
+        self.tokens: list[list[torch.Tensor]] = []
+        self.pixels: list[np.ndarray] = []
+
+    def update(self, bts: list, b: int, idx) -> None:
+        for li, bt in enumerate(bts):
+            tok, g = sp.pool_tokens(bt.tokens[:b], bt.layout.grid, self.token_budget)
+            if len(self.infos) <= li:
+                self.infos.append(BlockInfo(li, bt.label, bt.layout, g))
+                self.tokens.append([])
+            self.tokens[li].append(tok.float().cpu())
 
 
 def spectral_colouring(
@@ -107,25 +125,11 @@ def spectral_colouring(
     s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
     names = list(s.images.names[:n_images])
-    toks: list[list[torch.Tensor]] = []
-    infos: list[BlockInfo] = []
-    pix = []
-    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
-        batches = s.images.batches(batch_size, stop=n_images)
-        for pixels, _idx in progress_iter(batches, n_batches(len(names), batch_size), "colours", progress):
-            cap.clear()
-            run_forward(cap, s.cfg.normalize(pixels.to(s.device)))
-            pix.append(uint8_images(pixels))
-            for li, bt in enumerate(cap.block_tokens()):
-                if not bool(torch.isfinite(bt.tokens).all()):
-                    raise FanlensError(f"block {bt.label!r}: the tokens are not finite (NaN or inf); fanlens "
-                                       f"never reports a non-finite value as a result.")
-                tok, g = sp.pool_tokens(bt.tokens, bt.layout.grid, token_budget)
-                if len(infos) <= li:
-                    infos.append(BlockInfo(li, bt.label, bt.layout, g))
-                    toks.append([])
-                toks[li].append(tok.float().cpu())
-            cap.clear()
+    acc = _TokenAcc(token_budget)
+    stream(s, lambda skip: s.images.batches(batch_size, start=skip * batch_size, stop=n_images),
+           n_batches(len(names), batch_size), "colours", progress,
+           keeping_pixels(lambda x, idx: s.cfg.normalize(x.to(s.device)), acc.pixels), [acc])
+    infos, toks, pix = acc.infos, acc.tokens, acc.pixels
     colours, prev = [], None
     for li, info in enumerate(infos):
         t = torch.cat(toks[li])

@@ -55,6 +55,7 @@ __all__ = [
     "n_batches",
     "run_forward",
     "uint8_images",
+    "keeping_pixels",
     "make_noise",
     "make_provenance",
     "nonfinite_message",
@@ -348,6 +349,18 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
                 acc.update(bts, x.shape[0], idx)
 
         run_batches(batches, total, desc, progress, step, accs, state)
+
+
+def keeping_pixels(make_input: Callable[[torch.Tensor, list[int]], torch.Tensor],
+                   pixels: list) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+    """``make_input`` for :func:`stream` that also appends each batch's pixels (uint8) to
+    ``pixels``, for analyses that draw the images (groups, colours)."""
+
+    def make_and_keep(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        pixels.append(uint8_images(x))
+        return make_input(x, idx)
+
+    return make_and_keep
 
 
 def run_state(state_dir: Any, key: dict, world: int, rank: int, every: int, resume: bool) -> RunState:
