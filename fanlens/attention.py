@@ -77,6 +77,16 @@ class AttentionMaps:
         return self._heads(head)[:, :, p:, p:]
 
 
+    def overview(self, head: int | None = None) -> tuple[np.ndarray, str]:
+        """``(B, L, h, w)`` one map per image and block, and what it shows: the CLS-to-patch
+        attention where there is a class token, else the attention each patch receives (the
+        patch-to-patch matrix averaged over the queries)."""
+        if self.num_prefix_tokens:
+            return self.cls_to_patch(head), "CLS attention"
+        p2p = self.patch_to_patch(head)
+        return p2p.mean(axis=2).reshape(*p2p.shape[:2], *self.grid), "attention received"
+
+
 def attention_module(model: nn.Module, block: str) -> nn.Module:
     """The attention module of ``block``: the block itself or its ``attn`` child, when it has timm
     Attention's ``q_norm``, ``k_norm``, ``num_heads`` and ``scale``."""

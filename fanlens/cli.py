@@ -605,11 +605,7 @@ def _attention_rows(maps) -> str:
     import csv
     import io
 
-    if maps.num_prefix_tokens:
-        heat = maps.cls_to_patch()
-    else:
-        p2p = maps.patch_to_patch()
-        heat = p2p.mean(axis=2).reshape(*p2p.shape[:2], *maps.grid)
+    heat, _what = maps.overview()
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["image", "block", "row", "col", "value"])

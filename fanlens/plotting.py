@@ -544,11 +544,8 @@ def plot_attention_maps(maps, *, image: int = 0, blocks: Sequence[int] | None = 
         if missing or image >= len(groups.images):
             raise FanlensError(f"groups must hold the blocks {missing or ''} and image {image} of the attention "
                                f"maps. Got blocks {names} and {len(groups.images)} images instead.")
-    if maps.num_prefix_tokens:
-        heat, what = maps.cls_to_patch(head)[image], "CLS attention"
-    else:
-        p2p = maps.patch_to_patch(head)[image]
-        heat, what = p2p.mean(axis=1).reshape(p2p.shape[0], *maps.grid), "attention received"
+    heat, what = maps.overview(head)
+    heat = heat[image]
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 

@@ -74,9 +74,15 @@ def test_maps_equal_timm_non_fused_attention(variant):
     if n_prefix:
         cls = res.cls_to_patch(head=1)
         np.testing.assert_allclose(cls, ref.numpy()[:, :, 1, 0, n_prefix:].reshape(3, 3, 4, 4), atol=1e-5)
+        heat, what = res.overview(head=1)
+        assert what == "CLS attention"
+        np.testing.assert_array_equal(heat, cls)
     else:
         with pytest.raises(FanlensError, match="no prefix tokens"):
             res.cls_to_patch()
+        heat, what = res.overview()
+        assert what == "attention received"  # each patch: its column of the patch matrix, mean over queries
+        np.testing.assert_allclose(heat, ref.numpy().mean(2).mean(2).reshape(3, 3, 4, 4), atol=1e-5)
 
 
 def test_block_selection_n_images_and_errors(tiny_vit):
