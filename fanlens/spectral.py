@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from ._threads import one_thread
-from ._validation import FanlensError, check_choice, check_fraction, check_positive_int, check_shape
+from ._validation import FanlensError, all_finite, check_choice, check_fraction, check_positive_int, check_shape
 
 __all__ = [
     "AFFINITIES",
@@ -93,6 +93,16 @@ _EPS = 1e-12
 
 
 # --------------------------------------------------------------------------- affinity
+def _check_finite_tokens(tokens: torch.Tensor) -> None:
+    _check_tokens(tokens)
+    _require_finite(tokens)
+
+
+def _require_finite(tokens: torch.Tensor) -> None:
+    if not all_finite(tokens):
+        raise FanlensError("tokens must be finite. Got NaN or inf values instead (check the model's output).")
+
+
 def _check_tokens(tokens: torch.Tensor) -> None:
     check_shape("tokens", tokens, ["B", "N", "C"])
     if not tokens.is_floating_point():
@@ -119,8 +129,7 @@ def affinity(
     """
     _check_tokens(tokens)
     check_choice("kind", kind, AFFINITIES)
-    if not bool(torch.isfinite(tokens).all()):
-        raise FanlensError("tokens must be finite. Got NaN or inf values instead (check the model's output).")
+    _require_finite(tokens)
     x = tokens
     if center:
         x = x - x.mean(dim=1, keepdim=True)
@@ -243,12 +252,6 @@ def count_significant(
 
 
 # --------------------------------------------------------------------------- dimension measures
-def _check_finite_tokens(tokens: torch.Tensor) -> None:
-    _check_tokens(tokens)
-    if not bool(torch.isfinite(tokens).all()):
-        raise FanlensError("tokens must be finite. Got NaN or inf values instead (check the model's output).")
-
-
 def rankme(tokens: torch.Tensor, *, eps: float = RANKME_EPS) -> torch.Tensor:
     """RankMe of each image's token matrix: ``exp(-sum p log p)``, ``p = s / sum(s) + eps``.
 
