@@ -74,24 +74,16 @@ def build_html(d: Path, *, max_images: int = MAX_VIEWER_IMAGES, label: str | Non
     parts = [f"<h1 id='title'>{_e(title)}</h1>",
              f"<p class='sub'>{where}results of fanlens {_e(_version(manifest))}</p>"]
     nav = []
-    viewer = _viewer_section(d, max_images)
-    if viewer:
-        nav.append(("viewer", "Block viewer"))
-        parts.append(viewer)
-    claims = _claims_section(d)
-    if claims:
-        nav.append(("claims", "Claims"))
-        parts.append(claims)
-    figs = _figures_section(d)
-    if figs:
-        nav.append(("figures", "Figures"))
-        parts.append(figs)
-    tables = _tables_section(d)
-    if tables:
-        nav.append(("tables", "Per-block tables"))
-        parts.append(tables)
-    nav.append(("provenance", "Provenance"))
-    parts.append(_provenance_section(manifest))
+    sections = (("viewer", "Block viewer", lambda: _viewer_section(d, max_images)),
+                ("claims", "Claims", lambda: _claims_section(d)),
+                ("figures", "Figures", lambda: _figures_section(d)),
+                ("tables", "Per-block tables", lambda: _tables_section(d)),
+                ("provenance", "Provenance", lambda: _provenance_section(manifest)))
+    for key, name, section in sections:  # a section with nothing to show is left out
+        content = section()
+        if content:
+            nav.append((key, name))
+            parts.append(content)
     links = " · ".join(f"<a href='#{k}'>{_e(v)}</a>" for k, v in nav)
     body = f"<nav>{links}</nav>" + "\n".join(parts)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
