@@ -128,6 +128,8 @@ def _cases() -> list[Case]:
         Case("option: --affinity bogus", [*S, "--affinity", "bogus"], "--affinity"),
         Case("option: --n-clusters 0", [*G, "--n-clusters", "0"], "n_clusters"),
         Case("option: --n-clusters abc", [*G, "--n-clusters", "abc"], "--n-clusters"),
+        Case("option: --colour unknown", [*G, "--colour", "rainbow"], "--colour"),
+        Case("option: --attention on a ResNet", ["groups", "--model", CNN, *I, "--attention"], "attention"),
         Case("option: --n-clusters above the tokens", [*G, "--n-clusters", "10000"], "n_clusters"),
         Case("option: --flip with --mode pure", [*P, "--mode", "pure", "--flip"], "--flip"),
         Case("option: --n-noise 0", [*P, "--mode", "pure", "--n-noise", "0"], "n_noise"),
