@@ -89,7 +89,7 @@ def _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig) -> tu
         check_choice("thresholds key", k, tuple(sp.DEFAULT_THRESHOLDS))
         check_fraction(f"thresholds[{k!r}]", v)
     check_positive_int("token_budget", token_budget, minimum=2)
-    check_positive_int("n_eig", n_eig)
+    check_positive_int("n_eig", n_eig, minimum=0)
     return rules, thresholds
 
 
@@ -136,19 +136,31 @@ class _SpectralAcc(AccState):
                 self._count(lis, affs, pooled, b, idx)
 
     def _count(self, lis: list[int], affs: list, pooled: list, b: int, idx: Sequence[int]) -> None:
-        """Eigenvalues, counts and the mean spectrum of the blocks ``lis`` (same token count)."""
-        need_norm = any(r in sp.NORMALIZED_RULES for r in self.rules)
-        spec = sp.spectrum(torch.cat([affs[li] for li in lis], dim=0), dtype=self.eig_dtype, normalized=need_norm)
-        counts = torch.stack(
-            [sp.count_significant(spec, r, threshold=self.thresholds.get(r), max_k=self.max_k)
-             if r in sp.RULES else torch.cat([sp.dimension(pooled[li][0].float(), r).to(spec.affinity) for li in lis])
-             for r in self.rules],
-            dim=-1,
-        ).cpu().numpy()
-        lam = spec.affinity
-        rel = (lam / lam[:, :1].clamp_min(1e-12)).cpu().numpy()
-        top = np.full((rel.shape[0], self.n_eig), np.nan)
-        top[:, : min(self.n_eig, rel.shape[1])] = rel[:, : self.n_eig]
+        """Eigenvalues, counts and the mean spectrum of the blocks ``lis`` (same token count).
+
+        With ``n_eig=0`` (no mean spectrum) and only threshold and dimension rules, no eigenvalue
+        is computed: the threshold counts come from :func:`spectral.threshold_count`.
+        """
+        a = torch.cat([affs[li] for li in lis], dim=0)
+        spectral_rules = [r for r in self.rules if r in sp.RULES]
+        spec = None
+        if self.n_eig or any(r not in sp.THRESHOLD_RULES for r in spectral_rules):
+            need_norm = any(r in sp.NORMALIZED_RULES for r in self.rules)
+            spec = sp.spectrum(a, dtype=self.eig_dtype, normalized=need_norm)
+
+        def one(r: str) -> torch.Tensor:
+            if r not in sp.RULES:
+                return torch.cat([sp.dimension(pooled[li][0].float(), r).to(a) for li in lis])
+            if spec is None:
+                return sp.threshold_count(a, r, threshold=self.thresholds.get(r), dtype=self.eig_dtype).to(a)
+            return sp.count_significant(spec, r, threshold=self.thresholds.get(r), max_k=self.max_k).to(a)
+
+        counts = torch.stack([one(r) for r in self.rules], dim=-1).cpu().numpy()
+        top = np.full((a.shape[0], self.n_eig), np.nan)
+        if self.n_eig:
+            lam = spec.affinity
+            rel = (lam / lam[:, :1].clamp_min(1e-12)).cpu().numpy()
+            top[:, : min(self.n_eig, rel.shape[1])] = rel[:, : self.n_eig]
         for j, li in enumerate(lis):
             _finite_or_raise(counts[j * b : (j + 1) * b], self.infos[li].name,
                              "significant-eigenvalue count or dimension measure")
@@ -405,7 +417,9 @@ def spectrum(
         affinity: ``"cosine"`` (negatives clipped), ``"gaussian"`` or ``"knn"``.
         center: subtract each image's mean token before the affinity.
         token_budget: blocks with more tokens are average-pooled to a coarser grid.
-        n_eig: top eigenvalues (divided by the largest) kept as the mean spectrum.
+        n_eig: top eigenvalues (divided by the largest) kept as the mean spectrum. ``0`` keeps
+            none; with only threshold and dimension rules, the counts are then taken without
+            any eigendecomposition (:func:`spectral.threshold_count`, the same counts).
         eig_dtype: ``torch.float64`` to decompose in double precision.
         seed: seeds the random initialisation of a model built from a spec; recorded.
         progress: show a progress bar.

@@ -101,6 +101,7 @@ def _add_spectral(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
+    from .analysis import DEFAULT_N_EIG
     from .attribution import DEFAULT_IG_STEPS
     from .spectral import DIMENSION_RULES, RULES
 
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threshold", action="append", default=[], metavar="RULE=TAU",
                     help="threshold of a threshold rule, e.g. rel_threshold=0.05")
     sp.add_argument("--include-prefix", action="store_true", help="include CLS/register tokens")
+    sp.add_argument("--n-eig", type=int, default=DEFAULT_N_EIG, metavar="K",
+                    help=f"top eigenvalues kept as the mean spectrum (default {DEFAULT_N_EIG}); 0 keeps none, and "
+                         "threshold rules are then counted without an eigendecomposition (same counts)")
     _add_output(sp, "spectrum", resumable=True)
 
     pp = sub.add_parser("probe", help="relative feature change under N(0,1) noise per block")
@@ -503,7 +507,7 @@ def _analyse(args: argparse.Namespace, analysis, build_model, input_size, out: P
         res = analysis.spectrum(
             lm, images, rules=rules, thresholds=_thresholds(args.threshold), affinity=args.affinity,
             center=not args.no_center, knn=args.knn, token_budget=args.token_budget,
-            include_prefix=args.include_prefix, **common,
+            include_prefix=args.include_prefix, n_eig=args.n_eig, **common,
         )
         # several rules: all of them on one axis (counts and dimension measures together)
         fig_name, draw = "spectrum.png", "plot_rules" if len(res.rules) > 1 else "plot_spectrum"

@@ -65,6 +65,8 @@ __all__ = [
     "eigvalsh",
     "spectrum",
     "count_significant",
+    "THRESHOLD_RULES",
+    "threshold_count",
     "DIMENSION_RULES",
     "ALL_RULES",
     "dimension",
@@ -87,6 +89,7 @@ DEFAULT_RULE = "rel_threshold"
 TWONN_DISCARD = 0.1
 RANKME_EPS = 1e-7
 DEFAULT_THRESHOLDS = {"rel_threshold": 0.05, "norm_threshold": 0.9}
+THRESHOLD_RULES = tuple(DEFAULT_THRESHOLDS)
 DEFAULT_KNN = 10
 DEFAULT_MAX_GAP_K = 32
 _EPS = 1e-12
@@ -249,6 +252,112 @@ def count_significant(
         h = -(p * torch.log(p.clamp_min(_EPS))).sum(-1)
         return torch.exp(h)
     return total.pow(2) / lam.pow(2).sum(-1).clamp_min(_EPS)
+
+
+# --------------------------------------------------------------------------- counts without the spectrum
+def _count_above(m: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Number of eigenvalues of each symmetric ``m`` strictly above ``shift``, by Sylvester's law of inertia.
+
+    ``m - shift I = P L D L^T P^T`` (Bunch-Kaufman, LAPACK ``sytrf``) has as many positive
+    eigenvalues as the block-diagonal ``D``: its 1x1 pivots are read by sign, its 2x2 pivots by
+    their determinant and trace. No eigenvalue is computed.
+    """
+    n = m.shape[-1]
+    eye = torch.eye(n, dtype=m.dtype, device=m.device)
+    ld, piv, _info = torch.linalg.ldl_factor_ex(m - shift[:, None, None] * eye)
+    d = ld.diagonal(dim1=-2, dim2=-1)
+    two = piv < 0  # both rows of a 2x2 pivot carry a negative pivot index
+    pos = torch.arange(n, device=m.device).expand_as(two)
+    last_single = torch.where(two, torch.full_like(pos, -1), pos).cummax(dim=-1).values
+    start = two & ((pos - last_single - 1) % 2 == 0)  # first row of each 2x2 pivot
+    count = ((d > 0) & ~two).sum(-1)
+    if n > 1 and bool(start.any()):
+        a, c = d[:, :-1], d[:, 1:]
+        b = ld.diagonal(offset=-1, dim1=-2, dim2=-1)
+        det = a * c - b * b
+        block = torch.where(det < 0, 1, torch.where(a + c > 0, 2, 0))
+        count = count + (block * start[:, :-1]).sum(-1)
+    return count
+
+
+def _perron_bounds(a: torch.Tensor, *, rtol: float = 1e-3, max_iter: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Certified bounds ``lo <= lambda_max <= hi`` of non-negative symmetric matrices.
+
+    Power iteration from the all-ones vector; ``hi`` is the Collatz-Wielandt bound
+    ``max_i (A x)_i / x_i`` (valid for any non-negative ``A`` and ``x`` positive on its non-zero
+    rows), ``lo`` the Rayleigh quotient. Stops when every bracket is within ``rtol``.
+    """
+    # a zero row (and column) is a block of its own with eigenvalue 0: left out of the ratios;
+    # every other entry of x stays positive (floored), as the Collatz-Wielandt bound needs
+    live = (a.sum(-1, keepdim=True) > 0).to(a.dtype)
+    floor = torch.finfo(a.dtype).tiny ** 0.5
+    x = live.clone()
+    lo = hi = torch.zeros(a.shape[0], dtype=a.dtype, device=a.device)
+    for _ in range(max_iter):
+        y = a @ x
+        hi = (live * y / x.clamp_min(floor)).amax(dim=(1, 2))
+        lo = ((x * y).sum((1, 2)) / (x * x).sum((1, 2)).clamp_min(floor)).clamp_min(0.0).minimum(hi)
+        if bool((hi - lo <= rtol * hi).all()):
+            break
+        x = live * (y / y.amax(dim=1, keepdim=True).clamp_min(floor)).clamp_min(floor)
+    return lo, hi
+
+
+def threshold_count(
+    a: torch.Tensor,
+    rule: str = DEFAULT_RULE,
+    *,
+    threshold: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The count of a threshold rule (:data:`THRESHOLD_RULES`) without the eigendecomposition.
+
+    Gives ``count_significant(spectrum(a, dtype=dtype), rule, threshold=threshold)`` for every
+    matrix without computing an eigenvalue: the eigenvalues above a level ``s`` are counted from
+    the inertia of ``A - sI`` (an LDL^T factorisation, :func:`_count_above`, about a quarter of
+    the work of a symmetric eigendecomposition). ``rel_threshold`` needs ``lambda_max``, which is
+    bracketed from both sides (:func:`_perron_bounds`: affinities are non-negative);
+    ``norm_threshold``'s largest eigenvalue is 1 by construction. The count is taken at both
+    ends of the threshold's bracket, each widened by ``N eps`` of the scale (the factorisation's
+    rounding); where the two counts differ (an eigenvalue too close to the threshold to be
+    decided that way), that matrix's eigenvalues are computed after all and counted as
+    :func:`count_significant` does. Two factorisations per matrix: measured 1.3-1.6x faster
+    than the eigenvalues on ViT-S-sized affinities (``benchmarks/RESULTS.md``).
+
+    Args:
+        a: ``(B, N, N)`` non-negative symmetric affinities (from :func:`affinity`).
+        rule: ``"rel_threshold"`` or ``"norm_threshold"``.
+        threshold: ``tau`` (defaults in :data:`DEFAULT_THRESHOLDS`).
+        dtype: compute in this dtype (as ``spectrum(..., dtype=)``).
+
+    Returns:
+        ``(B,)`` counts, in ``a``'s dtype.
+    """
+    check_shape("a", a, ["B", "N", "N"])
+    check_choice("rule", rule, THRESHOLD_RULES)
+    tau = DEFAULT_THRESHOLDS[rule] if threshold is None else check_fraction("threshold", threshold)
+    work = a.to(dtype) if dtype is not None else a
+    if not all_finite(work):
+        raise FanlensError("a must be finite. Got NaN or inf values instead.")
+    if bool((work < 0).any()):
+        raise FanlensError("a must be non-negative affinities (from spectral.affinity). Got negative entries instead.")
+    with one_thread():  # many small factorisations: see fanlens._threads
+        m = 0.5 * (work + work.transpose(1, 2))
+        if rule == "norm_threshold":
+            m = normalized_affinity(m)
+            lo = hi = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)
+        else:
+            lo, hi = _perron_bounds(m)
+            lo, hi = lo.clamp_min(_EPS), hi.clamp_min(_EPS)
+        guard = m.shape[-1] * torch.finfo(m.dtype).eps * hi  # the factorisation's rounding, N eps |A|
+        upper = _count_above(m, tau * hi + guard)
+        lower = _count_above(m, tau * lo - guard)
+        count = upper.clone()
+        unsure = (upper != lower).nonzero().flatten()
+        if unsure.numel():
+            spec = spectrum(a[unsure], dtype=dtype, normalized=rule == "norm_threshold")
+            count[unsure] = count_significant(spec, rule, threshold=tau).to(count.dtype)
+    return count.to(a.dtype)
 
 
 # --------------------------------------------------------------------------- dimension measures
