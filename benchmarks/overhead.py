@@ -5,7 +5,8 @@ Full analysis = ``fanlens.analyze``: capture of every block, spectral statistics
 needs: the clean batch and its noisy copy (2 x batch images). The sides run in a shuffled
 order per round after a warm-up (see ``_common.alternate``); ``--compete`` runs a second torch
 job beside them (started and stopped here). ``--threads-policy off`` times fanlens with its
-one-thread policy for small work switched off, for the side-by-side comparison.
+threading policy for small work (one intra-op thread, the batch split over worker threads)
+switched off, for the side-by-side comparison.
 
 Run: python benchmarks/overhead.py [--model vit_small_patch16_224] [--batch 16] [--rounds 9]
      [--rules rel_threshold] [--compete] [--threads-policy on|off]
@@ -41,7 +42,9 @@ def main() -> None:
     if args.threads_policy == "off":
         import fanlens.analysis as an
 
-        an.one_thread = contextlib.nullcontext  # looked up at call time
+        # looked up at call time: the small work stays on torch's intra-op pool, unsplit
+        an.one_thread = sp.one_thread = contextlib.nullcontext
+        sp.split_rows = lambda fn, *rows: fn(*rows)
     lm = fanlens.build_model(args.model)
     model = lm.model.to(args.device)
     cfg = data_config(model)

@@ -4,6 +4,9 @@
    vs a loop of ``scipy.linalg.eigh(eigvals_only=True)``.
 2. Clustering of B images (k = 4): ``fanlens.spectral.spectral_clustering`` on the batch vs
    ``sklearn.cluster.SpectralClustering(affinity="precomputed")`` image by image.
+3. The default rule's counts (``rel_threshold``) of the B*L matrices without the eigenvalues
+   (``spectral.threshold_count``, LDL^T inertia) vs from them (``count_significant`` of the
+   eigenvalues); the counts must be equal.
 
 Both sides get the same matrices in the same dtype (float32 by default, ``--dtype float64``)
 and do the same work (all eigenvalues; the same k); they run in a shuffled order per round
@@ -65,13 +68,19 @@ def main() -> None:
     def torch_cluster():
         res["lab"] = sp.spectral_clustering(a_img, 4, seed=0)[0]
 
+    def count_eig():
+        res["count_eig"] = sp.count_significant(sp.spectrum(a, normalized=False), "rel_threshold")
+
+    def count_inertia():
+        res["count_inertia"] = sp.threshold_count(a, "rel_threshold")
+
     def sklearn_cluster():
         res["ref_lab"] = [SpectralClustering(4, affinity="precomputed", random_state=0).fit_predict(m.numpy())
                           for m in a_img]
 
     with Competitor(args.compete) as comp:
-        t = alternate({"torch": torch_eig, "scipy": scipy_eig, "fanlens": torch_cluster, "sklearn": sklearn_cluster},
-                      rounds=args.rounds)
+        t = alternate({"torch": torch_eig, "scipy": scipy_eig, "fanlens": torch_cluster, "sklearn": sklearn_cluster,
+                       "count_eig": count_eig, "count_inertia": count_inertia}, rounds=args.rounds)
     ref = np.stack(res["ref"])[:, ::-1]
     rel = np.abs(res["ours"].double().numpy() - ref).max() / np.abs(ref).max()
     r_eig, eig_line = ratio_line(t["scipy"], t["torch"])
@@ -89,6 +98,13 @@ def main() -> None:
     print(f"  sklearn / fanlens: {cl_line} (goal {GOALS['cluster']:.0f}x: "
           f"{'met' if r_cl >= GOALS['cluster'] else 'missed'}); ARI vs sklearn median {np.median(ari):.3f}, "
           f"min {min(ari):.3f}")
+
+    r_cnt, cnt_line = ratio_line(t["count_eig"], t["count_inertia"])
+    same = int((res["count_eig"] == res["count_inertia"]).sum())
+    print(f"rel_threshold counts of {n_mat} matrices without the eigenvalues:")
+    print(f"  inertia (threshold_count): {spread(t['count_inertia'])}")
+    print(f"  from the eigenvalues:      {spread(t['count_eig'])}")
+    print(f"  eigenvalues / inertia: {cnt_line}; counts equal for {same} of {n_mat} matrices")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ import numpy as np
 
 import torch
 
-from ._threads import one_thread
+from ._threads import one_thread, split_rows
 from ._validation import FanlensError, all_finite, check_choice, check_fraction, check_positive_int, check_shape
 
 __all__ = [
@@ -180,9 +180,12 @@ def eigvalsh(m: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tens
     """
     check_shape("m", m, ["B", "N", "N"])
     work = m.to(dtype) if dtype is not None else m
-    with one_thread():  # many small decompositions: the thread pool only waits (fanlens._threads)
-        ev = torch.linalg.eigvalsh(0.5 * (work + work.transpose(1, 2)))
-    return ev.flip(-1).to(m.dtype)
+    # many small decompositions: one intra-op thread each, on the caller's cores (fanlens._threads)
+    return split_rows(_eigvalsh_descending, work).to(m.dtype)
+
+
+def _eigvalsh_descending(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.eigvalsh(0.5 * (m + m.transpose(1, 2))).flip(-1)
 
 
 # --------------------------------------------------------------------------- rules
@@ -204,7 +207,15 @@ NORMALIZED_RULES = ("norm_threshold", "eigengap")
 
 def spectrum(a: torch.Tensor, *, dtype: torch.dtype | None = None, normalized: bool = True) -> Spectrum:
     """Eigenvalues of ``A`` and (unless ``normalized=False``) of its normalised form, batched."""
-    return Spectrum(eigvalsh(a, dtype=dtype), eigvalsh(normalized_affinity(a), dtype=dtype) if normalized else None)
+    check_shape("a", a, ["B", "N", "N"])
+    if not normalized:
+        return Spectrum(eigvalsh(a, dtype=dtype), None)
+
+    def both(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = eigvalsh(m, dtype=dtype)  # worker thread: no further split
+        return lam, eigvalsh(normalized_affinity(m), dtype=dtype)
+
+    return Spectrum(*split_rows(both, a))
 
 
 def _eigengap(mu: torch.Tensor, max_k: int) -> torch.Tensor:
@@ -258,13 +269,20 @@ def count_significant(
 def _count_above(m: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Number of eigenvalues of each symmetric ``m`` strictly above ``shift``, by Sylvester's law of inertia.
 
+    ``m``'s diagonal is shifted in place for the factorisation and restored bit for bit.
+
     ``m - shift I = P L D L^T P^T`` (Bunch-Kaufman, LAPACK ``sytrf``) has as many positive
     eigenvalues as the block-diagonal ``D``: its 1x1 pivots are read by sign, its 2x2 pivots by
     their determinant and trace. No eigenvalue is computed.
     """
     n = m.shape[-1]
-    eye = torch.eye(n, dtype=m.dtype, device=m.device)
-    ld, piv, _info = torch.linalg.ldl_factor_ex(m - shift[:, None, None] * eye)
+    diag = m.diagonal(dim1=-2, dim2=-1)
+    kept = diag.clone()
+    diag.sub_(shift[:, None])  # shifted in place (no copy of the batch), restored exactly below
+    try:
+        ld, piv, _info = torch.linalg.ldl_factor_ex(m)
+    finally:
+        diag.copy_(kept)
     d = ld.diagonal(dim1=-2, dim2=-1)
     two = piv < 0  # both rows of a 2x2 pivot carry a negative pivot index
     pos = torch.arange(n, device=m.device).expand_as(two)
@@ -303,6 +321,19 @@ def _perron_bounds(a: torch.Tensor, *, rtol: float = 1e-3, max_iter: int = 16) -
     return lo, hi
 
 
+def _bracket_counts(work: torch.Tensor, rule: str, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counts above both ends of the threshold's bracket (see :func:`threshold_count`)."""
+    m = 0.5 * (work + work.transpose(1, 2))
+    if rule == "norm_threshold":
+        m = normalized_affinity(m)
+        lo = hi = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)
+    else:
+        lo, hi = _perron_bounds(m)
+        lo, hi = lo.clamp_min(_EPS), hi.clamp_min(_EPS)
+    guard = m.shape[-1] * torch.finfo(m.dtype).eps * hi  # the factorisation's rounding, N eps |A|
+    return _count_above(m, tau * hi + guard), _count_above(m, tau * lo - guard)
+
+
 def threshold_count(
     a: torch.Tensor,
     rule: str = DEFAULT_RULE,
@@ -321,8 +352,10 @@ def threshold_count(
     ends of the threshold's bracket, each widened by ``N eps`` of the scale (the factorisation's
     rounding); where the two counts differ (an eigenvalue too close to the threshold to be
     decided that way), that matrix's eigenvalues are computed after all and counted as
-    :func:`count_significant` does. Two factorisations per matrix: measured 1.3-1.6x faster
-    than the eigenvalues on ViT-S-sized affinities (``benchmarks/RESULTS.md``).
+    :func:`count_significant` does. Two factorisations and a few matrix-vector products per
+    matrix instead of a decomposition: on the CPU a modest gain (``benchmarks/spectral_engine.py``;
+    ``benchmarks/RESULTS.md`` (b3)), and none where many eigenvalues crowd the threshold and
+    have to be decomposed after all.
 
     Args:
         a: ``(B, N, N)`` non-negative symmetric affinities (from :func:`affinity`).
@@ -341,22 +374,13 @@ def threshold_count(
         raise FanlensError("a must be finite. Got NaN or inf values instead.")
     if bool((work < 0).any()):
         raise FanlensError("a must be non-negative affinities (from spectral.affinity). Got negative entries instead.")
-    with one_thread():  # many small factorisations: see fanlens._threads
-        m = 0.5 * (work + work.transpose(1, 2))
-        if rule == "norm_threshold":
-            m = normalized_affinity(m)
-            lo = hi = torch.ones(m.shape[0], dtype=m.dtype, device=m.device)
-        else:
-            lo, hi = _perron_bounds(m)
-            lo, hi = lo.clamp_min(_EPS), hi.clamp_min(_EPS)
-        guard = m.shape[-1] * torch.finfo(m.dtype).eps * hi  # the factorisation's rounding, N eps |A|
-        upper = _count_above(m, tau * hi + guard)
-        lower = _count_above(m, tau * lo - guard)
-        count = upper.clone()
-        unsure = (upper != lower).nonzero().flatten()
-        if unsure.numel():
-            spec = spectrum(a[unsure], dtype=dtype, normalized=rule == "norm_threshold")
-            count[unsure] = count_significant(spec, rule, threshold=tau).to(count.dtype)
+    # matrix by matrix, on the caller's cores (fanlens._threads)
+    upper, lower = split_rows(lambda w: _bracket_counts(w, rule, tau), work)
+    count = upper.clone()
+    unsure = (upper != lower).nonzero().flatten()
+    if unsure.numel():
+        spec = spectrum(a[unsure], dtype=dtype, normalized=rule == "norm_threshold")
+        count[unsure] = count_significant(spec, rule, threshold=tau).to(count.dtype)
     return count.to(a.dtype)
 
 
@@ -436,7 +460,7 @@ def _twonn_fit(mu: torch.Tensor, discard: float) -> float:
 def dimension(tokens: torch.Tensor, rule: str) -> torch.Tensor:
     """One of :data:`DIMENSION_RULES` for each image's tokens ``(B, N, C)``: ``(B,)`` float64."""
     check_choice("rule", rule, DIMENSION_RULES)
-    return twonn(tokens) if rule == "twonn" else rankme(tokens)
+    return split_rows(twonn if rule == "twonn" else rankme, tokens)  # image by image, on the caller's cores
 
 
 # --------------------------------------------------------------------------- token budget
@@ -605,8 +629,11 @@ def spectral_clustering(
     indices = list(range(b)) if indices is None else [int(i) for i in indices]
     if len(indices) != b:
         raise FanlensError(f"indices must hold one id per matrix ({b}). Got {len(indices)} instead.")
-    with one_thread():  # small decompositions and k-means steps (fanlens._threads)
-        return _spectral_clustering(a, n_clusters, max_k, n_init, seed, dtype, indices)
+    # small decompositions and k-means steps, matrix by matrix: on the caller's cores (fanlens._threads)
+    return split_rows(
+        lambda a_, idx_: _spectral_clustering(a_, n_clusters, max_k, n_init, seed, dtype, idx_.tolist()),
+        a, torch.tensor(indices, dtype=torch.long),
+    )
 
 
 def _spectral_clustering(a, n_clusters, max_k, n_init, seed, dtype, indices):

@@ -52,3 +52,78 @@ def test_analyses_run_their_statistics_on_one_thread_and_restore_the_setting(two
     spec2, probe2 = fanlens.analyze(tiny_vit, x, sigmas=(0.1,), rules=("rel_threshold",), progress=False)
     assert (spec2.count_mean == spec.count_mean).all()
     torch.testing.assert_close(torch.from_numpy(probe2.mean), torch.from_numpy(probe.mean), rtol=1e-5, atol=1e-7)
+
+
+def test_nested_one_thread_keeps_the_callers_count(two_threads):
+    from fanlens._threads import _CALLER_THREADS
+
+    with one_thread():
+        with one_thread():
+            assert torch.get_num_threads() == 1
+            assert _CALLER_THREADS.get() == 2
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2 and _CALLER_THREADS.get() is None
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_work_gives_identical_results_on_every_thread_count(threads, monkeypatch):
+    """Decompositions, threshold counts and clustering are computed matrix by matrix: splitting
+    the batch over worker threads changes no bit of the results."""
+    import threading
+
+    import fanlens._threads as th
+    import fanlens.spectral as sp
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(7, 4, 24, generator=g)
+    lab = torch.randint(0, 4, (7, 50), generator=g)
+    x = torch.gather(centres, 1, lab[..., None].expand(-1, -1, 24)) + 0.7 * torch.randn(7, 50, 24, generator=g)
+    a = sp.affinity(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref_ev = sp.eigvalsh(a)
+        ref_spec = sp.spectrum(a)
+        ref_cnt = sp.threshold_count(a, "rel_threshold")
+        ref_lab, ref_k = sp.spectral_clustering(a, None, seed=3, indices=list(range(10, 17)))
+        ref_dim = [sp.dimension(x, r) for r in sp.DIMENSION_RULES]
+        torch.set_num_threads(threads)
+        workers = []
+        real = th._pool
+
+        def spy(n):
+            workers.append(n)
+            return real(n)
+
+        monkeypatch.setattr(th, "_pool", spy)
+        names = []
+        real_eigvalsh = sp._eigvalsh_descending
+        monkeypatch.setattr(sp, "_eigvalsh_descending",
+                            lambda m: names.append(threading.current_thread().name) or real_eigvalsh(m))
+        assert torch.equal(sp.eigvalsh(a), ref_ev)
+        spec = sp.spectrum(a)
+        assert torch.equal(spec.affinity, ref_spec.affinity) and torch.equal(spec.normalized, ref_spec.normalized)
+        assert torch.equal(sp.threshold_count(a, "rel_threshold"), ref_cnt)
+        lab2, k2 = sp.spectral_clustering(a, None, seed=3, indices=list(range(10, 17)))
+        assert torch.equal(lab2, ref_lab) and torch.equal(k2, ref_k)
+        for r, ref in zip(sp.DIMENSION_RULES, ref_dim):
+            assert torch.equal(sp.dimension(x, r), ref), r
+        assert torch.get_num_threads() == threads  # the caller's setting, untouched
+    finally:
+        torch.set_num_threads(before)
+    if threads == 1:
+        assert workers == [] and all(n == threading.current_thread().name for n in names)
+    else:
+        assert workers and set(workers) == {threads}
+        assert any(n.startswith("fanlens") for n in names)  # chunks ran on the worker threads
+
+
+def test_split_work_passes_errors_through(two_threads):
+    from fanlens._threads import split_rows
+
+    def boom(x):
+        raise ValueError("inside a worker")
+
+    with pytest.raises(ValueError, match="inside a worker"):
+        split_rows(boom, torch.zeros(4, 2))
+    assert torch.get_num_threads() == 2
