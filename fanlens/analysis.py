@@ -309,6 +309,31 @@ def _noisy_input(s: Setup, sigmas: tuple[float, ...], space: str, seed: int):
     return make
 
 
+def _probe_params(mode: str, sig, space_used: str, labels, n_noise, batch_size: int, processes: int) -> dict:
+    return dict(
+        analysis="probe", mode=mode, sigmas=list(sig), space=space_used, corruptions=list(labels) or None,
+        n_noise=n_noise, blocks=None, batch_size=batch_size, num_prefix_tokens=None, layout=None, grid=None,
+        processes=processes, noise=_NOISE_DOC,
+        norm="Frobenius norm over patch tokens" if mode == "additive" else "mean patch-token L2 norm / block 0",
+        ci=_CI_DOC,
+    )
+
+
+def corruption_probe_parts(s: Setup, cells: Sequence[tuple[str, int]], seed: int, *, batch_size: int,
+                           processes: int):
+    """What the probe under corruptions streams: ``(accumulator, make_input, copy names, params)``.
+
+    Each batch goes through the model as the clean images followed by one corrupted copy per
+    cell; :func:`noise_probe` streams it, and :func:`fanlens.robustness.robustness` (with
+    ``probe_severity``) classifies the same forward pass, so neither image is forwarded twice.
+    ``acc.result(provenance, "pixel")`` is the :class:`~fanlens.results.ProbeResult`.
+    """
+    labels = tuple(f"{c}@{v}" for c, v in cells)
+    params = _probe_params("additive", (), "pixel", labels, None, batch_size, processes)
+    copies = ["clean"] + [f"{c} at severity {v}" for c, v in cells]
+    return _ProbeAcc("additive", (), labels), _corrupted_input(s, cells, seed), copies, params
+
+
 def _corrupted_input(s: Setup, cells: Sequence[tuple[str, int]], seed: int):
     """Clean copy, then one corrupted copy per (corruption, severity), in one batch; the
     corruptions' random parts come from (seed, image index) (:func:`fanlens.corruptions.corrupt`)."""
@@ -519,22 +544,21 @@ def noise_probe(
                need_images=(mode == "additive"))
     n_total = len(s.images) if mode == "additive" else n_noise
     rank, world = resolve_shard(shard, n_total)
-    labels = tuple(f"{c}@{v}" for c, v in cells)
-    acc = _ProbeAcc(mode, sig, labels)
     n_local = len(range(rank, n_total, world))
     space_used = space if mode == "additive" else "normalized"
-    params = dict(
-        analysis="probe", mode=mode, sigmas=list(sig), space=space_used, corruptions=list(labels) or None,
-        n_noise=n_noise if mode == "pure" else None, blocks=blocks, batch_size=batch_size,
-        num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, processes=world, noise=_NOISE_DOC,
-        norm="Frobenius norm over patch tokens" if mode == "additive" else "mean patch-token L2 norm / block 0",
-        ci=_CI_DOC,
-    )
+    if cells:
+        acc, make, copies, params = corruption_probe_parts(s, cells, seed, batch_size=batch_size, processes=world)
+        params.update(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+    else:
+        acc = _ProbeAcc(mode, sig)
+        params = _probe_params(mode, sig, space_used, (), n_noise if mode == "pure" else None, batch_size, world)
+        params.update(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
     state = run_state(state_dir, state_key(s, seed, params), world, rank, checkpoint_every, resume)
     if mode == "additive":
         batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
-        make = _corrupted_input(s, cells, seed) if cells else _noisy_input(s, sig, space, seed)
-        copies = ["clean"] + ([f"{c} at severity {v}" for c, v in cells] or [f"sigma={v:g}" for v in sig if v != 0])
+        if not cells:
+            make = _noisy_input(s, sig, space, seed)
+            copies = ["clean"] + [f"sigma={v:g}" for v in sig if v != 0]
     else:
         h, w = s.cfg.input_size
         ids = list(range(n_noise))[rank::world]

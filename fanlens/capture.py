@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from dataclasses import dataclass
@@ -420,6 +421,7 @@ class TokenCapture:
         self._records: dict[str, list[torch.Tensor]] = {}
         self._input_hw: tuple[int, int] | None = None
         self._active = False
+        self._paused = False
 
     # -- context
     def __enter__(self) -> "TokenCapture":
@@ -449,6 +451,8 @@ class TokenCapture:
 
     # -- hooks
     def _input_hook(self, module, args, kwargs):
+        if self._paused:
+            return None
         for a in list(args) + list(kwargs.values()):
             if isinstance(a, torch.Tensor) and a.ndim >= 3:
                 self._input_hw = (int(a.shape[-2]), int(a.shape[-1]))
@@ -459,6 +463,8 @@ class TokenCapture:
         last = self.specs[-1].name
 
         def hook(module, args, output):
+            if self._paused:
+                return None
             t = _as_tensor(output, name).detach()
             if self.device is not None or self.dtype is not None:
                 t = t.to(
@@ -481,6 +487,15 @@ class TokenCapture:
             return self.model(*args, **kwargs)
         except _StopForward:
             return None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward passes inside record nothing (the hooks stay in place, idle)."""
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
 
     def clear(self) -> None:
         """Drop every recorded tensor (call between batches when streaming)."""

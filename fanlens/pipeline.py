@@ -155,10 +155,14 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
         colours = spectral_colouring(lm, vis_images, **common)
     rob = cprobe = None
     if trained:  # a random-init twin is at chance under every corruption: nothing to learn from it
-        rob = robustness(lm, images, labels=labels, severities=severities, **common)
-        if figures:
-            cprobe = analysis.noise_probe(lm, images, corruption=BENCHMARK, severity=CORRUPTION_PROBE_SEVERITY,
-                                          **common)
+        if figures and CORRUPTION_PROBE_SEVERITY in severities:  # the probe from the same forward passes
+            rob, cprobe = robustness(lm, images, labels=labels, severities=severities,
+                                     probe_severity=CORRUPTION_PROBE_SEVERITY, **common)
+        else:
+            rob = robustness(lm, images, labels=labels, severities=severities, **common)
+            if figures:
+                cprobe = analysis.noise_probe(lm, images, corruption=BENCHMARK, severity=CORRUPTION_PROBE_SEVERITY,
+                                              **common)
     return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe, colours=colours)
 
 

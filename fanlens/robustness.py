@@ -33,8 +33,9 @@ from ._stats import RunningStats
 from ._validation import FanlensError, check_choice, check_positive_int
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
-from .results import RobustnessResult
-from .runner import AccState, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup, state_key
+from .results import ProbeResult, RobustnessResult
+from .runner import (AccState, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup, state_key,
+                     stream)
 
 __all__ = ["ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "robustness", "corruption_errors", "load_labels"]
 
@@ -227,7 +228,8 @@ def robustness(
     state_dir: str | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
-) -> RobustnessResult:
+    probe_severity: int | None = None,
+) -> RobustnessResult | tuple[RobustnessResult, ProbeResult]:
     """Top-1 error (or flip rate) of ``model`` under ImageNet-C corruptions, with CE and mCE.
 
     Args:
@@ -243,12 +245,20 @@ def robustness(
         seed: the corruptions' random draws (with each image's index); also seeds a model built
             from a spec.
         shard, state_dir, checkpoint_every, resume: as in :func:`fanlens.spectrum`.
+        probe_severity: also run the probe under corruptions (``fanlens.noise_probe(model,
+            images, corruption=corruptions, severity=probe_severity)``, default blocks) from the
+            same forward passes: the clean images and their copies at this severity go through
+            the model once, under the token capture, and are classified from that pass.
 
     Returns:
-        :class:`~fanlens.results.RobustnessResult`.
+        :class:`~fanlens.results.RobustnessResult`, or ``(RobustnessResult, ProbeResult)`` with
+        ``probe_severity``.
     """
     corrs, sevs = _grid(corruptions, severities)
     check_positive_int("batch_size", batch_size)
+    if probe_severity is not None and (isinstance(probe_severity, bool) or probe_severity not in sevs):
+        raise FanlensError(f"probe_severity must be one of the severities {list(sevs)} (its corrupted copies are "
+                           f"classified and probed in one pass). Got {probe_severity!r} instead.")
     if isinstance(baseline, (str, os.PathLike)) and str(baseline) != "alexnet":
         from .results import load
 
@@ -268,7 +278,8 @@ def robustness(
         x, y, _ = SyntheticShapes(n_images, seed=seed, split="test").batch(range(n_images))
         images, labels = x, y
     s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-              blocks=None, num_prefix_tokens=None, layout=None, grid=None, seed=seed, check_blocks=False)
+              blocks=None, num_prefix_tokens=None, layout=None, grid=None, seed=seed,
+              check_blocks=probe_severity is not None)
     y_all = load_labels(labels, s.images.names, class_index)
     metric = "top1_error" if y_all is not None else "flip_rate"
     if baseline is not None:  # checked before any work
@@ -283,12 +294,11 @@ def robustness(
                       labels if isinstance(labels, str) else "given"), class_index=class_index if not isinstance(
                       class_index, dict) else "given",
                   corruption_draws="SeedSequence([seed, image_index, 2, corruption_index])",
-                  ci="normal 95% interval of the mean over images")
+                  ci="normal 95% interval of the mean over images", probe_severity=probe_severity)
     state = run_state(state_dir, state_key(s, seed, params), world, rank, checkpoint_every, resume)
     model_ = s.lm.model
 
-    def predict(x: torch.Tensor, idx) -> torch.Tensor:
-        out = model_(s.cfg.normalize(x.to(s.device)))
+    def predictions(out: Any, idx) -> torch.Tensor:
         out = out[0] if isinstance(out, (tuple, list)) else out
         if not bool(torch.isfinite(out).all()):
             raise FanlensError(f"the model's output holds non-finite values (NaN or inf) for images {list(idx)}.")
@@ -297,18 +307,43 @@ def robustness(
                                f"{int(y_all.max())} instead.")
         return out.argmax(-1).cpu()
 
-    def step(x: torch.Tensor, idx: list[int]) -> None:
+    def step(x: torch.Tensor, idx: list[int], known: dict | None = None) -> None:
+        """Classify the batch clean and in every cell; ``known``: the outputs already computed
+        (``None`` for the clean images, ``(corruption, severity)`` for a cell)."""
+        known = known or {}
         with torch.inference_mode():
-            clean = predict(x, idx)
+            def predict(key, make):
+                out = known.get(key)
+                return predictions(out if out is not None else model_(s.cfg.normalize(make().to(s.device))), idx)
+
+            clean = predict(None, lambda: x)
             ref = torch.from_numpy(y_all[idx]) if y_all is not None else clean
             cols = [(clean != ref).double()]
             for c, v in cells:
-                cols.append((predict(cc.corrupt(x, c, v, seed=seed, indices=idx), idx) != ref).double())
+                cols.append((predict((c, v), lambda: cc.corrupt(x, c, v, seed=seed, indices=idx)) != ref).double())
         acc.stats[0].update(torch.stack(cols, 1).numpy(), idx)
 
     batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
     n_local = len(range(rank, len(s.images), world))
-    run_batches(batches, n_batches(n_local, batch_size), "robustness", progress, step, [acc], state)
+    total = n_batches(n_local, batch_size)
+    if probe_severity is None:
+        run_batches(batches, total, "robustness", progress, step, [acc], state)
+    else:  # one pass: the probe's clean and corrupted copies, classified from the same forward
+        from .analysis import corruption_probe_parts
+
+        probe_cells = [(c, probe_severity) for c in corrs]
+        pacc, make, copies, probe_params = corruption_probe_parts(s, probe_cells, seed, batch_size=batch_size,
+                                                                  processes=world)
+
+        def classify(out: Any, x: torch.Tensor, idx: list[int]) -> None:
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            b = x.shape[0]
+            known = {None: out[:b]}
+            known.update({cell: out[(j + 1) * b : (j + 2) * b] for j, cell in enumerate(probe_cells)})
+            step(x, idx, known)
+
+        stream(s, batches, total, "robustness + probe", progress, make, [pacc], state, copies, outputs=classify,
+               output_accs=[acc])
     merged = merge_stats(acc.stats)[0]
     summ = merged.summary()
     per_image = merged.per_image()[1].astype(np.uint8)  # 0/1: clean, then every (corruption, severity)
@@ -317,9 +352,12 @@ def robustness(
     clean = np.array([float(getattr(summ, k)[0]) for k in ("mean", "std", "ci_low", "ci_high")])
     label, ce, rel, mce, rmce = corruption_errors(grid["mean"], float(clean[0]), corrs, sevs, baseline)
     params["baseline"] = label
-    return RobustnessResult(
+    result = RobustnessResult(
         blocks=(), metric=metric, corruptions=corrs, severities=sevs, n_images=summ.n, **grid, clean=clean,
         baseline=label, ce=ce, relative_ce=rel, mce=mce, relative_mce=rmce,
         provenance=make_provenance(s, seed, params, s.images.names),
         per_image=per_image,
     )
+    if probe_severity is None:
+        return result
+    return result, pacc.result(make_provenance(s, seed, probe_params, s.images.names), "pixel")

@@ -195,10 +195,11 @@ def n_batches(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
-def run_forward(cap: TokenCapture, x: torch.Tensor) -> None:
-    """Run the model under the capture; a failing forward becomes a FanlensError with the input shape."""
+def run_forward(cap: TokenCapture, x: torch.Tensor) -> Any:
+    """Run the model under the capture (its output, or ``None`` when stopped early); a failing
+    forward becomes a FanlensError with the input shape."""
     try:
-        cap.run(x)
+        return cap.run(x)
     except FanlensError:
         raise
     except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
@@ -326,16 +327,22 @@ def run_batches(batches: Callable[[int], Iterable], total: int, desc: str, progr
 
 def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, progress: bool,
            make_input: Callable[[torch.Tensor, list[int]], torch.Tensor], accs: Sequence,
-           state: RunState | None = None, copies: Sequence[str] | None = None) -> None:
+           state: RunState | None = None, copies: Sequence[str] | None = None,
+           outputs: Callable[[Any, torch.Tensor, list[int]], None] | None = None,
+           output_accs: Sequence = ()) -> None:
     """One forward pass per batch under the capture; each accumulator reads the block tokens
     (:func:`run_batches` does the looping, checkpoints and signals). ``copies`` names the parts
-    of a batch (clean, sigma=...) for the message when a block outputs non-finite values."""
+    of a batch (clean, sigma=...) for the message when a block outputs non-finite values.
+
+    ``outputs(out, x, idx)``, when given, receives the model's output for the batch (the forward
+    then runs to the end instead of stopping after the last block); forward passes it makes
+    itself record no tokens. ``output_accs``: the accumulators it feeds, checkpointed with ``accs``."""
     n_blocks: list[int] = []
 
-    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=True, **s.capture_kwargs) as cap:
+    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=outputs is None, **s.capture_kwargs) as cap:
         def step(x: torch.Tensor, idx: list[int]) -> None:
             cap.clear()
-            run_forward(cap, make_input(x, idx))
+            out = run_forward(cap, make_input(x, idx))
             bts = list(cap.block_tokens())
             cap.clear()
             if not n_blocks:
@@ -347,8 +354,12 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
                     raise FanlensError(nonfinite_message(bt, x.shape[0], copies))
             for acc in accs:
                 acc.update(bts, x.shape[0], idx)
+            if outputs is not None:
+                del bts
+                with cap.paused():
+                    outputs(out, x, idx)
 
-        run_batches(batches, total, desc, progress, step, accs, state)
+        run_batches(batches, total, desc, progress, step, list(accs) + list(output_accs), state)
 
 
 def keeping_pixels(make_input: Callable[[torch.Tensor, list[int]], torch.Tensor],

@@ -205,3 +205,45 @@ def test_probe_corruption_errors_and_family_plot():
     assert [ln.get_label() for ln in ax.lines] == ["noise (2)", "blur (1)", "weather (1)", "digital (2)"]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), r.mean[:, :2].mean(1))
     assert len(ax.figure.axes) == 2  # the count on the twin axis
+
+
+def test_probe_from_the_same_forward_passes_equals_the_separate_runs():
+    """robustness(probe_severity=s) gives the robustness grid and noise_probe(corruption=...,
+    severity=s) exactly, forwarding the clean images and their severity-s copies once."""
+    model = fanlens.zoo.load("vit")
+    kw = dict(n_images=10, corruptions="gaussian_noise,contrast,fog", severities=(1, 3), progress=False,
+              batch_size=4)
+    images = []
+    h = model.model.register_forward_pre_hook(lambda m, args: images.append(args[0].shape[0]))
+    try:
+        alone = robustness(model, "synthetic", **kw)
+        n_alone = sum(images)
+        images.clear()
+        rob, probe = robustness(model, "synthetic", probe_severity=3, **kw)
+        n_joint = sum(images)
+    finally:
+        h.remove()
+    np.testing.assert_array_equal(rob.per_image, alone.per_image)
+    np.testing.assert_array_equal(rob.mean, alone.mean)
+    x, _y, _m = fanlens.synthetic.SyntheticShapes(10, seed=0, split="test").batch(range(10))
+    images.clear()
+    h = model.model.register_forward_pre_hook(lambda m, args: images.append(args[0].shape[0]))
+    try:
+        ref = fanlens.noise_probe(model, x, corruption="gaussian_noise,contrast,fog", severity=3, progress=False,
+                                  batch_size=4)
+    finally:
+        h.remove()
+    n_probe = sum(images)
+    assert probe.perturbations == ref.perturbations == ("gaussian_noise@3", "contrast@3", "fog@3")
+    np.testing.assert_allclose(probe.mean, ref.mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(probe.per_image, ref.per_image, rtol=1e-6, atol=1e-9)
+    # separately: 10 x (1 + 6) classified + 10 x (1 + 3) probed; together: 10 x (1 + 6), nothing twice
+    assert (n_alone, n_probe, n_joint) == (70, 40, 70)
+    assert probe.provenance.params == ref.provenance.params  # the same record as the separate probe
+    assert rob.provenance.params["probe_severity"] == 3
+
+
+def test_probe_severity_must_be_in_the_grid():
+    with pytest.raises(FanlensError, match=r"probe_severity must be one of the severities \[1, 5\]"):
+        robustness(StdClassifier(), _flat_images(), corruptions="fog", severities=(1, 5), probe_severity=3,
+                   progress=False)
