@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -56,9 +57,22 @@ def one_thread() -> Iterator[None]:
         _CALLER_THREADS.reset(token)
 
 
+def _forget_pool_in_child() -> None:
+    """A forked child has none of the parent's threads: it must not wait on their queue."""
+    global _POOL, _POOL_SIZE, _POOL_LOCK, _POOL_PID
+    _POOL, _POOL_SIZE, _POOL_LOCK, _POOL_PID = None, 0, threading.Lock(), os.getpid()
+
+
+_POOL_PID = os.getpid()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _pool(n: int) -> ThreadPoolExecutor:
-    """fanlens' worker threads (created once, reused; joined by Python at exit)."""
+    """fanlens' worker threads (created once per process, reused; joined by Python at exit)."""
     global _POOL, _POOL_SIZE
+    if _POOL_PID != os.getpid():  # forked without the at-fork hook
+        _forget_pool_in_child()
     with _POOL_LOCK:
         if _POOL is None or _POOL_SIZE < n:
             if _POOL is not None:

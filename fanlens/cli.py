@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--include-prefix", action="store_true", help="include CLS/register tokens")
     sp.add_argument("--n-eig", type=int, default=DEFAULT_N_EIG, metavar="K",
                     help=f"top eigenvalues kept as the mean spectrum (default {DEFAULT_N_EIG}); 0 keeps none, and "
-                         "threshold rules are then counted without an eigendecomposition (same counts)")
+                         "threshold rules are then counted from LDL^T inertia, without eigenvalues (the same "
+                         "counts)")
     _add_output(sp, "spectrum", resumable=True)
 
     pp = sub.add_parser("probe", help="relative feature change under N(0,1) noise per block")

@@ -169,6 +169,23 @@ class ImageSet:
             else:
                 yield torch.stack([self._loader(j) for j in chunk]), chunk
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the pixels are held in memory (a tensor) rather than decoded per batch."""
+        return self._tensor is not None
+
+    def decoded(self, max_bytes: int) -> "ImageSet":
+        """The same images decoded once and held in memory (names kept), for a run that reads
+        them several times; ``self`` when already in memory or when they would take more than
+        ``max_bytes`` as float32 pixels."""
+        if self.in_memory:
+            return self
+        h, w = self.config.input_size
+        if len(self) * 3 * h * w * 4 > max_bytes:
+            return self
+        x = torch.cat([b for b, _ in self.batches(DEFAULT_BATCH_SIZE)])
+        return ImageSet(list(self.names), self.config, _tensor=x)
+
     def _iter_loader(self, batch_size: int, keep: set[int]):
         pos = 0
         buf, ids = [], []
@@ -311,6 +328,11 @@ def resolve_images(
         normalize=False,
     )
 
+    if isinstance(images, ImageSet):  # resolved (and perhaps decoded) before: used as it is
+        if images.config != config:
+            raise FanlensError(f"images must be resolved for this model's preprocessing {config}. Got an ImageSet "
+                               f"resolved for {images.config} instead.")
+        return images
     if isinstance(images, torch.Tensor):
         x = _check_pixel_tensor(images, "images")
         return ImageSet([f"tensor[{i}]" for i in range(x.shape[0])], config, _tensor=x)

@@ -28,6 +28,7 @@ from ._validation import FanlensError, check_positive_int, check_seed
 from .grouping import GroupingScores, mask_scores
 from .models import LoadedModel, build_model
 from .corruptions import BENCHMARK
+from .data import data_config, resolve_images
 from .results import (GroupsResult, ProbeResult, RobustnessResult, SpectrumResult, rows_to_csv, save_png, versions,
                       write_atomic)
 from .robustness import corruption_errors, robustness
@@ -45,6 +46,7 @@ MASK_CLUSTERS = 2
 FIGURE4_CLUSTERS = 4
 FIGURE4_IMAGES = (0, 1, 2)
 CORRUPTION_PROBE_SEVERITY = 3
+DECODE_LIMIT_BYTES = 2 * 2**30  # reproduce keeps the decoded images in memory up to this size
 TRAINING_SEVERITIES = (3,)  # training-dynamics: corrupted accuracy at severity 3 (15 cells per snapshot)
 ROBUSTNESS_BASELINE = "CNN"  # the zoo's CE / mCE are normalised by the zoo CNN
 RANDOM_SUFFIX = "@random-init"
@@ -164,6 +166,20 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
                 cprobe = analysis.noise_probe(lm, images, corruption=BENCHMARK, severity=CORRUPTION_PROBE_SEVERITY,
                                               **common)
     return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe, colours=colours)
+
+
+def _decode_once(images: Any, lm: LoadedModel, cache: dict) -> Any:
+    """The images decoded once per preprocessing and kept for every analysis of the run, when
+    they fit in :data:`DECODE_LIMIT_BYTES`; otherwise each analysis reads them again."""
+    if isinstance(images, torch.Tensor):
+        return images
+    cfg = data_config(lm.model)
+    if cfg not in cache:
+        cache[cfg] = resolve_images(images, cfg).decoded(DECODE_LIMIT_BYTES)
+        if not cache[cfg].in_memory:
+            _log.info("the images would take more than %d bytes decoded: each analysis reads them again",
+                      DECODE_LIMIT_BYTES)
+    return cache[cfg]
 
 
 def _check_run_args(n_images: Any, seed: Any, batch_size: Any, sigmas: Any) -> tuple[float, ...]:
@@ -367,6 +383,7 @@ def reproduce(
     else:
         imgs, masks, image_names, labels = _zoo_images(n_images, seed)
     runs: list[ModelRun] = []
+    decoded: dict = {}
     for short, load_trained, load_random in pairs:
         for trained, loader in ((True, load_trained), (False, load_random)):
             lm = loader()
@@ -374,8 +391,8 @@ def reproduce(
             if trained and lm.weights == "random init":
                 _log.warning("%s has no weights (no --pretrained or --checkpoint): it is its own random-init twin", label)
             say(f"analysing {label}")
-            runs.append(_run_one(lm, label, short, trained, imgs, masks, sigmas, seed, device, batch_size, progress,
-                                 labels))
+            runs.append(_run_one(lm, label, short, trained, _decode_once(imgs, lm, decoded), masks, sigmas, seed,
+                                 device, batch_size, progress, labels))
     heads_runs: list[ModelRun] = []
     if not models:
         from . import zoo

@@ -353,9 +353,10 @@ def threshold_count(
     rounding); where the two counts differ (an eigenvalue too close to the threshold to be
     decided that way), that matrix's eigenvalues are computed after all and counted as
     :func:`count_significant` does. Two factorisations and a few matrix-vector products per
-    matrix instead of a decomposition: on the CPU a modest gain (``benchmarks/spectral_engine.py``;
-    ``benchmarks/RESULTS.md`` (b3)), and none where many eigenvalues crowd the threshold and
-    have to be decomposed after all.
+    matrix instead of a decomposition: measured on 2 CPU cores, about as fast as the
+    eigenvalues (0.96-1.04x inside :func:`fanlens.spectrum` on ViT-S, 1.2x at 1,024 tokens,
+    0.76-0.87x on spectra crowded near the threshold, which are decomposed after all;
+    ``benchmarks/spectral_engine.py``, ``benchmarks/RESULTS.md`` (b3)).
 
     Args:
         a: ``(B, N, N)`` non-negative symmetric affinities (from :func:`affinity`).

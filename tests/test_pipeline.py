@@ -148,3 +148,41 @@ def test_training_dynamics_reads_train_zoo_snapshots(tmp_path, capsys):
     # a folder that train-zoo did not write is refused before any work
     code = cli.main(["training-dynamics", str(out), "--out", str(tmp_path / "x"), "--no-progress"])
     assert code == 2 and "snapshots must name a folder written by" in capsys.readouterr().err
+
+
+def test_reproduce_decodes_each_image_once_per_run(image_dir, tmp_path, monkeypatch):
+    """A real model and its random-init twin share the preprocessing: every analysis of both
+    reads the images decoded once (file names kept in the provenance)."""
+    import fanlens.data as data
+    import fanlens.pipeline as pipeline
+
+    decoded = []
+    real = data._pil_to_pixels
+    monkeypatch.setattr(data, "_pil_to_pixels", lambda img, tf: decoded.append(1) or real(img, tf))
+    res = reproduce([TINY], images=image_dir, out=tmp_path / "r", sigmas=(0.1,), progress=False)
+    n = len(list(image_dir.iterdir()))
+    assert len(decoded) == n == res.runs[0].spectrum.n_images
+    assert all(name.endswith(".png") for name in res.runs[0].spectrum.provenance.images)
+    # too large to keep: every analysis reads them again (and the numbers are the same)
+    decoded.clear()
+    monkeypatch.setattr(pipeline, "DECODE_LIMIT_BYTES", 1)
+    again = reproduce([TINY], images=image_dir, out=tmp_path / "s", sigmas=(0.1,), progress=False)
+    assert len(decoded) > n
+    np.testing.assert_array_equal(again.runs[0].spectrum.per_image, res.runs[0].spectrum.per_image)
+
+
+def test_an_image_set_resolved_for_another_preprocessing_is_refused(image_dir):
+    import torch
+
+    from fanlens.data import DataConfig, resolve_images
+
+    a = DataConfig((32, 32), (0.5,) * 3, (0.5,) * 3)
+    b = DataConfig((48, 48), (0.5,) * 3, (0.5,) * 3)
+    s = resolve_images(image_dir, a).decoded(2**30)
+    assert s.in_memory and resolve_images(s, a) is s
+    assert s.decoded(2**30) is s
+    x, idx = next(s.batches(8))
+    assert x.shape[1:] == (3, 32, 32) and idx == list(range(len(s)))
+    assert isinstance(x, torch.Tensor)
+    with pytest.raises(FanlensError, match="images must be resolved for this model's preprocessing"):
+        resolve_images(s, b)

@@ -127,3 +127,25 @@ def test_split_work_passes_errors_through(two_threads):
     with pytest.raises(ValueError, match="inside a worker"):
         split_rows(boom, torch.zeros(4, 2))
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_split_work_in_a_forked_child_does_not_wait_on_the_parents_threads(two_threads):
+    """A child forked after the worker threads exist has none of them: it makes its own."""
+    import multiprocessing as mp
+
+    import fanlens.spectral as sp
+
+    a = sp.affinity(torch.rand(6, 20, 8, generator=torch.Generator().manual_seed(0)))
+    ref = sp.eigvalsh(a)  # the parent's workers now exist
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_child_eigvalsh, (a,)).get(timeout=60)
+    assert torch.equal(got, ref)
+
+
+def _child_eigvalsh(a):
+    import fanlens.spectral as sp
+
+    torch.set_num_threads(2)
+    return sp.eigvalsh(a)
