@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._threads import split_rows
 from ._validation import FanlensError, check_choice, check_seed
 
 __all__ = ["NAMES", "BENCHMARK", "HELD_OUT", "FAMILIES", "SEVERITIES", "DEVIATIONS", "corrupt"]
@@ -667,6 +668,11 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
 
     Returns:
         ``(B, 3, H, W)`` corrupted pixels in [0, 1], on the input's device and dtype.
+
+    On the CPU the images are split over the caller's torch threads, one worker thread each
+    (:func:`fanlens._threads.split_rows`): the same pixels on any thread count, except float32
+    rounding (below 5e-7) in motion blur and frost, whose batched filters depend on the batch's
+    size (so does snow's motion-blurred layer, after which its 1/255 quantisation can flip).
     """
     check_choice("name", name, NAMES)
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or severity not in SEVERITIES:
@@ -688,6 +694,11 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
         raise FanlensError(f"indices must be non-negative dataset indices. Got {idx[:8]} instead.")
     gens = _generators(seed, idx, name)
     x = images.float()
-    with torch.no_grad():
-        out = _FUNCS[name](x, int(severity), gens).clamp(0, 1)
+
+    def run(xs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _FUNCS[name](xs, int(severity), [gens[i] for i in pos.tolist()]).clamp(0, 1)
+
+    # image by image: the batch split over the caller's cores, one intra-op thread each (fanlens._threads)
+    out = split_rows(run, x, torch.arange(b))
     return out.to(images.dtype)

@@ -48,6 +48,7 @@ class Case:
     out: bool = True  # append --out {OUT}
     overwrite: bool = True  # append --overwrite (the earlier files must survive a failing overwrite too)
     state: bool = False  # the output folder also holds an interrupted run's checkpoint
+    progress: bool = True  # append --no-progress (the report command has no progress to switch off)
     extra: dict = field(default_factory=dict)
 
 
@@ -199,6 +200,18 @@ def _cases() -> list[Case]:
         Case("training-dynamics: a folder without cards", ["training-dynamics", "{W}/imgs"], "snapshots"),
         Case("training-dynamics: no such folder", ["training-dynamics", "{W}/nope"], "snapshots"),
         Case("training-dynamics: --n-images 0", ["training-dynamics", "{W}/imgs", "--n-images", "0"], "n_images"),
+        # ---- report (reads an output folder; writes one HTML file)
+        Case("report: not an output folder", ["report", "{W}/imgs"], "directory", out=False, progress=False),
+        Case("report: no such folder", ["report", "{W}/nope"], "directory", out=False, progress=False),
+        Case("report: --max-images 0", ["report", "{OUT}", "--max-images", "0"], "max_images", out=False,
+             progress=False),
+        Case("report: --max-images not a number", ["report", "{OUT}", "--max-images", "x"], "--max-images",
+             out=False, progress=False),
+        Case("report: into the package", ["report", "{OUT}", "--out", str(PACKAGE / "report.html")], "out",
+             out=False, progress=False),
+        Case("report: over an existing file", ["report", "{OUT}", "--out", "{W}/imgs/img_000.png"], "overwrite",
+             out=False, progress=False),
+        Case("spectrum: --n-eig -1", [*S, "--n-eig", "-1"], "n_eig"),
         Case("train-zoo: into the package by --out", ["train-zoo", "cnn", "--out", str(PACKAGE / "zoo" / "weights")],
              "out", out=False),
     ]
@@ -298,7 +311,7 @@ def _run_case(case: Case, w: Path) -> dict:
     out = w / "cases" / case.name.replace(" ", "_").replace(":", "").replace("/", "_")
     shutil.copytree(w / ("interrupted_run" if case.state else "earlier_run"), out)
     before = _digest(out)
-    argv = [_fill(a, w, out) for a in case.argv] + ["--no-progress"]
+    argv = [_fill(a, w, out) for a in case.argv] + (["--no-progress"] if case.progress else [])
     if case.out:
         argv += ["--out", str(out)] + (["--overwrite"] if case.overwrite else [])
     proc = subprocess.run([sys.executable, "-m", "fanlens.cli", *argv], capture_output=True, text=True, timeout=600,
