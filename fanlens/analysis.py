@@ -138,8 +138,8 @@ class _SpectralAcc(AccState):
     def _count(self, lis: list[int], affs: list, pooled: list, b: int, idx: Sequence[int]) -> None:
         """Eigenvalues, counts and the mean spectrum of the blocks ``lis`` (same token count).
 
-        With ``n_eig=0`` (no mean spectrum) and only threshold and dimension rules, no eigenvalue
-        is computed: the threshold counts come from :func:`spectral.threshold_count`.
+        With ``n_eig=0`` (no mean spectrum) and only threshold and dimension rules, the threshold
+        counts come from :func:`spectral.threshold_count` (no full spectrum).
         """
         a = torch.cat([affs[li] for li in lis], dim=0)
         spectral_rules = [r for r in self.rules if r in sp.RULES]
@@ -443,8 +443,9 @@ def spectrum(
         center: subtract each image's mean token before the affinity.
         token_budget: blocks with more tokens are average-pooled to a coarser grid.
         n_eig: top eigenvalues (divided by the largest) kept as the mean spectrum. ``0`` keeps
-            none; with only threshold and dimension rules, the counts are then taken without
-            any eigendecomposition (:func:`spectral.threshold_count`, the same counts).
+            none; with only threshold and dimension rules, the counts are then taken from LDL^T
+            inertia (:func:`spectral.threshold_count`: the same counts, no eigenvalues except for
+            a matrix with one too close to a threshold; about as fast on the CPU).
         eig_dtype: ``torch.float64`` to decompose in double precision.
         seed: seeds the random initialisation of a model built from a spec; recorded.
         progress: show a progress bar.
