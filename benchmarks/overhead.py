@@ -43,7 +43,7 @@ def main() -> None:
         import fanlens.analysis as an
 
         # looked up at call time: the small work stays on torch's intra-op pool, unsplit
-        an.one_thread = sp.one_thread = contextlib.nullcontext
+        an.one_thread = contextlib.nullcontext
         sp.split_rows = lambda fn, *rows: fn(*rows)
     lm = fanlens.build_model(args.model)
     model = lm.model.to(args.device)

@@ -47,7 +47,7 @@ import numpy as np
 
 import torch
 
-from ._threads import one_thread, split_rows
+from ._threads import split_rows
 from ._validation import FanlensError, all_finite, check_choice, check_fraction, check_positive_int, check_shape
 
 __all__ = [
