@@ -549,11 +549,10 @@ def noise_probe(
     space_used = space if mode == "additive" else "normalized"
     if cells:
         acc, make, copies, params = corruption_probe_parts(s, cells, seed, batch_size=batch_size, processes=world)
-        params.update(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
     else:
         acc = _ProbeAcc(mode, sig)
         params = _probe_params(mode, sig, space_used, (), n_noise if mode == "pure" else None, batch_size, world)
-        params.update(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+    params.update(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
     state = run_state(state_dir, state_key(s, seed, params), world, rank, checkpoint_every, resume)
     if mode == "additive":
         batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731

@@ -376,9 +376,8 @@ def threshold_count(
     if bool((work < 0).any()):
         raise FanlensError("a must be non-negative affinities (from spectral.affinity). Got negative entries instead.")
     # matrix by matrix, on the caller's cores (fanlens._threads)
-    upper, lower = split_rows(lambda w: _bracket_counts(w, rule, tau), work)
-    count = upper.clone()
-    unsure = (upper != lower).nonzero().flatten()
+    count, lower = split_rows(lambda w: _bracket_counts(w, rule, tau), work)
+    unsure = (count != lower).nonzero().flatten()
     if unsure.numel():
         spec = spectrum(a[unsure], dtype=dtype, normalized=rule == "norm_threshold")
         count[unsure] = count_significant(spec, rule, threshold=tau).to(count.dtype)
