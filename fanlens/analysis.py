@@ -22,8 +22,8 @@ from ._validation import FanlensError, check_choice, check_fraction, check_nonne
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
 from .results import BlockInfo, GroupsResult, ProbeResult, Provenance, SpectrumResult
-from .runner import (AccState, Setup, keeping_pixels, make_noise, make_provenance, n_batches, resolve_shard,
-                     run_state, setup, state_key, stream)
+from .runner import (AccState, Part, Setup, make_noise, make_provenance, n_batches, resolve_shard, run_state, setup,
+                     state_key, stream, stream_parts)
 
 __all__ = [
     "DEFAULT_TOKEN_BUDGET",
@@ -36,6 +36,9 @@ __all__ = [
     "noise_probe",
     "analyze",
     "group_tokens",
+    "analyze_part",
+    "groups_part",
+    "corruption_probe_part",
     "make_noise",
     "parse_sigmas",
     "parse_corruptions",
@@ -229,6 +232,7 @@ class _ProbeAcc(AccState):
         # the forwarded copy behind each column (sigma = 0 is answered without one: its value is 0)
         self.copy_of = (list(range(len(perturbations))) if perturbations else
                         [None if sg == 0 else sum(1 for v in sigmas[:k] if v != 0) for k, sg in enumerate(sigmas)])
+        self.first_copy = 1  # the batch position of the first copy (set by runner.stream_parts)
         self.infos: list[BlockInfo] = []
         self.stats: list[RunningStats] = []
 
@@ -243,7 +247,7 @@ class _ProbeAcc(AccState):
             if self.mode == "additive":
                 clean = t[:b]
                 denom = _block_norm(clean).clamp_min(1e-12)
-                cols = [torch.zeros_like(denom) if j is None else _block_norm(t[(j + 1) * b : (j + 2) * b] - clean) / denom
+                cols = [torch.zeros_like(denom) if j is None else _block_norm(t[(self.first_copy + j) * b : (self.first_copy + j + 1) * b] - clean) / denom
                         for j in self.copy_of]
                 vals.append(torch.stack(cols, dim=-1).cpu().numpy())
             else:
@@ -284,29 +288,19 @@ class _ProbeAcc(AccState):
         )
 
 
-
-
-
-
-
-
-
-
-def _noisy_input(s: Setup, sigmas: tuple[float, ...], space: str, seed: int):
-    """Clean copy, then one noisy copy per non-zero sigma, in one batch (noise paired by image
+def _noisy_part(s: Setup, acc: _ProbeAcc, sigmas: tuple[float, ...], space: str, seed: int) -> Part:
+    """The probe's share of a pass: one noisy copy per non-zero sigma (noise paired by image
     index); sigma = 0 needs no copy (its perturbation is 0 by definition)."""
     sigmas = tuple(sg for sg in sigmas if sg != 0)
 
-    def make(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
-        if not sigmas:
-            return s.cfg.normalize(x).to(s.device)
-        eps = torch.stack([make_noise(seed, j, x.shape[1:]) for j in idx])
+    def make(x: torch.Tensor, idx: list[int]) -> list[torch.Tensor]:
+        eps = torch.stack([make_noise(seed, j, x.shape[1:]) for j in idx]).to(x.device)
         if space == "pixel":
-            return s.cfg.normalize(torch.cat([x] + [x + sg * eps for sg in sigmas]).to(s.device))
+            return [s.cfg.normalize(x + sg * eps) for sg in sigmas]
         xn = s.cfg.normalize(x)
-        return torch.cat([xn] + [xn + sg * eps for sg in sigmas]).to(s.device)
+        return [xn + sg * eps for sg in sigmas]
 
-    return make
+    return Part([acc], [f"sigma={v:g}" for v in sigmas], make if sigmas else None)
 
 
 def _probe_params(mode: str, sig, space_used: str, labels, n_noise, batch_size: int, processes: int) -> dict:
@@ -319,31 +313,25 @@ def _probe_params(mode: str, sig, space_used: str, labels, n_noise, batch_size: 
     )
 
 
-def corruption_probe_parts(s: Setup, cells: Sequence[tuple[str, int]], seed: int, *, batch_size: int,
-                           processes: int):
-    """What the probe under corruptions streams: ``(accumulator, make_input, copy names, params)``.
+def corruption_probe_part(s: Setup, cells: Sequence[tuple[str, int]], seed: int, *, batch_size: int,
+                          processes: int) -> tuple[Part, dict]:
+    """The probe under corruptions as a share of a pass: ``(part, params)``.
 
-    Each batch goes through the model as the clean images followed by one corrupted copy per
-    cell; :func:`noise_probe` streams it, and :func:`fanlens.robustness.robustness` (with
-    ``probe_severity``) classifies the same forward pass, so neither image is forwarded twice.
-    ``acc.result(provenance, "pixel")`` is the :class:`~fanlens.results.ProbeResult`.
+    The part adds one corrupted copy per (corruption, severity) cell (random parts from (seed,
+    image index), :func:`fanlens.corruptions.corrupt`); :func:`noise_probe` streams it alone, and
+    :func:`fanlens.robustness.robustness` (with ``probe_severity``) classifies the same forward
+    pass, so neither image is forwarded twice. ``part.accs[0].result(provenance, "pixel")`` is the
+    :class:`~fanlens.results.ProbeResult`.
     """
-    labels = tuple(f"{c}@{v}" for c, v in cells)
-    params = _probe_params("additive", (), "pixel", labels, None, batch_size, processes)
-    copies = ["clean"] + [f"{c} at severity {v}" for c, v in cells]
-    return _ProbeAcc("additive", (), labels), _corrupted_input(s, cells, seed), copies, params
-
-
-def _corrupted_input(s: Setup, cells: Sequence[tuple[str, int]], seed: int):
-    """Clean copy, then one corrupted copy per (corruption, severity), in one batch; the
-    corruptions' random parts come from (seed, image index) (:func:`fanlens.corruptions.corrupt`)."""
     from .corruptions import corrupt
 
-    def make(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
-        x = x.to(s.device)
-        return s.cfg.normalize(torch.cat([x] + [corrupt(x, c, v, seed=seed, indices=idx) for c, v in cells]))
+    labels = tuple(f"{c}@{v}" for c, v in cells)
+    params = _probe_params("additive", (), "pixel", labels, None, batch_size, processes)
 
-    return make
+    def make(x: torch.Tensor, idx: list[int]) -> list[torch.Tensor]:
+        return [s.cfg.normalize(corrupt(x, c, v, seed=seed, indices=idx)) for c, v in cells]
+
+    return Part([_ProbeAcc("additive", (), labels)], [f"{c} at severity {v}" for c, v in cells], make), params
 
 
 def parse_corruptions(corruption: Any, severity: Any) -> list[tuple[str, int]]:
@@ -548,17 +536,19 @@ def noise_probe(
     n_local = len(range(rank, n_total, world))
     space_used = space if mode == "additive" else "normalized"
     if cells:
-        acc, make, copies, params = corruption_probe_parts(s, cells, seed, batch_size=batch_size, processes=world)
+        part, params = corruption_probe_part(s, cells, seed, batch_size=batch_size, processes=world)
+        acc = part.accs[0]
     else:
         acc = _ProbeAcc(mode, sig)
         params = _probe_params(mode, sig, space_used, (), n_noise if mode == "pure" else None, batch_size, world)
     params.update(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
     state = run_state(state_dir, state_key(s, seed, params), world, rank, checkpoint_every, resume)
     if mode == "additive":
-        batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
         if not cells:
-            make = _noisy_input(s, sig, space, seed)
-            copies = ["clean"] + [f"sigma={v:g}" for v in sig if v != 0]
+            part = _noisy_part(s, acc, sig, space, seed)
+        stream_parts(s, [part], lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world,
+                                                              step=world),
+                     n_batches(n_local, batch_size), f"probe ({mode})", progress, state)
     else:
         h, w = s.cfg.input_size
         ids = list(range(n_noise))[rank::world]
@@ -568,9 +558,8 @@ def noise_probe(
             for i in range(0, len(rest), batch_size):
                 yield torch.stack([make_noise(seed, j, (3, h, w)) for j in rest[i : i + batch_size]]), rest[i : i + batch_size]
 
-        make = lambda x, idx: x.to(s.device)  # noqa: E731
-        copies = ["pure noise"]
-    stream(s, batches, n_batches(n_local, batch_size), f"probe ({mode})", progress, make, [acc], state, copies)
+        stream(s, batches, n_batches(n_local, batch_size), f"probe ({mode})", progress, lambda x, idx: x.to(s.device),
+               [acc], state, ["pure noise"])
     names = s.images.names if s.images is not None else [f"noise[{j}]" for j in range(n_noise)]
     return acc.result(make_provenance(s, seed, params, names), space_used)
 
@@ -628,47 +617,70 @@ def analyze(
         ``(SpectrumResult, ProbeResult)``, or ``(SpectrumResult, ProbeResult, GroupsResult)``
         with ``groups``.
     """
-    rules, thresholds = _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
+    _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
     check_choice("space", space, NOISE_SPACES)
     check_positive_int("batch_size", batch_size)
     sig = parse_sigmas(sigmas)
     s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
+              blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
     rank, world = resolve_shard(shard, len(s.images))
+    if groups is not None and (state_dir is not None or world > 1):
+        raise FanlensError("groups are neither checkpointed nor gathered across processes: call analyze(groups=...) "
+                           "without state_dir in one process, or group_tokens separately.")
+    part, key, finish = analyze_part(
+        s, sigmas=sig, space=space, rules=rules, thresholds=thresholds, affinity=affinity, center=center, knn=knn,
+        max_k=max_k, token_budget=token_budget, include_prefix=include_prefix, n_eig=n_eig, eig_dtype=eig_dtype,
+        blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, batch_size=batch_size,
+        processes=world, seed=seed, groups=groups, n_init=n_init)
+    state = run_state(state_dir, key, world, rank, checkpoint_every, resume)
+    stream_parts(s, [part], lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
+                 n_batches(len(range(rank, len(s.images), world)), batch_size), "analyze", progress, state)
+    return finish()
+
+
+def analyze_part(s: Setup, *, sigmas: tuple[float, ...], seed: int, batch_size: int, processes: int = 1,
+                 space: str = "pixel", rules: Sequence[str] = sp.RULES, thresholds: dict[str, float] | None = None,
+                 affinity: str = sp.DEFAULT_AFFINITY, center: bool = True, knn: int = sp.DEFAULT_KNN,
+                 max_k: int = sp.DEFAULT_MAX_GAP_K, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 include_prefix: bool = False, n_eig: int = DEFAULT_N_EIG, eig_dtype: torch.dtype | None = None,
+                 blocks: str | Sequence[str] | None = None, num_prefix_tokens: int | None = None,
+                 layout: str | None = None, grid: tuple[int, int] | None = None, groups: int | str | None = None,
+                 n_init: int = 4) -> tuple[Part, dict, Any]:
+    """:func:`analyze` as a share of a pass (:func:`fanlens.runner.stream_parts`), for ``s`` made
+    by :func:`fanlens.runner.setup`: ``(part, state key, finish)``; ``finish()`` returns what
+    :func:`analyze` returns. ``sigmas`` as :func:`parse_sigmas` returns them; ``blocks``,
+    ``num_prefix_tokens``, ``layout`` and ``grid`` are only recorded (``s`` has them)."""
+    rules, thresholds = _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
     sacc = _SpectralAcc(rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig, eig_dtype)
-    pacc = _ProbeAcc("additive", sig)
-    n_local = len(range(rank, len(s.images), world))
+    pacc = _ProbeAcc("additive", sigmas)
     common = dict(blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens, layout=layout,
-                  grid=grid, processes=world, ci=_CI_DOC, computed_by="fanlens.analyze (one pass for spectrum and probe)")
+                  grid=grid, processes=processes, ci=_CI_DOC,
+                  computed_by="fanlens.analyze (one pass for spectrum and probe)")
     sparams = dict(analysis="spectrum", **sacc.params(), **common)
-    pparams = dict(analysis="probe", mode="additive", sigmas=list(sig), space=space, n_noise=None, noise=_NOISE_DOC,
-                   norm="Frobenius norm over patch tokens", **common)
-    accs: list = [sacc, pacc]
-    make = _noisy_input(s, sig, space, seed)
+    pparams = dict(analysis="probe", mode="additive", sigmas=list(sigmas), space=space, n_noise=None,
+                   noise=_NOISE_DOC, norm="Frobenius norm over patch tokens", **common)
+    part = _noisy_part(s, pacc, sigmas, space, seed)
+    part.accs = [sacc, pacc]
     gacc = None
     if groups is not None:
-        if state_dir is not None or world > 1:
-            raise FanlensError("groups are neither checkpointed nor gathered across processes: call analyze(groups=...) "
-                               "without state_dir in one process, or group_tokens separately.")
         k = None if groups == "auto" else check_positive_int("groups", groups)
         check_positive_int("n_init", n_init)
         gacc = _GroupsAcc(k, affinity, center, knn, max_k, token_budget, n_init, seed)
-        make = keeping_pixels(make, gacc.pixels)
-        accs.append(gacc)
-    state = run_state(state_dir, state_key(s, seed, {"spectrum": sparams, "probe": pparams}), world, rank,
-                      checkpoint_every, resume)
-    stream(s, lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
-           n_batches(n_local, batch_size), "analyze", progress, make, accs,
-           state, ["clean"] + [f"sigma={v:g}" for v in sig if v != 0])
-    sprov = make_provenance(s, seed, sparams, s.images.names)
-    pprov = make_provenance(s, seed, pparams, s.images.names)
-    if gacc is None:
-        return sacc.result(sprov), pacc.result(pprov, space)
-    gparams = dict(analysis="groups", blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens,
-                   layout=layout, grid=grid, n_images=None, computed_by="fanlens.analyze (the clean tokens of its pass)",
-                   **gacc.params())
-    return (sacc.result(sprov), pacc.result(pprov, space),
-            gacc.result(make_provenance(s, seed, gparams, s.images.names), s.images.names))
+        part.accs.append(gacc)
+        part.pixels = gacc.pixels
+
+    def finish():
+        names = s.images.names
+        spec, probe = sacc.result(make_provenance(s, seed, sparams, names)), pacc.result(
+            make_provenance(s, seed, pparams, names), space)
+        if gacc is None:
+            return spec, probe
+        gparams = dict(analysis="groups", blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens,
+                       layout=layout, grid=grid, n_images=None,
+                       computed_by="fanlens.analyze (the clean tokens of its pass)", **gacc.params())
+        return spec, probe, gacc.result(make_provenance(s, seed, gparams, names), names)
+
+    return part, state_key(s, seed, {"spectrum": sparams, "probe": pparams}), finish
 
 
 # --------------------------------------------------------------------------- groups
@@ -768,12 +780,30 @@ def group_tokens(
     if n_images is not None:
         check_positive_int("n_images", n_images)
     s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
+              blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
+    part, finish = groups_part(s, n_clusters=n_clusters, affinity=affinity, center=center, knn=knn, max_k=max_k,
+                               token_budget=token_budget, n_init=n_init, seed=seed, n_images=n_images,
+                               batch_size=batch_size, blocks=blocks, num_prefix_tokens=num_prefix_tokens,
+                               layout=layout, grid=grid)
+    stream_parts(s, [part], lambda skip: s.images.batches(batch_size, start=skip * batch_size, stop=n_images),
+                 n_batches(len(s.images.names[:n_images]), batch_size), "groups", progress)
+    return finish()
+
+
+def groups_part(s: Setup, *, n_clusters: int | None, seed: int, batch_size: int, n_images: int | None = None,
+                affinity: str = sp.DEFAULT_AFFINITY, center: bool = True, knn: int = sp.DEFAULT_KNN,
+                max_k: int = sp.DEFAULT_MAX_GAP_K, token_budget: int = DEFAULT_TOKEN_BUDGET, n_init: int = 4,
+                blocks: str | Sequence[str] | None = None, num_prefix_tokens: int | None = None,
+                layout: str | None = None, grid: tuple[int, int] | None = None) -> tuple[Part, Any]:
+    """:func:`group_tokens` (arguments checked by the caller) as a share of a pass
+    (:func:`fanlens.runner.stream_parts`) on the first ``n_images`` images: ``(part, finish)``;
+    ``finish()`` returns the :class:`~fanlens.results.GroupsResult`."""
     gacc = _GroupsAcc(n_clusters, affinity, center, knn, max_k, token_budget, n_init, seed)
-    names = s.images.names[:n_images]
-    stream(s, lambda skip: s.images.batches(batch_size, start=skip * batch_size, stop=n_images),
-           n_batches(len(names), batch_size), "groups", progress,
-           keeping_pixels(lambda x, idx: s.cfg.normalize(x.to(s.device)), gacc.pixels), [gacc])
     params = dict(analysis="groups", blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens,
                   layout=layout, grid=grid, n_images=n_images, **gacc.params())
-    return gacc.result(make_provenance(s, seed, params, names), names)
+
+    def finish() -> GroupsResult:
+        names = s.images.names[:n_images]
+        return gacc.result(make_provenance(s, seed, params, names), names)
+
+    return Part([gacc], n_images=n_images, pixels=gacc.pixels), finish

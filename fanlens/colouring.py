@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from . import spectral as sp
 from ._validation import check_choice, check_positive_int
 from .results import BlockInfo, Provenance
-from .runner import keeping_pixels, make_provenance, n_batches, setup, stream
+from .runner import Part, Setup, make_provenance, n_batches, setup, stream_parts
 
-__all__ = ["SpectralColours", "spectral_colouring"]
+__all__ = ["SpectralColours", "spectral_colouring", "colouring_part"]
 
 
 @dataclass(frozen=True)
@@ -124,33 +124,50 @@ def spectral_colouring(
         check_positive_int("n_images", n_images)
     s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
-    names = list(s.images.names[:n_images])
+    part, finish = colouring_part(s, n_images=n_images, affinity=affinity, center=center, knn=knn,
+                                  token_budget=token_budget, landmarks=landmarks, batch_size=batch_size, seed=seed,
+                                  blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+    stream_parts(s, [part], lambda skip: s.images.batches(batch_size, start=skip * batch_size, stop=n_images),
+                 n_batches(len(s.images.names[:n_images]), batch_size), "colours", progress)
+    return finish()
+
+
+def colouring_part(s: Setup, *, seed: int, batch_size: int, n_images: int | None = None,
+                   affinity: str = sp.DEFAULT_AFFINITY, center: bool = True, knn: int = sp.DEFAULT_KNN,
+                   token_budget: int = 1024, landmarks: int = sp.DEFAULT_LANDMARKS,
+                   blocks: str | Sequence[str] | None = None, num_prefix_tokens: int | None = None,
+                   layout: str | None = None, grid: tuple[int, int] | None = None) -> tuple[Part, Any]:
+    """:func:`spectral_colouring` (arguments checked by the caller) as a share of a pass
+    (:func:`fanlens.runner.stream_parts`) on the first ``n_images`` images: ``(part, finish)``;
+    ``finish()`` computes the colours from the gathered tokens."""
     acc = _TokenAcc(token_budget)
-    stream(s, lambda skip: s.images.batches(batch_size, start=skip * batch_size, stop=n_images),
-           n_batches(len(names), batch_size), "colours", progress,
-           keeping_pixels(lambda x, idx: s.cfg.normalize(x.to(s.device)), acc.pixels), [acc])
-    infos, toks, pix = acc.infos, acc.tokens, acc.pixels
-    colours, prev = [], None
-    for li, info in enumerate(infos):
-        t = torch.cat(toks[li])
-        b, n = t.shape[:2]
-        emb = sp.spectral_embedding(t, kind=affinity, center=center, knn=knn, landmarks=landmarks, seed=seed)
-        gh, gw = info.analysed_grid
-        emb = emb.reshape(b, gh, gw, 3)
-        if prev is None:
-            emb = sp.align_embedding(emb.reshape(-1, 3)).reshape(b, gh, gw, 3)
-        else:  # the previous block's embedding on this block's grid
-            ref = F.interpolate(prev.permute(0, 3, 1, 2), size=(gh, gw), mode="bilinear", align_corners=False)
-            ref = ref.permute(0, 2, 3, 1).reshape(-1, 3)
-            emb = sp.align_embedding(emb.reshape(-1, 3), ref).reshape(b, gh, gw, 3)
-        prev = emb
-        colours.append(sp.embedding_colours(emb).numpy())
-        toks[li] = []  # free the block's tokens
     params = dict(analysis="spectral_colours", blocks=blocks, n_images=n_images, affinity=affinity, center=center,
                   knn=knn, token_budget=token_budget, landmarks=landmarks, batch_size=batch_size,
                   num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid,
                   method="top-3 non-trivial eigenvectors of D^-1/2 A D^-1/2 over all images' tokens; first block: "
                          "signs by third moment; later blocks: orthogonal Procrustes onto the previous block; "
                          "RGB = 0.5 + 0.5 * clip(v / q99(|v|))")
-    return SpectralColours(blocks=tuple(infos), colours=tuple(colours), images=tuple(names),
-                           pixels=np.concatenate(pix), provenance=make_provenance(s, seed, params, names))
+
+    def finish() -> SpectralColours:
+        names = list(s.images.names[:n_images])
+        infos, toks, pix = acc.infos, acc.tokens, acc.pixels
+        colours, prev = [], None
+        for li, info in enumerate(infos):
+            t = torch.cat(toks[li])
+            b, n = t.shape[:2]
+            emb = sp.spectral_embedding(t, kind=affinity, center=center, knn=knn, landmarks=landmarks, seed=seed)
+            gh, gw = info.analysed_grid
+            emb = emb.reshape(b, gh, gw, 3)
+            if prev is None:
+                emb = sp.align_embedding(emb.reshape(-1, 3)).reshape(b, gh, gw, 3)
+            else:  # the previous block's embedding on this block's grid
+                ref = F.interpolate(prev.permute(0, 3, 1, 2), size=(gh, gw), mode="bilinear", align_corners=False)
+                ref = ref.permute(0, 2, 3, 1).reshape(-1, 3)
+                emb = sp.align_embedding(emb.reshape(-1, 3), ref).reshape(b, gh, gw, 3)
+            prev = emb
+            colours.append(sp.embedding_colours(emb).numpy())
+            toks[li] = []  # free the block's tokens
+        return SpectralColours(blocks=tuple(infos), colours=tuple(colours), images=tuple(names),
+                               pixels=np.concatenate(pix), provenance=make_provenance(s, seed, params, names))
+
+    return Part([acc], n_images=n_images, pixels=acc.pixels), finish

@@ -31,8 +31,9 @@ from .corruptions import BENCHMARK
 from .data import data_config, resolve_images
 from .results import (GroupsResult, ProbeResult, RobustnessResult, SpectrumResult, rows_to_csv, save_png, versions,
                       write_atomic)
-from .robustness import corruption_errors, robustness
-from .colouring import spectral_colouring
+from . import runner
+from .robustness import corruption_errors, robustness_part
+from .colouring import colouring_part
 from .runner import OutputFolder
 
 __all__ = ["Comparison", "compare", "ModelRun", "ReproduceResult", "reproduce", "TrainingDynamics", "training_dynamics", "DEFAULT_SIGMAS", "DEFAULT_N_IMAGES", "RANDOM_SUFFIX"]
@@ -141,30 +142,51 @@ def _pairs(models: Sequence[str] | None, pretrained: bool, checkpoints: Sequence
 def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any, masks: np.ndarray | None,
              sigmas: Sequence[float], seed: int, device: str, batch_size: int, progress: bool,
              labels: Any = None, figures: bool = True, severities: Sequence[int] = (1, 2, 3, 4, 5)) -> ModelRun:
-    """Every analysis of one model; ``figures=False`` leaves out what only the figures use (the
-    Figure 4 groups and the per-family corruption probe)."""
-    common = dict(seed=seed, device=device, batch_size=batch_size, progress=progress)
-    if masks is not None:  # the mask groups from the clean tokens of the same pass
-        spec, probe, groups = analysis.analyze(lm, images, sigmas=sigmas, groups=MASK_CLUSTERS, **common)
-        scores = mask_scores(groups, masks)
-    else:
-        spec, probe = analysis.analyze(lm, images, sigmas=sigmas, **common)
-        scores = None
-    vis = colours = None
+    """Every analysis of one model from one pass over the images (:func:`runner.stream_parts`):
+    each image goes through the model once with its noisy and probe-corrupted copies, under the
+    token capture, and feeds the spectrum, the noise probe, the mask groups, the Figure 4 groups
+    and colours (first images), the corruption probe and the classification; the other
+    corruption cells are forwarded from there without the capture. ``figures=False`` leaves out
+    what only the figures use (the Figure 4 groups and colours, the per-family corruption probe)."""
+    s = runner.setup(lm, images, pretrained=False, checkpoint=None, input_size=None, device=device, blocks=None,
+                     num_prefix_tokens=None, layout=None, grid=None, seed=seed)
+    common = dict(seed=seed, batch_size=batch_size)
+    part, _key, finish_analysis = analysis.analyze_part(s, sigmas=tuple(sigmas), groups=MASK_CLUSTERS if masks is
+                                                        not None else None, **common)
+    parts, finish = [part], {}
     if figures:
-        vis_images = images[: len(FIGURE4_IMAGES)] if isinstance(images, torch.Tensor) else images
-        vis = analysis.group_tokens(lm, vis_images, n_clusters=FIGURE4_CLUSTERS, **common)
-        colours = spectral_colouring(lm, vis_images, **common)
-    rob = cprobe = None
+        n_vis = min(len(FIGURE4_IMAGES), len(s.images))
+        part, finish["groups"] = analysis.groups_part(s, n_clusters=FIGURE4_CLUSTERS, n_images=n_vis, **common)
+        parts.append(part)
+        part, finish["colours"] = colouring_part(s, n_images=n_vis, **common)
+        parts.append(part)
+    probe_in_robustness = figures and CORRUPTION_PROBE_SEVERITY in severities
     if trained:  # a random-init twin is at chance under every corruption: nothing to learn from it
-        if figures and CORRUPTION_PROBE_SEVERITY in severities:  # the probe from the same forward passes
-            rob, cprobe = robustness(lm, images, labels=labels, severities=severities,
-                                     probe_severity=CORRUPTION_PROBE_SEVERITY, **common)
-        else:
-            rob = robustness(lm, images, labels=labels, severities=severities, **common)
-            if figures:
-                cprobe = analysis.noise_probe(lm, images, corruption=BENCHMARK, severity=CORRUPTION_PROBE_SEVERITY,
-                                              **common)
+        part, _step, _key, finish["robustness"] = robustness_part(
+            s, labels=labels, severities=severities, probe_severity=CORRUPTION_PROBE_SEVERITY if
+            probe_in_robustness else None, **common)
+        parts.append(part)
+        if figures and not probe_in_robustness:
+            part, cparams = analysis.corruption_probe_part(
+                s, analysis.parse_corruptions(BENCHMARK, CORRUPTION_PROBE_SEVERITY), seed, batch_size=batch_size,
+                processes=1)
+            parts.append(part)
+            finish["cprobe"] = lambda acc=part.accs[0]: acc.result(
+                runner.make_provenance(s, seed, cparams, s.images.names), "pixel")
+    runner.stream_parts(s, parts, lambda skip: s.images.batches(batch_size, start=skip * batch_size),
+                        runner.n_batches(len(s.images), batch_size), "all analyses", progress)
+    out = finish_analysis()
+    spec, probe = out[:2]
+    scores = mask_scores(out[2], masks) if masks is not None else None
+    vis = finish["groups"]() if figures else None
+    colours = finish["colours"]() if figures else None
+    rob = cprobe = None
+    if trained:
+        rob = finish["robustness"]()
+        if probe_in_robustness:
+            rob, cprobe = rob
+        elif figures:
+            cprobe = finish["cprobe"]()
     return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe, colours=colours)
 
 

@@ -34,10 +34,10 @@ from ._validation import FanlensError, check_choice, check_positive_int
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
 from .results import ProbeResult, RobustnessResult
-from .runner import (AccState, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup, state_key,
-                     stream)
+from .runner import (AccState, Part, Setup, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup,
+                     state_key, stream_parts)
 
-__all__ = ["ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "robustness", "corruption_errors", "load_labels"]
+__all__ = ["ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "robustness", "robustness_part", "corruption_errors", "load_labels"]
 
 # Mean top-1 error of AlexNet over severities 1-5 per ImageNet-C corruption, as published with the
 # benchmark (Hendrycks & Dietterich, ICLR 2019; the normalisation of every mCE since).
@@ -280,22 +280,48 @@ def robustness(
     s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
               blocks=None, num_prefix_tokens=None, layout=None, grid=None, seed=seed,
               check_blocks=probe_severity is not None)
+    rank, world = resolve_shard(shard, len(s.images))
+    part, step, key, finish = robustness_part(s, corruptions=corrs, severities=sevs, labels=labels,
+                                              class_index=class_index, baseline=baseline, seed=seed,
+                                              batch_size=batch_size, processes=world, probe_severity=probe_severity)
+    state = run_state(state_dir, key, world, rank, checkpoint_every, resume)
+    batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
+    total = n_batches(len(range(rank, len(s.images), world)), batch_size)
+    if probe_severity is None:  # no tokens needed: the forward passes run without the capture
+        run_batches(batches, total, "robustness", progress, step, part.output_accs, state)
+    else:  # one pass: the probe's clean and corrupted copies, classified from the same forward
+        stream_parts(s, [part], batches, total, "robustness + probe", progress, state)
+    return finish()
+
+
+def robustness_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,
+                    corruptions: Sequence[str] | str | None = None, severities: Sequence[int] | str = cc.SEVERITIES,
+                    labels: Any = None, class_index: Any = None, baseline: Any = None,
+                    probe_severity: int | None = None):
+    """:func:`robustness` for ``s`` made by :func:`fanlens.runner.setup` (``baseline`` already a
+    result or ``"alexnet"``), as a share of a pass: ``(part, step, state key, finish)``.
+
+    ``part`` (for :func:`fanlens.runner.stream_parts`) classifies the clean images from the
+    pass's outputs, adds the probe's corrupted copies at ``probe_severity`` and classifies them
+    from the same outputs; every other cell is corrupted and forwarded by the part itself,
+    without the capture. ``step(x, idx)`` does all of it alone (for :func:`fanlens.runner.
+    run_batches`, no capture). ``finish()`` returns what :func:`robustness` returns.
+    """
+    corrs, sevs = _grid(corruptions, severities)
     y_all = load_labels(labels, s.images.names, class_index)
     metric = "top1_error" if y_all is not None else "flip_rate"
     if baseline is not None:  # checked before any work
         if metric != "top1_error":
             raise FanlensError("baseline needs top-1 errors: give labels (or images='synthetic').")
         corruption_errors(np.full((len(corrs), len(sevs)), 0.5), 0.5, corrs, sevs, baseline)
-    rank, world = resolve_shard(shard, len(s.images))
     cells = [(c, v) for c in corrs for v in sevs]
     acc = _RobustAcc(len(cells))
     params = dict(analysis="robustness", metric=metric, corruptions=list(corrs), severities=list(sevs),
-                  batch_size=batch_size, processes=world, labels=None if labels is None else (
+                  batch_size=batch_size, processes=processes, labels=None if labels is None else (
                       labels if isinstance(labels, str) else "given"), class_index=class_index if not isinstance(
                       class_index, dict) else "given",
                   corruption_draws="SeedSequence([seed, image_index, 2, corruption_index])",
                   ci="normal 95% interval of the mean over images", probe_severity=probe_severity)
-    state = run_state(state_dir, state_key(s, seed, params), world, rank, checkpoint_every, resume)
     model_ = s.lm.model
 
     def predictions(out: Any, idx) -> torch.Tensor:
@@ -323,41 +349,38 @@ def robustness(
                 cols.append((predict((c, v), lambda: cc.corrupt(x, c, v, seed=seed, indices=idx)) != ref).double())
         acc.stats[0].update(torch.stack(cols, 1).numpy(), idx)
 
-    batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
-    n_local = len(range(rank, len(s.images), world))
-    total = n_batches(n_local, batch_size)
-    if probe_severity is None:
-        run_batches(batches, total, "robustness", progress, step, [acc], state)
-    else:  # one pass: the probe's clean and corrupted copies, classified from the same forward
-        from .analysis import corruption_probe_parts
+    probe_cells = [(c, probe_severity) for c in corrs] if probe_severity is not None else []
+    if probe_cells:
+        from .analysis import corruption_probe_part
 
-        probe_cells = [(c, probe_severity) for c in corrs]
-        pacc, make, copies, probe_params = corruption_probe_parts(s, probe_cells, seed, batch_size=batch_size,
-                                                                  processes=world)
+        part, probe_params = corruption_probe_part(s, probe_cells, seed, batch_size=batch_size, processes=processes)
+    else:
+        part, probe_params = Part(), None
 
-        def classify(out: Any, x: torch.Tensor, idx: list[int]) -> None:
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            b = x.shape[0]
-            known = {None: out[:b]}
-            known.update({cell: out[(j + 1) * b : (j + 2) * b] for j, cell in enumerate(probe_cells)})
-            step(x, idx, known)
+    def classify(out: torch.Tensor, x: torch.Tensor, idx: list[int]) -> None:
+        b = x.shape[0]
+        known = {None: out[:b]}
+        known.update({cell: out[(j + 1) * b : (j + 2) * b] for j, cell in enumerate(probe_cells)})
+        step(x, idx, known)
 
-        stream(s, batches, total, "robustness + probe", progress, make, [pacc], state, copies, outputs=classify,
-               output_accs=[acc])
-    merged = merge_stats(acc.stats)[0]
-    summ = merged.summary()
-    per_image = merged.per_image()[1].astype(np.uint8)  # 0/1: clean, then every (corruption, severity)
-    shape = (len(corrs), len(sevs))
-    grid = {k: np.asarray(getattr(summ, k))[1:].reshape(shape) for k in ("mean", "std", "ci_low", "ci_high")}
-    clean = np.array([float(getattr(summ, k)[0]) for k in ("mean", "std", "ci_low", "ci_high")])
-    label, ce, rel, mce, rmce = corruption_errors(grid["mean"], float(clean[0]), corrs, sevs, baseline)
-    params["baseline"] = label
-    result = RobustnessResult(
-        blocks=(), metric=metric, corruptions=corrs, severities=sevs, n_images=summ.n, **grid, clean=clean,
-        baseline=label, ce=ce, relative_ce=rel, mce=mce, relative_mce=rmce,
-        provenance=make_provenance(s, seed, params, s.images.names),
-        per_image=per_image,
-    )
-    if probe_severity is None:
-        return result
-    return result, pacc.result(make_provenance(s, seed, probe_params, s.images.names), "pixel")
+    part.outputs, part.output_accs = classify, [acc]
+
+    def finish():
+        merged = merge_stats(acc.stats)[0]
+        summ = merged.summary()
+        per_image = merged.per_image()[1].astype(np.uint8)  # 0/1: clean, then every (corruption, severity)
+        shape = (len(corrs), len(sevs))
+        grid = {k: np.asarray(getattr(summ, k))[1:].reshape(shape) for k in ("mean", "std", "ci_low", "ci_high")}
+        clean = np.array([float(getattr(summ, k)[0]) for k in ("mean", "std", "ci_low", "ci_high")])
+        label, ce, rel, mce, rmce = corruption_errors(grid["mean"], float(clean[0]), corrs, sevs, baseline)
+        result = RobustnessResult(
+            blocks=(), metric=metric, corruptions=corrs, severities=sevs, n_images=summ.n, **grid, clean=clean,
+            baseline=label, ce=ce, relative_ce=rel, mce=mce, relative_mce=rmce,
+            provenance=make_provenance(s, seed, dict(params, baseline=label), s.images.names),
+            per_image=per_image,
+        )
+        if not probe_cells:
+            return result
+        return result, part.accs[0].result(make_provenance(s, seed, probe_params, s.images.names), "pixel")
+
+    return part, step, state_key(s, seed, params), finish

@@ -3,7 +3,8 @@
 - resolving a model and its images (:func:`setup`: model spec or module, data config, input
   size, device, block selection checked before any image is read);
 - streaming batches through the model under a :class:`~fanlens.capture.TokenCapture`
-  (:func:`stream`), with progress bars, sharding across processes (:func:`resolve_shard`),
+  (:func:`stream`; several analyses from the same forward passes with :func:`stream_parts`,
+  each a :class:`Part`), with progress bars, sharding across processes (:func:`resolve_shard`),
   checks for non-finite block outputs, checkpoints and resume (:class:`RunState`);
 - the noise of an image (:func:`make_noise`), provenance (:func:`make_provenance`);
 - the output-folder writer (:class:`OutputFolder`) and atomic writes (:func:`write_atomic`),
@@ -55,13 +56,14 @@ __all__ = [
     "n_batches",
     "run_forward",
     "uint8_images",
-    "keeping_pixels",
     "make_noise",
     "make_provenance",
     "nonfinite_message",
     "AccState",
     "run_batches",
     "stream",
+    "Part",
+    "stream_parts",
     "run_state",
     "state_key",
 ]
@@ -362,16 +364,101 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
         run_batches(batches, total, desc, progress, step, list(accs) + list(output_accs), state)
 
 
-def keeping_pixels(make_input: Callable[[torch.Tensor, list[int]], torch.Tensor],
-                   pixels: list) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
-    """``make_input`` for :func:`stream` that also appends each batch's pixels (uint8) to
-    ``pixels``, for analyses that draw the images (groups, colours)."""
+@dataclass
+class Part:
+    """One analysis' share of a joint forward pass (:func:`stream_parts`).
 
-    def make_and_keep(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
-        pixels.append(uint8_images(x))
-        return make_input(x, idx)
+    Each batch goes through the model once as the clean images followed by every part's copies.
+    ``make_copies(x, idx)`` gets the batch's pixels on the device and returns this part's copies,
+    normalised for the model (one tensor per name in ``copies``). ``accs`` read the block tokens
+    as :func:`stream` hands them (``update(bts, b, idx)``, the clean images in rows ``[0, b)``);
+    an accumulator that reads copies has an attribute ``first_copy``, set to the position of this
+    part's first copy in the batch (its copy ``j`` is in rows ``[(first_copy + j) b, (first_copy
+    + j + 1) b)``). ``outputs(out, x, idx)`` receives the model's output for the clean images and
+    this part's copies (in that order, ``(1 + len(copies)) b`` rows), and ``output_accs`` are
+    the accumulators it feeds. ``n_images``: the part reads only the images of dataset index
+    below it (a part without copies; the batches must hold them first); ``pixels``: a list that
+    receives the uint8 pixels of the images the part reads, for analyses that draw them.
+    """
 
-    return make_and_keep
+    accs: Sequence = ()
+    copies: Sequence[str] = ()
+    make_copies: Callable[[torch.Tensor, list[int]], list[torch.Tensor]] | None = None
+    outputs: Callable[[Any, torch.Tensor, list[int]], None] | None = None
+    output_accs: Sequence = ()
+    n_images: int | None = None
+    pixels: list | None = None
+
+
+class _FirstImages:
+    """An accumulator that sees only the images of dataset index below ``n`` (see :class:`Part`)."""
+
+    def __init__(self, acc: Any, n: int) -> None:
+        self.acc, self.n = acc, n
+
+    def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
+        m = _n_first(idx, self.n)
+        if m:
+            self.acc.update(bts, m, list(idx[:m]))
+
+
+def _n_first(idx: Sequence[int], n: int | None) -> int:
+    """How many of the batch's images have an index below ``n`` (they must lead the batch)."""
+    if n is None:
+        return len(idx)
+    m = sum(1 for i in idx if int(i) < n)
+    if any(int(i) >= n for i in idx[:m]):
+        raise RuntimeError(f"a part limited to the first {n} images needs them at the start of the batch; got {list(idx)}.")
+    return m
+
+
+def stream_parts(s: Setup, parts: Sequence[Part], batches: Callable[[int], Iterable], total: int, desc: str,
+                 progress: bool, state: RunState | None = None) -> None:
+    """Several analyses from the same forward passes: :func:`stream` with the batch made of the
+    clean images and every part's copies, each part's accumulators and outputs callback given
+    their own rows (see :class:`Part`). A model output that is a tuple or list (e.g. a training
+    head pair) is read by its first element."""
+    names = ["clean"]
+    places = []
+    for p in parts:
+        if p.n_images is not None and (p.copies or p.outputs is not None):
+            raise ValueError("a Part with n_images reads the clean tokens only (no copies, no outputs)")
+        if bool(p.copies) != (p.make_copies is not None):
+            raise ValueError("a Part has copies exactly when it has make_copies")
+        places.append(len(names))
+        for acc in p.accs:
+            if hasattr(acc, "first_copy"):
+                acc.first_copy = len(names)
+        names += list(p.copies)
+    accs = [acc if p.n_images is None else _FirstImages(acc, p.n_images) for p in parts for acc in p.accs]
+    output_accs = [acc for p in parts for acc in p.output_accs]
+
+    def make_input(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        for p in parts:
+            if p.pixels is not None:
+                m = _n_first(idx, p.n_images)
+                if m:
+                    p.pixels.append(uint8_images(x[:m]))
+        xd = x.to(s.device)
+        inputs = [s.cfg.normalize(xd)]
+        for p in parts:
+            if p.make_copies is not None:
+                copies = p.make_copies(xd, idx)
+                if len(copies) != len(p.copies):
+                    raise RuntimeError(f"a Part made {len(copies)} copies for its {len(p.copies)} names")
+                inputs += list(copies)
+        return inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+
+    def outputs(out: Any, x: torch.Tensor, idx: list[int]) -> None:
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        b = x.shape[0]
+        for p, at in zip(parts, places):
+            if p.outputs is not None:
+                rows = out[:b] if not p.copies else torch.cat([out[:b], out[at * b : (at + len(p.copies)) * b]])
+                p.outputs(rows, x, idx)
+
+    stream(s, batches, total, desc, progress, make_input, accs, state, names,
+           outputs=outputs if any(p.outputs is not None for p in parts) else None, output_accs=output_accs)
 
 
 def run_state(state_dir: Any, key: dict, world: int, rank: int, every: int, resume: bool) -> RunState:

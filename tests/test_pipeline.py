@@ -186,3 +186,85 @@ def test_an_image_set_resolved_for_another_preprocessing_is_refused(image_dir):
     assert isinstance(x, torch.Tensor)
     with pytest.raises(FanlensError, match="images must be resolved for this model's preprocessing"):
         resolve_images(s, b)
+
+
+def _hashing_hook(model, seen: list):
+    """A forward pre-hook that records a hash of every input image the model receives."""
+    import hashlib
+
+    def hook(_m, args):
+        x = args[0].detach().contiguous().cpu().numpy()
+        seen.extend(hashlib.sha256(img.tobytes()).hexdigest() for img in x)
+
+    return model.register_forward_pre_hook(hook)
+
+
+def test_one_pass_per_model_equals_the_separate_analyses_and_forwards_nothing_twice():
+    """reproduce's per-model pass gives what analyze, group_tokens, spectral_colouring and
+    robustness(probe_severity) give alone, and no image reaches the model twice."""
+    import fanlens
+    from fanlens.grouping import mask_scores
+    from fanlens.pipeline import FIGURE4_CLUSTERS, MASK_CLUSTERS, _run_one, _zoo_images
+    from fanlens.robustness import robustness
+
+    n, sig, sevs, bs = 6, (0.05, 0.1), (1, 3), 4
+    x, masks, _names, y = _zoo_images(n, 0)
+    lm = zoo.load("vit")
+    seen: list = []
+    h = _hashing_hook(lm.model, seen)
+    try:
+        run = _run_one(lm, "ViT", "ViT", True, x, masks, sig, 0, "cpu", bs, False, labels=y, severities=sevs)
+    finally:
+        h.remove()
+    # clean + 2 noisy + 15 probe copies (severity 3) in the pass, then the 15 severity-1 copies: 6 x 33
+    assert len(seen) == n * (1 + len(sig) + 15 + 15)
+    assert len(set(seen)) == len(seen)
+    kw = dict(seed=0, batch_size=bs, progress=False)
+    spec, probe, groups = fanlens.analyze(lm, x, sigmas=sig, groups=MASK_CLUSTERS, **kw)
+    np.testing.assert_array_equal(run.spectrum.per_image, spec.per_image)
+    np.testing.assert_allclose(run.probe.per_image, probe.per_image, rtol=1e-5, atol=1e-8)
+    for a, b in zip(run.scores.ari, mask_scores(groups, masks).ari):
+        np.testing.assert_allclose(a, b)
+    vis = fanlens.group_tokens(lm, x[:3], n_clusters=FIGURE4_CLUSTERS, **kw)
+    assert run.groups.images == vis.images and len(run.groups.images) == 3
+    for a, b in zip(run.groups.labels, vis.labels):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(run.groups.pixels, vis.pixels)
+    colours = fanlens.spectral_colouring(lm, x[:3], **kw)
+    for a, b in zip(run.colours.colours, colours.colours):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    rob, cprobe = robustness(lm, x, labels=y, severities=sevs, probe_severity=3, **kw)
+    np.testing.assert_array_equal(run.robustness.per_image, rob.per_image)
+    np.testing.assert_allclose(run.corruption_probe.per_image, cprobe.per_image, rtol=1e-5, atol=1e-8)
+    assert run.robustness.provenance.params == rob.provenance.params
+    assert run.corruption_probe.provenance.params == cprobe.provenance.params
+    assert run.spectrum.provenance.params == spec.provenance.params
+    # a random-init twin: no robustness, the figure parts alone; a heads run: no figure parts
+    twin = _run_one(zoo.load("vit", random_init=True, seed=0), "t", "ViT", False, x, masks, sig, 0, "cpu", bs,
+                    False, labels=y, severities=sevs)
+    assert twin.robustness is None and twin.corruption_probe is None and len(twin.groups.images) == 3
+    bare = _run_one(lm, "ViT", "ViT", True, x, None, sig, 0, "cpu", bs, False, labels=y, severities=sevs,
+                    figures=False)
+    assert bare.groups is None and bare.colours is None and bare.corruption_probe is None
+    np.testing.assert_array_equal(bare.robustness.per_image, rob.per_image)
+
+
+def test_stream_parts_refuses_parts_it_cannot_place():
+    """A part limited to the first images reads clean tokens only; its images must lead the batches."""
+    import torch
+
+    from fanlens import runner
+    from fanlens.analysis import groups_part
+
+    x = torch.rand(4, 3, 64, 64)
+    s = runner.setup(zoo.load("vit"), x, pretrained=False, checkpoint=None, input_size=None, device="cpu",
+                     blocks=None, num_prefix_tokens=None, layout=None, grid=None)
+    bad = runner.Part(copies=["c"], make_copies=lambda x, idx: [x], n_images=2)
+    with pytest.raises(ValueError, match="n_images reads the clean tokens only"):
+        runner.stream_parts(s, [bad], lambda skip: s.images.batches(2), 2, "t", False)
+    with pytest.raises(ValueError, match="copies exactly when it has make_copies"):
+        runner.stream_parts(s, [runner.Part(copies=["c"])], lambda skip: s.images.batches(2), 2, "t", False)
+    part, _finish = groups_part(s, n_clusters=2, seed=0, batch_size=2, n_images=2)
+    backwards = lambda skip: iter([(x[[2, 1]], [2, 1]), (x[[0, 3]], [0, 3])])  # noqa: E731
+    with pytest.raises(RuntimeError, match="needs them at the start of the batch"):
+        runner.stream_parts(s, [part], backwards, 2, "t", False)
