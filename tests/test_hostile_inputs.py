@@ -1,23 +1,24 @@
 """The hostile-input catalogue: bad or odd images, models, options, checkpoints, output folders and
-resumes, each run through the ``fanlens`` CLI in its own subprocess.
+resumes, each run through the ``fanlens`` CLI in its own process.
 
 Every case must end with exit code 2, exactly one ``fanlens: error: ...`` line on stderr (no
 traceback, nothing else), the line naming the parameter at fault, and the output folder
 byte-identical to before (each case starts from a folder holding an earlier run's results).
 
-The subprocesses run two at a time (the machine has two cores) in a module fixture that starts
-only the selected cases; each case is one parametrised test.
+The cases run two at a time (the machine has two cores), each in a process forked from one that
+has imported fanlens (``cli_forkserver.py``), in a module fixture that starts only the selected
+cases; each case is one parametrised test.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -307,26 +308,35 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _run_case(case: Case, w: Path) -> dict:
-    out = w / "cases" / case.name.replace(" ", "_").replace(":", "").replace("/", "_")
-    shutil.copytree(w / ("interrupted_run" if case.state else "earlier_run"), out)
-    before = _digest(out)
-    argv = [_fill(a, w, out) for a in case.argv] + (["--no-progress"] if case.progress else [])
-    if case.out:
-        argv += ["--out", str(out)] + (["--overwrite"] if case.overwrite else [])
-    proc = subprocess.run([sys.executable, "-m", "fanlens.cli", *argv], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return {"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "before": before,
-            "after": _digest(out), "argv": argv}
+def _case_dir(case: Case, w: Path) -> Path:
+    return w / "cases" / case.name.replace(" ", "_").replace(":", "").replace("/", "_")
 
 
 @pytest.fixture(scope="module")
 def results(request, workspace) -> dict:
+    """Every selected case, two at a time, each in its own process forked from one that has
+    imported fanlens (``cli_forkserver.py``: a fresh interpreter per case would spend most of
+    the catalogue's time importing torch and timm)."""
     selected = {item.callspec.params["case"].name for item in request.session.items
                 if item.originalname == "test_hostile_input" and hasattr(item, "callspec")}
     todo = [c for c in CASES if c.name in selected]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        done = dict(zip([c.name for c in todo], pool.map(lambda c: _run_case(c, workspace), todo)))
+    runs = []
+    for case in todo:
+        out = _case_dir(case, workspace)
+        shutil.copytree(workspace / ("interrupted_run" if case.state else "earlier_run"), out)
+        argv = [_fill(a, workspace, out) for a in case.argv] + (["--no-progress"] if case.progress else [])
+        if case.out:
+            argv += ["--out", str(out)] + (["--overwrite"] if case.overwrite else [])
+        runs.append(dict(argv=argv, stdout=str(out) + ".stdout", stderr=str(out) + ".stderr", before=_digest(out)))
+    proc = subprocess.run([sys.executable, str(HERE / "cli_forkserver.py"), "2"], capture_output=True, text=True,
+                          timeout=1800, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          input=json.dumps([{k: r[k] for k in ("argv", "stdout", "stderr")} for r in runs]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(proc.stdout)
+    done = {}
+    for case, r, code in zip(todo, runs, codes):
+        done[case.name] = {"code": code, "stdout": Path(r["stdout"]).read_text(), "stderr": Path(r["stderr"]).read_text(),
+                           "before": r["before"], "after": _digest(_case_dir(case, workspace)), "argv": r["argv"]}
     return done
 
 
