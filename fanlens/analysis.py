@@ -698,7 +698,10 @@ class _GroupsAcc:
         self.pixels: list[np.ndarray] = []
 
     def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
-        # the affinity matmuls keep torch's threads; spectral_clustering enters one_thread itself
+        # the affinity matmuls keep torch's threads; spectral_clustering splits its matrices over
+        # the caller's cores. Blocks of one token count are clustered in one call (each matrix's
+        # k-means draws depend on its image index alone, so the labels are those of one call per block).
+        affs, grids = [], []
         for li, bt in enumerate(bts):
             tok, g = sp.pool_tokens(bt.tokens[:b], bt.layout.grid, self.token_budget)
             _check_token_count(bt.label, tok.shape[1], g)
@@ -707,15 +710,22 @@ class _GroupsAcc:
                     f"n_clusters must be <= the token count of every block; block {bt.label!r} has "
                     f"{tok.shape[1]} tokens ({g[0]}x{g[1]}). Got {self.n_clusters} instead."
                 )
-            a = sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1]))
-            lab, k = sp.spectral_clustering(a, self.n_clusters, max_k=self.max_k, n_init=self.n_init,
-                                            seed=self.seed, indices=idx, dtype=CLUSTER_DTYPE)
+            affs.append(sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1])))
+            grids.append(g)
             if len(self.infos) <= li:
                 self.infos.append(BlockInfo(li, bt.label, bt.layout, g))
                 self.labels.append([])
                 self.ks.append([])
-            self.labels[li].append(lab.reshape(-1, *g).cpu().numpy())
-            self.ks[li].append(k.cpu().numpy())
+        same: dict[int, list[int]] = {}
+        for li, a in enumerate(affs):
+            same.setdefault(a.shape[-1], []).append(li)
+        for lis in same.values():
+            lab, k = sp.spectral_clustering(torch.cat([affs[li] for li in lis]), self.n_clusters, max_k=self.max_k,
+                                            n_init=self.n_init, seed=self.seed, indices=list(idx) * len(lis),
+                                            dtype=CLUSTER_DTYPE)
+            for j, li in enumerate(lis):
+                self.labels[li].append(lab[j * b : (j + 1) * b].reshape(-1, *grids[li]).cpu().numpy())
+                self.ks[li].append(k[j * b : (j + 1) * b].cpu().numpy())
 
     def params(self) -> dict:
         return dict(

@@ -164,6 +164,20 @@ def test_clustering_batched_matches_one_by_one():
         assert adjusted_rand_score(single[0].numpy(), batched[i].numpy()) == 1.0
 
 
+@pytest.mark.parametrize("k", [2, 4, None])
+def test_clustering_labels_do_not_depend_on_the_other_matrices_of_the_call(k):
+    """Structureless tokens (k-means far from a clean optimum): each matrix's labels are the same,
+    bit for bit, alone or in one call with other matrices sharing its image index (the groups
+    analysis clusters every block of a token count in one call)."""
+    g = torch.Generator().manual_seed(0)
+    a = sp.affinity(torch.randn(12, 36, 16, generator=g), kind="cosine", center=True, knn=10)
+    idx = [5, 9, 2, 5, 9, 2, 5, 9, 2, 5, 9, 2]  # four "blocks" of the same three images
+    together, ks = sp.spectral_clustering(a, k, seed=3, indices=idx, dtype=torch.float64)
+    for i in range(12):
+        alone, k_alone = sp.spectral_clustering(a[i : i + 1], k, seed=3, indices=[idx[i]], dtype=torch.float64)
+        assert torch.equal(alone[0], together[i]) and k_alone.item() == ks[i].item()
+
+
 def test_clustering_rejects_k_above_token_count():
     a = block_diagonal(2, size=2)
     with pytest.raises(FanlensError, match="n_clusters must be <= the number of tokens"):
