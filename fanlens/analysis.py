@@ -133,7 +133,8 @@ class _SpectralAcc(AccState):
         affs = []
         for li, (tok, _g) in enumerate(pooled):
             groups.setdefault(tok.shape[1], []).append(li)
-            affs.append(sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1])))
+            affs.append(sp.affinity(tok.float(), kind=self.affinity, center=self.center,
+                                    knn=min(self.knn, tok.shape[1])))
         for lis in groups.values():
             with one_thread():  # many small eigendecompositions and counts: see fanlens._threads
                 self._count(lis, affs, pooled, b, idx)
@@ -247,8 +248,9 @@ class _ProbeAcc(AccState):
             if self.mode == "additive":
                 clean = t[:b]
                 denom = _block_norm(clean).clamp_min(1e-12)
-                cols = [torch.zeros_like(denom) if j is None else _block_norm(t[(self.first_copy + j) * b : (self.first_copy + j + 1) * b] - clean) / denom
-                        for j in self.copy_of]
+                at = self.first_copy
+                cols = [torch.zeros_like(denom) if j is None else
+                        _block_norm(t[(at + j) * b : (at + j + 1) * b] - clean) / denom for j in self.copy_of]
                 vals.append(torch.stack(cols, dim=-1).cpu().numpy())
             else:
                 vals.append(t.float().norm(dim=-1).mean(dim=1, keepdim=True).cpu().numpy())
@@ -710,7 +712,8 @@ class _GroupsAcc:
                     f"n_clusters must be <= the token count of every block; block {bt.label!r} has "
                     f"{tok.shape[1]} tokens ({g[0]}x{g[1]}). Got {self.n_clusters} instead."
                 )
-            affs.append(sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1])))
+            affs.append(sp.affinity(tok.float(), kind=self.affinity, center=self.center,
+                                    knn=min(self.knn, tok.shape[1])))
             grids.append(g)
             if len(self.infos) <= li:
                 self.infos.append(BlockInfo(li, bt.label, bt.layout, g))

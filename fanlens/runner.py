@@ -408,7 +408,8 @@ def _n_first(idx: Sequence[int], n: int | None) -> int:
         return len(idx)
     m = sum(1 for i in idx if int(i) < n)
     if any(int(i) >= n for i in idx[:m]):
-        raise RuntimeError(f"a part limited to the first {n} images needs them at the start of the batch; got {list(idx)}.")
+        raise RuntimeError(f"a part limited to the first {n} images needs them at the start of the batch; "
+                           f"got {list(idx)}.")
     return m
 
 
