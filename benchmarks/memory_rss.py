@@ -9,7 +9,7 @@ Each count runs ``--rounds`` times (fresh processes, the counts in a shuffled or
 one peak varies by several per cent between runs), and the median [min, max] peak per count and
 the ratio of the medians are reported. ``--compete`` runs a second torch job beside them.
 
-Run: python benchmarks/memory_rss.py --counts 100 1000 --model vit_small_patch16_224 --mode analyze [--rounds 5]
+Run: python benchmarks/memory_rss.py --counts 100 1000 --model vit_small_patch16_224 --mode analyze [--rounds 9]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--counts", type=int, nargs="+", default=[64, 640])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--mode", choices=("separate", "analyze"), default="separate")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--compete", action="store_true")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
