@@ -128,14 +128,10 @@ class _SpectralAcc(AccState):
             self.infos = [BlockInfo(i, bt.label, bt.layout, g) for i, (bt, (_t, g)) in enumerate(zip(bts, pooled))]
             self.stats = [RunningStats((len(self.rules),), keep=True) for _ in bts]
             self.eig = [RunningStats((self.n_eig,)) for _ in bts]
-        # group blocks by token count: one batched eigendecomposition per group
-        groups: dict[int, list[int]] = {}
-        affs = []
-        for li, (tok, _g) in enumerate(pooled):
-            groups.setdefault(tok.shape[1], []).append(li)
-            affs.append(sp.affinity(tok.float(), kind=self.affinity, center=self.center,
-                                    knn=min(self.knn, tok.shape[1])))
-        for lis in groups.values():
+        # one batched eigendecomposition per token count
+        affs = [sp.affinity(tok.float(), kind=self.affinity, center=self.center, knn=min(self.knn, tok.shape[1]))
+                for tok, _g in pooled]
+        for lis in _by_token_count(affs):
             with one_thread():  # many small eigendecompositions and counts: see fanlens._threads
                 self._count(lis, affs, pooled, b, idx)
 
@@ -199,6 +195,15 @@ class _SpectralAcc(AccState):
             provenance=provenance,
             per_image=_per_image(stats),
         )
+
+
+def _by_token_count(affs: Sequence[torch.Tensor]) -> list[list[int]]:
+    """The block indices of ``affs`` (``(B, N, N)`` per block) grouped by ``N``, in block order:
+    the blocks one batched call can take together."""
+    groups: dict[int, list[int]] = {}
+    for li, a in enumerate(affs):
+        groups.setdefault(a.shape[-1], []).append(li)
+    return list(groups.values())
 
 
 def _per_image(stats: list[RunningStats]) -> np.ndarray:
@@ -719,10 +724,7 @@ class _GroupsAcc:
                 self.infos.append(BlockInfo(li, bt.label, bt.layout, g))
                 self.labels.append([])
                 self.ks.append([])
-        same: dict[int, list[int]] = {}
-        for li, a in enumerate(affs):
-            same.setdefault(a.shape[-1], []).append(li)
-        for lis in same.values():
+        for lis in _by_token_count(affs):
             lab, k = sp.spectral_clustering(torch.cat([affs[li] for li in lis]), self.n_clusters, max_k=self.max_k,
                                             n_init=self.n_init, seed=self.seed, indices=list(idx) * len(lis),
                                             dtype=CLUSTER_DTYPE)
