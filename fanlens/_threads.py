@@ -32,6 +32,9 @@ __all__ = ["one_thread", "split_rows"]
 
 # the thread count the outermost one_thread found: what split_rows may use
 _CALLER_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("fanlens_caller_threads", default=None)
+# the most bytes of input one call of a split function gets: a 4 MiB chunk (~27 affinities of
+# 197 x 197 float32) keeps each worker's temporaries (float64 copies, LAPACK's input copy) small
+CHUNK_BYTES = 4 << 20
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
@@ -81,20 +84,30 @@ def _pool(n: int) -> ThreadPoolExecutor:
         return _POOL
 
 
-def split_rows(fn: Callable[..., torch.Tensor | tuple], *rows: torch.Tensor) -> torch.Tensor | tuple:
+def split_rows(fn: Callable[..., torch.Tensor | tuple], *rows: torch.Tensor,
+               bounded: bool = True) -> torch.Tensor | tuple:
     """``fn(*rows)``, computed on chunks of the rows (dim 0) by the caller's number of threads.
 
     Each chunk runs on a worker thread with one intra-op thread; the outputs (a tensor, or a
     tuple of tensors, with one row per input row) are concatenated in order. ``fn`` must treat
-    rows independently. On one thread, for one row or off the CPU, ``fn(*rows)`` is called as is.
+    rows independently. With ``bounded`` the chunks hold at most :data:`CHUNK_BYTES` of ``rows[0]``
+    each (at least one row), so that the temporaries ``fn`` makes stay small (see
+    :mod:`fanlens._heap`); otherwise one chunk per thread. Off the CPU, or for one row,
+    ``fn(*rows)`` is called as is.
     """
     with one_thread():
         b = rows[0].shape[0]
         n = min(_CALLER_THREADS.get() or 1, b)
-        if n <= 1 or rows[0].device.type != "cpu":
+        if b <= 1 or rows[0].device.type != "cpu":
             return fn(*rows)
-        chunks = [r.tensor_split(n) for r in rows]
-        parts = list(_pool(n).map(fn, *chunks))
+        k = n
+        if bounded:
+            k = max(k, -(-b * rows[0][0].numel() * rows[0].element_size() // CHUNK_BYTES))
+        k = min(k, b)
+        if k <= 1:
+            return fn(*rows)
+        chunks = [r.tensor_split(k) for r in rows]
+        parts = list(_pool(n).map(fn, *chunks)) if n > 1 else [fn(*c) for c in zip(*chunks)]
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)

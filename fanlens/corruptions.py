@@ -699,6 +699,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
         with torch.no_grad():
             return _FUNCS[name](xs, int(severity), [gens[i] for i in pos.tolist()]).clamp(0, 1)
 
-    # image by image: the batch split over the caller's cores, one intra-op thread each (fanlens._threads)
-    out = split_rows(run, x, torch.arange(b))
+    # image by image: the batch split over the caller's cores, one intra-op thread each (fanlens._threads);
+    # one chunk per thread, as before: motion blur's and frost's float32 rounding depends on the chunk
+    out = split_rows(run, x, torch.arange(b), bounded=False)
     return out.to(images.dtype)

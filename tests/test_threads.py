@@ -65,10 +65,10 @@ def test_nested_one_thread_keeps_the_callers_count(two_threads):
     assert torch.get_num_threads() == 2 and _CALLER_THREADS.get() is None
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_split_work_gives_identical_results_on_every_thread_count(threads, monkeypatch):
+@pytest.mark.parametrize("threads,chunk_matrices", [(1, None), (2, None), (3, None), (1, 3), (2, 2)])
+def test_split_work_gives_identical_results_on_every_thread_count(threads, chunk_matrices, monkeypatch):
     """Decompositions, threshold counts and clustering are computed matrix by matrix: splitting
-    the batch over worker threads changes no bit of the results."""
+    the batch over worker threads, or in chunks of a few matrices, changes no bit of the results."""
     import threading
 
     import fanlens._threads as th
@@ -96,10 +96,13 @@ def test_split_work_gives_identical_results_on_every_thread_count(threads, monke
             return real(n)
 
         monkeypatch.setattr(th, "_pool", spy)
-        names = []
+        names, sizes = [], []
         real_eigvalsh = sp._eigvalsh_descending
         monkeypatch.setattr(sp, "_eigvalsh_descending",
-                            lambda m: names.append(threading.current_thread().name) or real_eigvalsh(m))
+                            lambda m: names.append(threading.current_thread().name) or sizes.append(len(m))
+                            or real_eigvalsh(m))
+        if chunk_matrices:  # a chunk bound of that many affinities (float32)
+            monkeypatch.setattr(th, "CHUNK_BYTES", chunk_matrices * 50 * 50 * 4)
         assert torch.equal(sp.eigvalsh(a), ref_ev)
         spec = sp.spectrum(a)
         assert torch.equal(spec.affinity, ref_spec.affinity) and torch.equal(spec.normalized, ref_spec.normalized)
@@ -109,6 +112,13 @@ def test_split_work_gives_identical_results_on_every_thread_count(threads, monke
         for r, ref in zip(sp.DIMENSION_RULES, ref_dim):
             assert torch.equal(sp.dimension(x, r), ref), r
         assert torch.get_num_threads() == threads  # the caller's setting, untouched
+        sizes.clear()
+        sp.eigvalsh(a)
+        assert sum(sizes) == 7
+        if chunk_matrices:
+            assert max(sizes) <= chunk_matrices and len(sizes) == -(-7 // chunk_matrices)
+        else:
+            assert len(sizes) == threads
     finally:
         torch.set_num_threads(before)
     if threads == 1:
