@@ -8,8 +8,11 @@ reports the process's peak resident set size (ru_maxrss).
 Each count runs ``--rounds`` times (fresh processes, the counts in a shuffled order per round;
 one peak varies by several per cent between runs), and the median [min, max] peak per count and
 the ratio of the medians are reported. ``--compete`` runs a second torch job beside them.
+``--heap-trim both`` runs every count with fanlens' heap trim between batches (``fanlens._heap``)
+on and off, side by side in the shuffled order, and reports the time and peak ratios.
 
 Run: python benchmarks/memory_rss.py --counts 100 1000 --model vit_small_patch16_224 --mode analyze [--rounds 9]
+     [--heap-trim on|off|both] [--compete]
 """
 
 from __future__ import annotations
@@ -54,39 +57,53 @@ def main() -> None:
     ap.add_argument("--mode", choices=("separate", "analyze"), default="separate")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--compete", action="store_true")
+    ap.add_argument("--heap-trim", choices=("on", "off", "both"), default="on",
+                    help="fanlens' heap trim between batches (FANLENS_HEAP_TRIM); both: side by side")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
         _child(args.model, args.child, args.batch_size, args.mode)
         return
+    import os
     import random
     import statistics
 
-    from _common import Competitor
+    from _common import Competitor, ratio_line
 
-    peaks: dict[int, list[float]] = {n: [] for n in args.counts}
-    secs: dict[int, list[float]] = {n: [] for n in args.counts}
+    sides = ["on", "off"] if args.heap_trim == "both" else [args.heap_trim]
+    keys = [(n, side) for n in args.counts for side in sides]
+    peaks: dict[tuple, list[float]] = {k: [] for k in keys}
+    secs: dict[tuple, list[float]] = {k: [] for k in keys}
     rng = random.Random(0)
     with Competitor(args.compete) as comp:
         for _ in range(args.rounds):
-            order = list(args.counts)
+            order = list(keys)
             rng.shuffle(order)
-            for n in order:
+            for n, side in order:
+                env = dict(os.environ, FANLENS_HEAP_TRIM="1" if side == "on" else "0")
                 out = subprocess.run([sys.executable, __file__, "--model", args.model, "--batch-size",
                                       str(args.batch_size), "--mode", args.mode, "--child", str(n)],
-                                     capture_output=True, text=True, check=True)
+                                     capture_output=True, text=True, check=True, env=env)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
-                peaks[n].append(row["peak_rss_mib"])
-                secs[n].append(row["seconds"])
-    print(f"{args.model} ({args.mode}), {comp.label}, {args.rounds} fresh processes per count:")
-    for n in args.counts:
-        p = peaks[n]
-        print(f"  {n:5d} images  peak RSS median {statistics.median(p):8.1f} MiB [{min(p):.1f}, {max(p):.1f}] "
-              f"(N={len(p)}; {statistics.median(secs[n]):.1f} s for spectrum + probe)")
-    if len(args.counts) > 1:
-        a, b = args.counts[0], args.counts[-1]
-        print(f"growth {b / a:.0f}x images -> {statistics.median(peaks[b]) / statistics.median(peaks[a]):.3f}x "
-              f"median peak RSS")
+                peaks[n, side].append(row["peak_rss_mib"])
+                secs[n, side].append(row["seconds"])
+    print(f"{args.model} ({args.mode}), batch {args.batch_size}, {comp.label}, {args.rounds} rounds of fresh "
+          f"processes, counts and sides in a shuffled order per round:")
+    for side in sides:
+        print(f"heap trim between batches {side} (FANLENS_HEAP_TRIM={'1' if side == 'on' else '0'}):")
+        for n in args.counts:
+            p, t = peaks[n, side], secs[n, side]
+            print(f"  {n:5d} images  peak RSS median {statistics.median(p):8.1f} MiB [{min(p):.1f}, {max(p):.1f}] "
+                  f"(N={len(p)}); {statistics.median(t):.1f} s [{min(t):.1f}, {max(t):.1f}] for the analysis")
+        if len(args.counts) > 1:
+            a, b = args.counts[0], args.counts[-1]
+            print(f"  growth {b / a:.0f}x images -> {statistics.median(peaks[b, side]) / statistics.median(peaks[a, side]):.3f}x "
+                  f"median peak RSS")
+    if len(sides) == 2:
+        for n in args.counts:
+            print(f"time, trim on / off, {n} images: {ratio_line(secs[n, 'on'], secs[n, 'off'])[1]}")
+            print(f"peak, trim on / off, {n} images: {ratio_line(peaks[n, 'on'], peaks[n, 'off'])[1]}")
+
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from ._heap import HeapTrim
 from ._output import (RUN_MARKER, STATE_DIRNAME, Interrupted, OutputFolder, RunState, is_run_folder, package_dir,
                       signal_guard, state_dir, write_atomic)
 from ._validation import FanlensError, all_finite, check_positive_int, check_seed
@@ -303,12 +304,15 @@ def run_batches(batches: Callable[[int], Iterable], total: int, desc: str, progr
     done = state.restore(accs) if state is not None else 0
     checkpointing = state is not None and state.enabled
     it = batches(done)
+    heap = HeapTrim()
     if progress:
         it = progress_bar(it, total=total, initial=done, desc=desc, unit="batch", leave=False)
     # closing(): the progress bar is gone before an error message is printed
     with signal_guard(checkpointing) as signals, contextlib.closing(it) if hasattr(it, "close") else \
             contextlib.nullcontext():
-        for x, idx in it:
+        for i, (x, idx) in enumerate(it):
+            if i:
+                heap.between_batches()  # the last batch's freed memory back to the system (fanlens._heap)
             step(x, idx)
             done += 1
             check_peers()
