@@ -5,15 +5,24 @@ affinities, decompositions). glibc's allocator serves blocks below its mmap thre
 arenas, and that threshold rises (up to 32 MiB) each time a larger mapped block is freed; the
 worker threads of :func:`fanlens._threads.split_rows` have arenas of their own. The freed blocks
 stay in the arenas, fragmented, and the resident size creeps up with the number of batches
-(measured, 400 ViT-S images: 868 -> 1634 MiB). ``malloc_trim(0)`` hands every free page of every
-arena back (``madvise``) without changing the allocator's settings, so the user's process keeps
-its own configuration; after it, the same run stays at 853-924 MiB.
+(measured before each forward pass of a 400-image ViT-S ``analyze``: 868 -> 1634 MiB).
+``malloc_trim(0)`` hands every free page of every arena back (``madvise``) without changing the
+allocator's settings, so the user's process keeps its own configuration; with it, the same run
+stays at 853-924 MiB.
 
 :class:`HeapTrim` calls it between two batches when the time since its last call is at least
 ``1 / budget`` times what that call took (``budget`` = 2 %: ~26 ms per ViT-S batch of 16 images
-that takes ~2 s, so every batch there; every few batches for a small model). Only where the C
-library has ``malloc_trim`` (glibc); elsewhere, or with the environment variable
-``FANLENS_HEAP_TRIM=0``, it does nothing. It changes no number a run computes.
+that takes ~2 s, so every batch there; every few batches for a small model). The pages come
+back when the next batch touches them again, and that costs time too: measured side by side
+(``benchmarks/memory_rss.py --heap-trim both``, ViT-S ``analyze``, 9 rounds) the peak resident
+size of 1,000 images is 1,389 MiB instead of 2,079 (1.089x the peak of 100 images instead of
+1.541x) at 1.06x the time (per-round median; 1.13x the median time). A run that cannot afford
+it sets ``FANLENS_HEAP_TRIM=0``. Only where the C library has ``malloc_trim`` (glibc);
+elsewhere it does nothing. It changes no number a run computes.
+
+Tried and left: trimming only when the resident size between batches grows past what the first
+batches left (1 trim instead of 15-60 per 1,000 images, but 1.16x growth in one run: a batch
+after a trim leaves more than the settled heap did).
 """
 
 from __future__ import annotations
