@@ -32,6 +32,8 @@ import os
 import time
 from typing import Callable
 
+from ._validation import check_choice
+
 __all__ = ["HeapTrim", "trim_available"]
 
 
@@ -51,8 +53,10 @@ _now = time.perf_counter  # the clock of the budget
 
 
 def trim_available() -> bool:
-    """Whether this process can give free heap pages back (glibc) and is allowed to."""
-    return _MALLOC_TRIM is not None and os.environ.get("FANLENS_HEAP_TRIM", "1") != "0"
+    """Whether this process can give free heap pages back (glibc) and is allowed to
+    (``FANLENS_HEAP_TRIM``: ``1``, the default, or ``0``; any other value is refused)."""
+    allowed = check_choice("FANLENS_HEAP_TRIM", os.environ.get("FANLENS_HEAP_TRIM", "1"), ("0", "1")) == "1"
+    return allowed and _MALLOC_TRIM is not None
 
 
 class HeapTrim:

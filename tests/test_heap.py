@@ -79,6 +79,25 @@ def test_switched_off_by_the_environment_or_where_the_c_library_has_no_trim(fake
     assert calls == [] and h.calls == 0
 
 
+@pytest.mark.parametrize("value", ["off", "false", "", "2"])
+def test_refuses_a_switch_value_other_than_0_or_1(value, monkeypatch, tmp_path, image_dir, capsys):
+    """``FANLENS_HEAP_TRIM=off`` must not leave the trim on unnoticed."""
+    from fanlens import cli
+
+    from conftest import TINY
+
+    monkeypatch.setenv("FANLENS_HEAP_TRIM", value)
+    with pytest.raises(fanlens.FanlensError, match=r"FANLENS_HEAP_TRIM must be one of \('0', '1'\)"):
+        heap.HeapTrim()
+    code = cli.main(["spectrum", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "o"),
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert [line for line in err.splitlines() if line.startswith("fanlens: error:")] == [
+        f"fanlens: error: FANLENS_HEAP_TRIM must be one of ('0', '1'). Got {value!r} instead."]
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("budget", [0, -0.1, 1.5])
 def test_refuses_a_budget_outside_zero_to_one(budget):
     with pytest.raises(ValueError, match=r"budget must be in \(0, 1\], got"):
