@@ -27,10 +27,13 @@ from .models import build_model, load_checkpoint
 from .pipeline import Comparison, compare
 from .results import AttributionResult, FlipResult, GroupsResult, ProbeResult, RobustnessResult, SpectrumResult, load
 from .robustness import robustness
+from .lens import Lens, LensOptions
 
 __all__ = [
     "__version__",
     "FanlensError",
+    "Lens",
+    "LensOptions",
     "TokenCapture",
     "TokenLayout",
     "BlockTokens",

@@ -36,6 +36,9 @@ __all__ = [
     "noise_probe",
     "analyze",
     "group_tokens",
+    "spectrum_part",
+    "probe_part",
+    "pure_noise_probe",
     "analyze_part",
     "groups_part",
     "corruption_probe_part",
@@ -455,20 +458,36 @@ def spectrum(
     Returns:
         :class:`~fanlens.results.SpectrumResult`.
     """
+    from .lens import Lens
+
+    lens = Lens.one_shot(model, images, blocks=blocks, batch_size=batch_size, device=device, seed=seed,
+                         pretrained=pretrained, checkpoint=checkpoint, input_size=input_size,
+                         num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, progress=progress, shard=shard,
+                         state_dir=state_dir, checkpoint_every=checkpoint_every, resume=resume)
+    return lens.spectrum(rules=rules, thresholds=thresholds, affinity=affinity, center=center, knn=knn, max_k=max_k,
+                         token_budget=token_budget, include_prefix=include_prefix, n_eig=n_eig, eig_dtype=eig_dtype)
+
+
+def spectrum_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1, rules: Sequence[str] = sp.RULES,
+                  thresholds: dict[str, float] | None = None, affinity: str = sp.DEFAULT_AFFINITY, center: bool = True,
+                  knn: int = sp.DEFAULT_KNN, max_k: int = sp.DEFAULT_MAX_GAP_K,
+                  token_budget: int = DEFAULT_TOKEN_BUDGET, include_prefix: bool = False, n_eig: int = DEFAULT_N_EIG,
+                  eig_dtype: torch.dtype | None = None, blocks: str | Sequence[str] | None = None,
+                  num_prefix_tokens: int | None = None, layout: str | None = None,
+                  grid: tuple[int, int] | None = None) -> tuple[Part, dict, Any]:
+    """:func:`spectrum` as a share of a pass (:func:`fanlens.runner.stream_parts`) for ``s`` made
+    by :func:`fanlens.runner.setup`: ``(part, state key, finish)``; ``finish()`` returns the
+    :class:`~fanlens.results.SpectrumResult`. ``blocks``, ``num_prefix_tokens``, ``layout`` and
+    ``grid`` are only recorded (``s`` has them)."""
     rules, thresholds = _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
-    check_positive_int("batch_size", batch_size)
-    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
-    rank, world = resolve_shard(shard, len(s.images))
     acc = _SpectralAcc(rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig, eig_dtype)
-    n_local = len(range(rank, len(s.images), world))
     params = dict(analysis="spectrum", blocks=blocks, **acc.params(), batch_size=batch_size,
-                  num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, processes=world, ci=_CI_DOC)
-    state = run_state(state_dir, state_key(s, seed, params), world, rank, checkpoint_every, resume)
-    stream(s, lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
-            n_batches(n_local, batch_size), "spectrum", progress, lambda x, idx: s.cfg.normalize(x.to(s.device)),
-            [acc], state)
-    return acc.result(make_provenance(s, seed, params, s.images.names))
+                  num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, processes=processes, ci=_CI_DOC)
+
+    def finish() -> SpectrumResult:
+        return acc.result(make_provenance(s, seed, params, s.images.names))
+
+    return Part([acc]), state_key(s, seed, params), finish
 
 
 # --------------------------------------------------------------------------- probe
@@ -522,53 +541,70 @@ def noise_probe(
     Returns:
         :class:`~fanlens.results.ProbeResult` with ``(L, S)`` mean/std/95 % CI.
     """
-    check_choice("mode", mode, PROBE_MODES)
+    from .lens import Lens
+
+    lens = Lens.one_shot(model, images if mode == "additive" else None, blocks=blocks, batch_size=batch_size,
+                         device=device, seed=seed, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size,
+                         num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, progress=progress, shard=shard,
+                         state_dir=state_dir, checkpoint_every=checkpoint_every, resume=resume)
+    return lens.probe(sigmas=sigmas, mode=mode, space=space, n_noise=n_noise, corruption=corruption,
+                      severity=severity)
+
+
+def probe_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,
+               sigmas: Sequence[float] | float | str = DEFAULT_SIGMAS, space: str = "pixel",
+               corruption: str | Sequence[str] | None = None, severity: int | Sequence[int] = 3,
+               blocks: str | Sequence[str] | None = None, num_prefix_tokens: int | None = None,
+               layout: str | None = None, grid: tuple[int, int] | None = None) -> tuple[Part, dict, Any]:
+    """The additive :func:`noise_probe` (Gaussian or, with ``corruption``, corrupted copies) as a
+    share of a pass, for ``s`` made by :func:`fanlens.runner.setup`: ``(part, state key, finish)``;
+    ``finish()`` returns the :class:`~fanlens.results.ProbeResult`."""
     check_choice("space", space, NOISE_SPACES)
-    check_positive_int("batch_size", batch_size)
-    sig = parse_sigmas(sigmas) if mode == "additive" else (1.0,)
+    sig = parse_sigmas(sigmas)
     cells = parse_corruptions(corruption, severity) if corruption is not None else []
-    if cells and mode != "additive":
-        raise FanlensError("corruption goes with mode='additive' (a corrupted copy of each image). Got mode='pure'.")
     if cells and space != "pixel":
         raise FanlensError("corruption works in pixel space (ImageNet-C corrupts pixels). Got space='normalized'.")
     if cells:
-        sig = ()
-    if mode == "pure":
-        check_positive_int("n_noise", n_noise)
-    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-               blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed,
-               need_images=(mode == "additive"))
-    n_total = len(s.images) if mode == "additive" else n_noise
-    rank, world = resolve_shard(shard, n_total)
-    n_local = len(range(rank, n_total, world))
-    space_used = space if mode == "additive" else "normalized"
-    if cells:
-        part, params = corruption_probe_part(s, cells, seed, batch_size=batch_size, processes=world)
+        part, params = corruption_probe_part(s, cells, seed, batch_size=batch_size, processes=processes)
         acc = part.accs[0]
     else:
-        acc = _ProbeAcc(mode, sig)
-        params = _probe_params(mode, sig, space_used, (), n_noise if mode == "pure" else None, batch_size, world)
+        acc = _ProbeAcc("additive", sig)
+        params = _probe_params("additive", sig, space, (), None, batch_size, processes)
+        part = _noisy_part(s, acc, sig, space, seed)
     params.update(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
-    state = run_state(state_dir, state_key(s, seed, params), world, rank, checkpoint_every, resume)
-    if mode == "additive":
-        if not cells:
-            part = _noisy_part(s, acc, sig, space, seed)
-        stream_parts(s, [part], lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world,
-                                                              step=world),
-                     n_batches(n_local, batch_size), f"probe ({mode})", progress, state)
-    else:
-        h, w = s.cfg.input_size
-        ids = list(range(n_noise))[rank::world]
 
-        def batches(skip: int):
-            rest = ids[skip * batch_size:]
-            for i in range(0, len(rest), batch_size):
-                yield torch.stack([make_noise(seed, j, (3, h, w)) for j in rest[i : i + batch_size]]), rest[i : i + batch_size]
+    def finish() -> ProbeResult:
+        return acc.result(make_provenance(s, seed, params, s.images.names), space)
 
-        stream(s, batches, n_batches(n_local, batch_size), f"probe ({mode})", progress, lambda x, idx: x.to(s.device),
-               [acc], state, ["pure noise"])
-    names = s.images.names if s.images is not None else [f"noise[{j}]" for j in range(n_noise)]
-    return acc.result(make_provenance(s, seed, params, names), space_used)
+    return part, state_key(s, seed, params), finish
+
+
+def pure_noise_probe(s: Setup, *, n_noise: int, seed: int, batch_size: int, shard: tuple[int, int],
+                     state: Any, progress: bool, blocks: str | Sequence[str] | None = None,
+                     num_prefix_tokens: int | None = None, layout: str | None = None,
+                     grid: tuple[int, int] | None = None) -> tuple[dict, Any]:
+    """The pure-noise probe (``mode="pure"``): ``(state key, run)``; ``run(state)`` streams
+    ``n_noise`` N(0, 1) inputs (this process's share of ``shard``) and returns the
+    :class:`~fanlens.results.ProbeResult`. No image is read."""
+    check_positive_int("n_noise", n_noise)
+    rank, world = shard
+    acc = _ProbeAcc("pure", (1.0,))
+    params = _probe_params("pure", (1.0,), "normalized", (), n_noise, batch_size, world)
+    params.update(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
+    h, w = s.cfg.input_size
+    ids = list(range(n_noise))[rank::world]
+
+    def batches(skip: int):
+        rest = ids[skip * batch_size:]
+        for i in range(0, len(rest), batch_size):
+            yield torch.stack([make_noise(seed, j, (3, h, w)) for j in rest[i : i + batch_size]]), rest[i : i + batch_size]
+
+    def run(state) -> ProbeResult:
+        stream(s, batches, n_batches(len(ids), batch_size), "probe (pure)", progress,
+               lambda x, idx, clean: [x.to(s.device)], [acc], state, ["pure noise"])
+        return acc.result(make_provenance(s, seed, params, [f"noise[{j}]" for j in range(n_noise)]), "normalized")
+
+    return state_key(s, seed, params), run
 
 
 # --------------------------------------------------------------------------- both in one pass
@@ -624,25 +660,15 @@ def analyze(
         ``(SpectrumResult, ProbeResult)``, or ``(SpectrumResult, ProbeResult, GroupsResult)``
         with ``groups``.
     """
-    _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
-    check_choice("space", space, NOISE_SPACES)
-    check_positive_int("batch_size", batch_size)
-    sig = parse_sigmas(sigmas)
-    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-              blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
-    rank, world = resolve_shard(shard, len(s.images))
-    if groups is not None and (state_dir is not None or world > 1):
-        raise FanlensError("groups are neither checkpointed nor gathered across processes: call analyze(groups=...) "
-                           "without state_dir in one process, or group_tokens separately.")
-    part, key, finish = analyze_part(
-        s, sigmas=sig, space=space, rules=rules, thresholds=thresholds, affinity=affinity, center=center, knn=knn,
-        max_k=max_k, token_budget=token_budget, include_prefix=include_prefix, n_eig=n_eig, eig_dtype=eig_dtype,
-        blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, batch_size=batch_size,
-        processes=world, seed=seed, groups=groups, n_init=n_init)
-    state = run_state(state_dir, key, world, rank, checkpoint_every, resume)
-    stream_parts(s, [part], lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world),
-                 n_batches(len(range(rank, len(s.images), world)), batch_size), "analyze", progress, state)
-    return finish()
+    from .lens import Lens
+
+    lens = Lens.one_shot(model, images, blocks=blocks, batch_size=batch_size, device=device, seed=seed,
+                         pretrained=pretrained, checkpoint=checkpoint, input_size=input_size,
+                         num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, progress=progress, shard=shard,
+                         state_dir=state_dir, checkpoint_every=checkpoint_every, resume=resume)
+    return lens.analyze(sigmas=sigmas, space=space, rules=rules, thresholds=thresholds, affinity=affinity,
+                        center=center, knn=knn, max_k=max_k, token_budget=token_budget, include_prefix=include_prefix,
+                        n_eig=n_eig, eig_dtype=eig_dtype, groups=groups, n_init=n_init)
 
 
 def analyze_part(s: Setup, *, sigmas: tuple[float, ...], seed: int, batch_size: int, processes: int = 1,
@@ -658,6 +684,7 @@ def analyze_part(s: Setup, *, sigmas: tuple[float, ...], seed: int, batch_size: 
     :func:`analyze` returns. ``sigmas`` as :func:`parse_sigmas` returns them; ``blocks``,
     ``num_prefix_tokens``, ``layout`` and ``grid`` are only recorded (``s`` has them)."""
     rules, thresholds = _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig)
+    check_choice("space", space, NOISE_SPACES)
     sacc = _SpectralAcc(rules, thresholds, affinity, center, knn, max_k, token_budget, include_prefix, n_eig, eig_dtype)
     pacc = _ProbeAcc("additive", sigmas)
     common = dict(blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens, layout=layout,
@@ -788,21 +815,13 @@ def group_tokens(
     Returns:
         :class:`~fanlens.results.GroupsResult`.
     """
-    check_choice("affinity", affinity, sp.AFFINITIES)
-    if n_clusters is not None:
-        check_positive_int("n_clusters", n_clusters)
-    check_positive_int("token_budget", token_budget, minimum=2)
-    if n_images is not None:
-        check_positive_int("n_images", n_images)
-    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-              blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, seed=seed)
-    part, finish = groups_part(s, n_clusters=n_clusters, affinity=affinity, center=center, knn=knn, max_k=max_k,
-                               token_budget=token_budget, n_init=n_init, seed=seed, n_images=n_images,
-                               batch_size=batch_size, blocks=blocks, num_prefix_tokens=num_prefix_tokens,
-                               layout=layout, grid=grid)
-    stream_parts(s, [part], lambda skip: s.images.batches(batch_size, start=skip * batch_size, stop=n_images),
-                 n_batches(len(s.images.names[:n_images]), batch_size), "groups", progress)
-    return finish()
+    from .lens import Lens
+
+    lens = Lens.one_shot(model, images, blocks=blocks, batch_size=batch_size, device=device, seed=seed,
+                         pretrained=pretrained, checkpoint=checkpoint, input_size=input_size,
+                         num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, progress=progress)
+    return lens.groups(k=n_clusters, affinity=affinity, center=center, knn=knn, max_k=max_k, token_budget=token_budget,
+                       n_init=n_init, n_images=n_images)
 
 
 def groups_part(s: Setup, *, n_clusters: int | None, seed: int, batch_size: int, n_images: int | None = None,
@@ -813,6 +832,13 @@ def groups_part(s: Setup, *, n_clusters: int | None, seed: int, batch_size: int,
     """:func:`group_tokens` (arguments checked by the caller) as a share of a pass
     (:func:`fanlens.runner.stream_parts`) on the first ``n_images`` images: ``(part, finish)``;
     ``finish()`` returns the :class:`~fanlens.results.GroupsResult`."""
+    check_choice("affinity", affinity, sp.AFFINITIES)
+    if n_clusters is not None:
+        check_positive_int("n_clusters", n_clusters)
+    check_positive_int("token_budget", token_budget, minimum=2)
+    check_positive_int("n_init", n_init)
+    if n_images is not None:
+        check_positive_int("n_images", n_images)
     gacc = _GroupsAcc(n_clusters, affinity, center, knn, max_k, token_budget, n_init, seed)
     params = dict(analysis="groups", blocks=blocks, batch_size=batch_size, num_prefix_tokens=num_prefix_tokens,
                   layout=layout, grid=grid, n_images=n_images, **gacc.params())

@@ -148,8 +148,11 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
     and colours (first images), the corruption probe and the classification; the other
     corruption cells are forwarded from there without the capture. ``figures=False`` leaves out
     what only the figures use (the Figure 4 groups and colours, the per-family corruption probe)."""
-    s = runner.setup(lm, images, pretrained=False, checkpoint=None, input_size=None, device=device, blocks=None,
-                     num_prefix_tokens=None, layout=None, grid=None, seed=seed)
+    from .lens import Lens
+
+    lens = Lens(lm, images, batch_size=batch_size, device=device, seed=seed, progress=progress, cache_bytes=0,
+                cache_spill=False)  # one pass serves every analysis: nothing to cache
+    s = lens.setup
     common = dict(seed=seed, batch_size=batch_size)
     part, _key, finish_analysis = analysis.analyze_part(s, sigmas=tuple(sigmas), groups=MASK_CLUSTERS if masks is
                                                         not None else None, **common)
@@ -173,16 +176,15 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
             parts.append(part)
             finish["cprobe"] = lambda acc=part.accs[0]: acc.result(
                 runner.make_provenance(s, seed, cparams, s.images.names), "pixel")
-    runner.stream_parts(s, parts, lambda skip: s.images.batches(batch_size, start=skip * batch_size),
-                        runner.n_batches(len(s.images), batch_size), "all analyses", progress)
+    lens.run(parts, "all analyses")
     out = finish_analysis()
-    spec, probe = out[:2]
+    spec, probe = lens.record("spectrum", out[0]), lens.record("probe", out[1])
     scores = mask_scores(out[2], masks) if masks is not None else None
-    vis = finish["groups"]() if figures else None
+    vis = lens.record("groups", finish["groups"]()) if figures else None
     colours = finish["colours"]() if figures else None
     rob = cprobe = None
     if trained:
-        rob = finish["robustness"]()
+        rob = lens.record("robustness", finish["robustness"]())
         if probe_in_robustness:
             rob, cprobe = rob
         elif figures:

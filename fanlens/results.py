@@ -53,6 +53,8 @@ CSV_COLUMNS = ("model", "block_index", "block", "depth", "metric", "rule", "sigm
                "corruption", "severity")
 STATISTICS = ("mean", "std", "ci_low", "ci_high")
 FORMAT_VERSION = 1
+HTML_MAX_ROWS = 16  # rows of a result's table in Jupyter (first and last halves)
+HTML_MAX_COLUMNS = 8
 
 
 def versions() -> dict[str, str]:
@@ -203,6 +205,74 @@ class _ResultIO:
     def rows(self) -> list[dict]:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ display
+    _FIGURE: ClassVar[str | None] = None  # the plotting function of the default figure
+
+    def default_figure(self):
+        """This result's standard figure (a matplotlib ``Figure``; ``None`` for kinds without one).
+        The caller owns it (``plt.close(fig)`` when done)."""
+        if self._FIGURE is None:
+            return None
+        from . import plotting
+
+        obj = getattr(plotting, self._FIGURE)(self)
+        return obj if hasattr(obj, "savefig") else obj.figure
+
+    def summary_table(self, max_rows: int = HTML_MAX_ROWS) -> tuple[list[str], list[list[str]]]:
+        """``(header, rows)``: the mean of every per-block statistic (one row per block, one
+        column per rule / sigma / perturbation), for display; long tables keep their first and
+        last rows."""
+        table: dict[str, dict[str, str]] = {}
+        cols: list[str] = []
+        for r in self.rows():
+            if r.get("statistic") not in ("mean", "value"):
+                continue
+            row = str(r.get("block") or r.get("corruption") or r.get("metric"))
+            col = str(r.get("rule") or (f"sigma={r['sigma']}" if r.get("sigma") else "") or
+                      (f"severity {r['severity']}" if r.get("severity") not in (None, "") else "") or r["metric"])
+            if r.get("image"):
+                col = str(r["image"])
+            if col not in cols:
+                cols.append(col)
+            v = r["value"]
+            try:
+                v = f"{float(v):.4g}"
+            except (TypeError, ValueError):
+                v = str(v)
+            table.setdefault(row, {})[col] = v
+        names = list(table)
+        if len(names) > max_rows:
+            half = max_rows // 2
+            names = names[:half] + ["…"] + names[-half:]
+        cols = cols[:HTML_MAX_COLUMNS]
+        return (["", *cols], [[n, *(table.get(n, {}).get(c, "") for c in cols)] for n in names])
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the model, the image count, a small table of the means and the figure."""
+        import base64
+        import html as _html
+
+        header, body = self.summary_table()
+        e = lambda v: _html.escape(str(v), quote=True)  # noqa: E731
+        n = getattr(self, "n_images", None)
+        title = f"<b>{e(type(self).__name__)}</b> of <code>{e(self.model)}</code>" + (
+            f", {e(n)} images" if n is not None else "")
+        head = "".join(f"<th>{e(h)}</th>" for h in header)
+        rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in body)
+        img = ""
+        fig = self.default_figure()
+        if fig is not None:
+            import matplotlib.pyplot as plt
+
+            buf = io.BytesIO()
+            try:
+                fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+            finally:
+                plt.close(fig)
+            img = f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'/>"
+        return (f"<div>{title}<br/><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{img}"
+                f"</div>")
+
     def to_csv(self) -> str:
         return rows_to_csv(self.rows())
 
@@ -294,6 +364,7 @@ class SpectrumResult(_ResultIO):
     """
 
     KIND: ClassVar[str] = "spectrum"
+    _FIGURE: ClassVar[str | None] = "plot_rules"
     _ARRAYS: ClassVar[tuple[str, ...]] = ("count_mean", "count_std", "count_ci_low", "count_ci_high", "eig_mean")
 
     blocks: tuple[BlockInfo, ...]
@@ -353,6 +424,7 @@ class ProbeResult(_ResultIO):
     """
 
     KIND: ClassVar[str] = "probe"
+    _FIGURE: ClassVar[str | None] = "plot_probe"
     _ARRAYS: ClassVar[tuple[str, ...]] = ("mean", "std", "ci_low", "ci_high")
 
     blocks: tuple[BlockInfo, ...]
@@ -424,6 +496,7 @@ class GroupsResult(_ResultIO):
     """
 
     KIND: ClassVar[str] = "groups"
+    _FIGURE: ClassVar[str | None] = "plot_groups"
 
     blocks: tuple[BlockInfo, ...]
     images: tuple[str, ...]
@@ -597,6 +670,7 @@ class RobustnessResult(_ResultIO):
     """
 
     KIND: ClassVar[str] = "robustness"
+    _FIGURE: ClassVar[str | None] = "plot_robustness"
     _ARRAYS: ClassVar[tuple[str, ...]] = ("mean", "std", "ci_low", "ci_high", "clean", "ce", "relative_ce")
 
     blocks: tuple[BlockInfo, ...]

@@ -37,7 +37,7 @@ from .results import ProbeResult, RobustnessResult
 from .runner import (AccState, Part, Setup, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup,
                      state_key, stream_parts)
 
-__all__ = ["ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "robustness", "robustness_part", "corruption_errors", "load_labels"]
+__all__ = ["ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "robustness", "robustness_part", "check_baseline", "corruption_errors", "load_labels"]
 
 # Mean top-1 error of AlexNet over severities 1-5 per ImageNet-C corruption, as published with the
 # benchmark (Hendrycks & Dietterich, ICLR 2019; the normalisation of every mCE since).
@@ -259,6 +259,28 @@ def robustness(
     if probe_severity is not None and (isinstance(probe_severity, bool) or probe_severity not in sevs):
         raise FanlensError(f"probe_severity must be one of the severities {list(sevs)} (its corrupted copies are "
                            f"classified and probed in one pass). Got {probe_severity!r} instead.")
+    baseline = check_baseline(baseline)
+    if isinstance(images, str) and images == "synthetic":
+        from .synthetic import SyntheticShapes
+
+        check_positive_int("n_images", n_images)
+        if labels is not None:
+            raise FanlensError("labels must be left out with images='synthetic' (the shapes carry their own).")
+        x, y, _ = SyntheticShapes(n_images, seed=seed, split="test").batch(range(n_images))
+        images, labels = x, y
+    from .lens import Lens
+
+    lens = Lens.one_shot(model, images, batch_size=batch_size, device=device, seed=seed, pretrained=pretrained,
+                         checkpoint=checkpoint, input_size=input_size, progress=progress, shard=shard,
+                         state_dir=state_dir, checkpoint_every=checkpoint_every, resume=resume,
+                         check_blocks=probe_severity is not None)
+    return lens.robustness(corruptions=corrs, severities=sevs, labels=labels, class_index=class_index,
+                           baseline=baseline, probe_severity=probe_severity)
+
+
+def check_baseline(baseline: Any) -> Any:
+    """``baseline`` as :func:`robustness` takes it, with a saved run's folder loaded: ``None``,
+    ``"alexnet"`` or a :class:`~fanlens.results.RobustnessResult`."""
     if isinstance(baseline, (str, os.PathLike)) and str(baseline) != "alexnet":
         from .results import load
 
@@ -269,29 +291,7 @@ def robustness(
                                f"{str(baseline)!r}: {e}") from None
         if not isinstance(baseline, RobustnessResult):
             raise FanlensError(f"baseline must be the folder of a robustness run. Got a {baseline.KIND} result.")
-    if isinstance(images, str) and images == "synthetic":
-        from .synthetic import SyntheticShapes
-
-        check_positive_int("n_images", n_images)
-        if labels is not None:
-            raise FanlensError("labels must be left out with images='synthetic' (the shapes carry their own).")
-        x, y, _ = SyntheticShapes(n_images, seed=seed, split="test").batch(range(n_images))
-        images, labels = x, y
-    s = setup(model, images, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size, device=device,
-              blocks=None, num_prefix_tokens=None, layout=None, grid=None, seed=seed,
-              check_blocks=probe_severity is not None)
-    rank, world = resolve_shard(shard, len(s.images))
-    part, step, key, finish = robustness_part(s, corruptions=corrs, severities=sevs, labels=labels,
-                                              class_index=class_index, baseline=baseline, seed=seed,
-                                              batch_size=batch_size, processes=world, probe_severity=probe_severity)
-    state = run_state(state_dir, key, world, rank, checkpoint_every, resume)
-    batches = lambda skip: s.images.batches(batch_size, start=rank + skip * batch_size * world, step=world)  # noqa: E731
-    total = n_batches(len(range(rank, len(s.images), world)), batch_size)
-    if probe_severity is None:  # no tokens needed: the forward passes run without the capture
-        run_batches(batches, total, "robustness", progress, step, part.output_accs, state)
-    else:  # one pass: the probe's clean and corrupted copies, classified from the same forward
-        stream_parts(s, [part], batches, total, "robustness + probe", progress, state)
-    return finish()
+    return baseline
 
 
 def robustness_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,

@@ -29,7 +29,8 @@ from ._heap import HeapTrim
 from ._output import (RUN_MARKER, STATE_DIRNAME, Interrupted, OutputFolder, RunState, is_run_folder, package_dir,
                       signal_guard, state_dir, write_atomic)
 from ._validation import FanlensError, all_finite, check_positive_int, check_seed
-from .capture import TokenCapture
+from ._cache import TokenCache
+from .capture import BlockTokens, TokenCapture
 from .data import DataConfig, ImageSet, data_config, resolve_images
 from .distributed import check_peers, rank_and_world
 from .models import LoadedModel, build_model
@@ -332,23 +333,32 @@ def run_batches(batches: Callable[[int], Iterable], total: int, desc: str, progr
 
 
 def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, progress: bool,
-           make_input: Callable[[torch.Tensor, list[int]], torch.Tensor], accs: Sequence,
+           make_inputs: Callable[[torch.Tensor, list[int], bool], list[torch.Tensor]], accs: Sequence,
            state: RunState | None = None, copies: Sequence[str] | None = None,
            outputs: Callable[[Any, torch.Tensor, list[int]], None] | None = None,
-           output_accs: Sequence = ()) -> None:
+           output_accs: Sequence = (), cache: TokenCache | None = None) -> None:
     """One forward pass per batch under the capture; each accumulator reads the block tokens
     (:func:`run_batches` does the looping, checkpoints and signals). ``copies`` names the parts
     of a batch (clean, sigma=...) for the message when a block outputs non-finite values.
+
+    ``make_inputs(x, idx, clean)`` returns the model inputs of the batch, the clean images first
+    when ``clean`` is true. With a ``cache`` (:class:`~fanlens._cache.TokenCache`), a batch whose
+    clean tokens are cached is not forwarded clean again: only its copies go through the model
+    (``make_inputs(..., clean=False)``), the cached tokens are put in front of theirs, and a batch
+    with no copies is not forwarded at all. Clean rows that were forwarded are put into the cache.
 
     ``outputs(out, x, idx)``, when given, receives the model's output for the batch (the forward
     then runs to the end instead of stopping after the last block); forward passes it makes
     itself record no tokens. ``output_accs``: the accumulators it feeds, checkpointed with ``accs``."""
     n_blocks: list[int] = []
+    need_out = outputs is not None
+    keep_out = cache is not None and cache.enabled
 
-    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=outputs is None, **s.capture_kwargs) as cap:
-        def step(x: torch.Tensor, idx: list[int]) -> None:
+    with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=not need_out, **s.capture_kwargs) as cap:
+        def forward(inputs: list[torch.Tensor], run_to_end: bool, b: int, names: Sequence[str] | None) -> tuple[Any, list]:
             cap.clear()
-            out = run_forward(cap, make_input(x, idx))
+            cap.stop_early = not run_to_end
+            out = run_forward(cap, inputs[0] if len(inputs) == 1 else torch.cat(inputs))
             bts = list(cap.block_tokens())
             cap.clear()
             if not n_blocks:
@@ -357,9 +367,33 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
                 raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed forward.")
             for bt in bts:
                 if not all_finite(bt.tokens):
-                    raise FanlensError(nonfinite_message(bt, x.shape[0], copies))
+                    raise FanlensError(nonfinite_message(bt, b, names))
+            return out, bts
+
+        def step(x: torch.Tensor, idx: list[int]) -> None:
+            b = x.shape[0]
+            hit = cache.get(idx, need_output=need_out, device=s.device) if cache is not None else None
+            inputs = make_inputs(x, idx, hit is None)
+            out, bts = None, []
+            if inputs:
+                # a clean pass that fills the cache runs to the end: the output is kept for later analyses
+                names = copies if hit is None or copies is None else list(copies)[1:]
+                out, bts = forward(inputs, need_out or (hit is None and keep_out), b, names)
+            if hit is None:
+                if cache is not None:
+                    cache.put(idx, bts, out)
+            else:
+                if bts and len(bts) != len(hit.blocks):
+                    raise FanlensError("the number of block calls changed between batches; fanlens needs a fixed "
+                                       "forward.")
+                bts = hit.blocks if not bts else [
+                    BlockTokens(h.name, h.call, torch.cat([h.tokens, n.tokens]), torch.cat([h.prefix, n.prefix]),
+                                n.layout) for h, n in zip(hit.blocks, bts)]
+                if need_out:
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    out = hit.output if out is None else torch.cat([hit.output, out])
             for acc in accs:
-                acc.update(bts, x.shape[0], idx)
+                acc.update(bts, b, idx)
             if outputs is not None:
                 del bts
                 with cap.paused():
@@ -418,7 +452,7 @@ def _n_first(idx: Sequence[int], n: int | None) -> int:
 
 
 def stream_parts(s: Setup, parts: Sequence[Part], batches: Callable[[int], Iterable], total: int, desc: str,
-                 progress: bool, state: RunState | None = None) -> None:
+                 progress: bool, state: RunState | None = None, cache: TokenCache | None = None) -> None:
     """Several analyses from the same forward passes: :func:`stream` with the batch made of the
     clean images and every part's copies, each part's accumulators and outputs callback given
     their own rows (see :class:`Part`). A model output that is a tuple or list (e.g. a training
@@ -438,21 +472,21 @@ def stream_parts(s: Setup, parts: Sequence[Part], batches: Callable[[int], Itera
     accs = [acc if p.n_images is None else _FirstImages(acc, p.n_images) for p in parts for acc in p.accs]
     output_accs = [acc for p in parts for acc in p.output_accs]
 
-    def make_input(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    def make_inputs(x: torch.Tensor, idx: list[int], clean: bool) -> list[torch.Tensor]:
         for p in parts:
             if p.pixels is not None:
                 m = _n_first(idx, p.n_images)
                 if m:
                     p.pixels.append(uint8_images(x[:m]))
         xd = x.to(s.device)
-        inputs = [s.cfg.normalize(xd)]
+        inputs = [s.cfg.normalize(xd)] if clean else []
         for p in parts:
             if p.make_copies is not None:
                 copies = p.make_copies(xd, idx)
                 if len(copies) != len(p.copies):
                     raise RuntimeError(f"a Part made {len(copies)} copies for its {len(p.copies)} names")
                 inputs += list(copies)
-        return inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        return inputs
 
     def outputs(out: Any, x: torch.Tensor, idx: list[int]) -> None:
         out = out[0] if isinstance(out, (tuple, list)) else out
@@ -462,8 +496,9 @@ def stream_parts(s: Setup, parts: Sequence[Part], batches: Callable[[int], Itera
                 rows = out[:b] if not p.copies else torch.cat([out[:b], out[at * b : (at + len(p.copies)) * b]])
                 p.outputs(rows, x, idx)
 
-    stream(s, batches, total, desc, progress, make_input, accs, state, names,
-           outputs=outputs if any(p.outputs is not None for p in parts) else None, output_accs=output_accs)
+    stream(s, batches, total, desc, progress, make_inputs, accs, state, names,
+           outputs=outputs if any(p.outputs is not None for p in parts) else None, output_accs=output_accs,
+           cache=cache)
 
 
 def run_state(state_dir: Any, key: dict, world: int, rank: int, every: int, resume: bool) -> RunState:
