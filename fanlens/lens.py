@@ -40,8 +40,7 @@ from ._validation import FanlensError, check_positive_int, check_seed
 from .capture import BlockTokens
 from .data import DEFAULT_BATCH_SIZE, parse_input_size
 from .models import LoadedModel
-from .runner import (Part, Setup, check_device, n_batches, resolve_shard, run_batches, run_state, setup, state_dir,
-                     stream_parts)
+from .runner import Part, Setup, check_device, n_batches, resolve_shard, run_batches, run_state, setup, stream_parts
 
 __all__ = ["Lens", "LensOptions", "DEFAULT_CACHE_BYTES"]
 
@@ -205,9 +204,9 @@ class Lens:
     def _shard(self, n: int) -> tuple[int, int]:
         return resolve_shard(self.options.shard, n)
 
-    def _common(self) -> dict:
+    def _common(self, what: str) -> dict:
         o = self.options
-        _rank, world = self._shard(len(self._images_needed("this analysis")))
+        _rank, world = self._shard(len(self._images_needed(what)))
         return dict(seed=o.seed, batch_size=o.batch_size, processes=world, blocks=o.blocks,
                     num_prefix_tokens=o.num_prefix_tokens, layout=o.layout, grid=o.grid)
 
@@ -215,7 +214,7 @@ class Lens:
         o = self.options
         folder = None
         if o.state_dir is not None and key is not None:
-            folder = o.state_dir if self._flat_state else state_dir(o.state_dir, name)
+            folder = o.state_dir if self._flat_state else os.path.join(o.state_dir, name)
         elif o.resume:
             raise FanlensError("resume needs a state_dir (the folder of the checkpoints). Got none.")
         return run_state(folder, key or {}, world, rank, o.checkpoint_every, o.resume)
@@ -275,7 +274,7 @@ class Lens:
         part, key, finish = analysis.spectrum_part(
             self._setup, rules=rules, thresholds=thresholds, affinity=affinity, center=center, knn=knn, max_k=max_k,
             token_budget=token_budget, include_prefix=include_prefix, n_eig=n_eig, eig_dtype=eig_dtype,
-            **self._common())
+            **self._common("spectrum"))
         self._stream([part], "spectrum", key=key, name="spectrum")
         return self._keep("spectrum", finish())
 
@@ -300,7 +299,7 @@ class Lens:
             return self._keep("probe", run(self._state("probe", key, shard[1], shard[0])))
         analysis.parse_sigmas(sigmas)
         part, key, finish = analysis.probe_part(self._setup, sigmas=sigmas, space=space, corruption=corruption,
-                                                severity=severity, **self._common())
+                                                severity=severity, **self._common("probe"))
         self._stream([part], "probe (additive)", key=key, name="probe")
         return self._keep("probe", finish())
 
@@ -313,7 +312,7 @@ class Lens:
                                       "include_prefix", "n_eig", "eig_dtype"})
         if bad:
             raise FanlensError(f"analyze takes the spectrum's parameters. Got unknown {bad} instead.")
-        common = self._common()
+        common = self._common("analyze")
         if groups is not None and (self.options.state_dir is not None or common["processes"] > 1):
             raise FanlensError("groups are neither checkpointed nor gathered across processes: call analyze(groups=...) "
                                "without state_dir in one process, or group_tokens separately.")
@@ -374,7 +373,7 @@ class Lens:
         from .robustness import check_baseline, robustness_part
 
         imgs = self._images_needed("robustness")
-        common = self._common()
+        common = self._common("robustness")
         baseline = check_baseline(baseline)
         part, step, key, finish = robustness_part(self._setup, corruptions=corruptions, severities=severities,
                                                   labels=labels, class_index=class_index, baseline=baseline,
@@ -448,7 +447,7 @@ class Lens:
         return got.blocks[labels.index(block)]
 
     def _n_all(self, n_images: int | None) -> int:
-        imgs = self._images_needed("this analysis")
+        imgs = self._images_needed("groups")
         if n_images is not None:
             check_positive_int("n_images", n_images)
         return len(imgs) if n_images is None else min(n_images, len(imgs))
