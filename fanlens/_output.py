@@ -58,7 +58,7 @@ import numpy as np
 from ._validation import FanlensError
 
 __all__ = [
-    "write_atomic",
+    "inside", "write_atomic",
     "RUN_MARKER",
     "STATE_DIRNAME",
     "OutputFolder",
@@ -90,7 +90,7 @@ def is_run_folder(path: str | Path) -> bool:
     return (Path(path) / RUN_MARKER).is_file()
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def inside(path: Path, folder: Path) -> bool:
     try:
         path.relative_to(folder)
         return True
@@ -163,7 +163,7 @@ class OutputFolder:
         self.overwrite, self.resume, self.command, self.marker = bool(overwrite), bool(resume), command, bool(marker)
         self.written: list[Path] = []
         resolved = self.path.resolve()
-        if not allow_package and _inside(resolved, package_dir()):
+        if not allow_package and inside(resolved, package_dir()):
             raise FanlensError(
                 f"{param} must be outside the installed fanlens package ({package_dir()}). Got {str(self.path)!r} "
                 f"instead (fanlens never writes into its own files)."

@@ -36,7 +36,7 @@ from .grouping import per_block_rows, per_block_summary, upsample_labels
 from .results import AttributionResult, BlockInfo, FlipResult, GroupsResult
 
 __all__ = [
-    "ATTRIBUTION_METHODS",
+    "gradcam_block", "ATTRIBUTION_METHODS",
     "IG_BASELINES",
     "AttributionResult",
     "AttributionShare",
@@ -137,7 +137,7 @@ def _check_target(target: Any, n_images: int) -> torch.Tensor | None:
     return t.long().expand(n_images) if t.ndim == 0 else t.long()
 
 
-def _gradcam_block(model: nn.Module, block: str | None, **capture_kwargs) -> BlockSpec:
+def gradcam_block(model: nn.Module, block: str | None, **capture_kwargs) -> BlockSpec:
     try:
         specs = find_blocks(model, block, layout=capture_kwargs.get("layout"),
                             num_prefix_tokens=capture_kwargs.get("num_prefix_tokens"))
@@ -259,7 +259,7 @@ def attribute(
     infos: tuple[BlockInfo, ...] = ()
     tap = None
     if method == "gradcam":
-        spec = _gradcam_block(s.lm.model, block, layout=layout, num_prefix_tokens=num_prefix_tokens)
+        spec = gradcam_block(s.lm.model, block, layout=layout, num_prefix_tokens=num_prefix_tokens)
         tap = _GridTap(s.lm.model, spec, grid)
     maps, tgts, preds, conv, pix = [], [], [], [], []
     batches = s.images.batches(batch_size)

@@ -320,7 +320,7 @@ def _run_training_dynamics(args: argparse.Namespace) -> list[Path]:
 
 
 def _run_train(args: argparse.Namespace) -> list[Path]:
-    from .zoo.training import _output_folder, parse_snapshots, train_model, write_trained
+    from .zoo.training import output_folder, parse_snapshots, train_model, write_trained
 
     from ._validation import check_seed
 
@@ -331,7 +331,7 @@ def _run_train(args: argparse.Namespace) -> list[Path]:
     snapshots = parse_snapshots(args.snapshots, "--snapshots")
     if snapshots and args.into_package:
         raise FanlensError("--snapshots goes with --out: snapshot weights are not shipped inside the package.")
-    out = _output_folder(None if args.into_package else _out_path(args), overwrite=args.overwrite,
+    out = output_folder(None if args.into_package else _out_path(args), overwrite=args.overwrite,
                          into_package=args.into_package)
     trained = []
     for name in args.names:
@@ -483,9 +483,9 @@ def _analyse(args: argparse.Namespace, analysis, build_model, input_size, out: P
     """Build the model and run the command's analysis (and its captum extras)."""
     lm = build_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, seed=args.seed)
     if args.command == "groups" and args.attribution == "gradcam":  # check the block before any analysis
-        from .attribution import _gradcam_block
+        from .attribution import gradcam_block
 
-        _gradcam_block(lm.model, args.attribution_block, layout=args.layout, num_prefix_tokens=args.num_prefix_tokens)
+        gradcam_block(lm.model, args.attribution_block, layout=args.layout, num_prefix_tokens=args.num_prefix_tokens)
     from .distributed import is_main
     from .runner import state_dir
 

@@ -51,9 +51,9 @@ def report(directory: str | Path, *, out: str | Path | None = None, overwrite: b
     if not (d / "manifest.json").is_file():
         raise FanlensError(f"directory must be a fanlens output folder (with manifest.json). Got {str(d)!r} instead.")
     target = Path(out) if out is not None else d / REPORT_NAME
-    from ._output import _inside, package_dir
+    from ._output import inside, package_dir
 
-    if _inside(target.resolve(), package_dir()):
+    if inside(target.resolve(), package_dir()):
         raise FanlensError(f"out must be outside the installed fanlens package. Got {str(target)!r} instead.")
     if target.exists() and not overwrite:
         raise FanlensError(f"{str(target)!r} exists; pass overwrite=True (--overwrite) to replace it.")

@@ -33,7 +33,7 @@ from .._validation import FanlensError
 from ..capture import BlockSpec
 
 __all__ = [
-    "FAN",
+    "drop_path_rates", "FAN",
     "FANBlock",
     "TokenMixing",
     "ChannelProcessing",
@@ -48,7 +48,7 @@ _RELEASE = "https://github.com/zhoudaquan/fully_attentional_network_ckpt/release
 
 
 # --------------------------------------------------------------------------- building blocks
-def _linspace(end: float, n: int) -> list[float]:
+def drop_path_rates(end: float, n: int) -> list[float]:
     """Stochastic-depth rates 0 .. end over n blocks (plain Python: works under the meta device)."""
     return [end * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
@@ -137,7 +137,7 @@ class ConvNeXtBackbone(nn.Module):
         if len(dims) < len(depths):
             raise FanlensError(f"dims must have at least len(depths)={len(depths)} entries. Got {list(dims)} instead.")
         self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], patch_size, patch_size), LayerNorm2d(dims[0], eps=1e-6))
-        dpr = _linspace(drop_path_rate, sum(depths))
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         stages, prev, k = [], dims[0], 0
         for i, d in enumerate(depths):
             stages.append(ConvNeXtStage(prev, dims[i], 2 if i > 0 else 1, d, ls_init_value, dpr[k : k + d]))

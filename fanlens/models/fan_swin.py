@@ -23,7 +23,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .._validation import FanlensError
 from ..capture import BlockSpec
-from .fan import ChannelProcessing, ClassMlp, _linspace, init_weights
+from .fan import ChannelProcessing, ClassMlp, drop_path_rates, init_weights
 
 __all__ = ["FANSwinTransformer", "FAN_SWIN_NAMES"]
 
@@ -212,7 +212,7 @@ class FANSwinTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
         res = (img[0] // patch_size, img[1] // patch_size)
-        dpr = _linspace(drop_path_rate, sum(depths))
+        dpr = drop_path_rates(drop_path_rate, sum(depths))
         layers, k = [], 0
         for i, d in enumerate(depths):
             r = (res[0] // 2**i, res[1] // 2**i)

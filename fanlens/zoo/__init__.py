@@ -27,7 +27,7 @@ from .._validation import FanlensError
 from ..models._loading import (RANDOM_INIT, LoadedModel, file_sha256, load_state_dict_checked,
                                register_spec_prefix)
 from ._arch import (ALL_NAMES, ARCHITECTURES, DEPTH, HEAD_VARIANTS, HEADS, PATCH, WEIGHTS_DIR, WIDTH, ZOO_DATA_CONFIG,
-                    ZOO_NAMES, _check_name, build)
+                    ZOO_NAMES, check_name, build)
 from .training import train
 
 __all__ = ["ZOO_NAMES", "HEADS", "HEAD_VARIANTS", "ALL_NAMES", "ARCHITECTURES", "WIDTH", "DEPTH", "PATCH", "WEIGHTS_DIR",
@@ -45,7 +45,7 @@ def available() -> list[str]:
 
 def card(name: str) -> dict:
     """The JSON card of a trained zoo model."""
-    _check_name(name)
+    check_name(name)
     path = _paths(name)[1]
     if not path.is_file():
         raise FanlensError(f"zoo model {name!r} has no trained weights installed; run `fanlens train-zoo {name}`.")

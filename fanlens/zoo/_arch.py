@@ -76,7 +76,7 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
 }
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
     if name not in ALL_NAMES:
         raise FanlensError(f"zoo model must be one of {ALL_NAMES}. Got {name!r} instead.")
     return name
@@ -84,7 +84,7 @@ def _check_name(name: str) -> str:
 
 def build(name: str, *, seed: int = 0) -> nn.Module:
     """A randomly initialised zoo architecture (seeded, the caller's RNG untouched), eval mode."""
-    _check_name(name)
+    check_name(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = ARCHITECTURES[name][0]()

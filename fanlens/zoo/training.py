@@ -37,9 +37,9 @@ from torch import nn
 from .._validation import FanlensError, check_nonneg_float, check_positive_int, check_seed
 from ..runner import OutputFolder
 from ..synthetic import SHAPE_CLASSES, SyntheticShapes
-from ._arch import ARCHITECTURES, WEIGHTS_DIR, ZOO_DATA_CONFIG, _check_name, build
+from ._arch import ARCHITECTURES, WEIGHTS_DIR, ZOO_DATA_CONFIG, check_name, build
 
-__all__ = ["RECIPES", "STEPS", "DEFAULT_SNAPSHOTS", "TrainedModel", "train", "train_model", "write_trained",
+__all__ = ["output_folder", "RECIPES", "STEPS", "DEFAULT_SNAPSHOTS", "TrainedModel", "train", "train_model", "write_trained",
            "evaluate", "parse_snapshots"]
 
 _log = logging.getLogger(__name__)
@@ -131,14 +131,14 @@ def train(
     """
     out = None
     if out_dir is not None or into_package:
-        out = _output_folder(out_dir, overwrite=overwrite, into_package=into_package)
+        out = output_folder(out_dir, overwrite=overwrite, into_package=into_package)
     trained = train_model(model, budget_s=budget_s, steps=steps, **kwargs)
     if out is not None:
         write_trained(out, [trained])
     return trained
 
 
-def _output_folder(out_dir: Any, *, overwrite: bool, into_package: bool) -> OutputFolder:
+def output_folder(out_dir: Any, *, overwrite: bool, into_package: bool) -> OutputFolder:
     if into_package:
         if out_dir is not None:
             raise FanlensError(f"out_dir and into_package exclude each other. Got out_dir={str(out_dir)!r} instead.")
@@ -224,7 +224,7 @@ def train_model(
     ``lr``, ``weight_decay``, ``warmup`` override the recipe.
     """
     if isinstance(model, str):
-        name = _check_name(model)
+        name = check_name(model)
         recipe = dict(RECIPES.get(name, DEFAULT_RECIPE))
         arch = ARCHITECTURES[name][1]
     elif isinstance(model, nn.Module):
