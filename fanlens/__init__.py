@@ -11,6 +11,10 @@ import warnings as _warnings
 
 # timm imports huggingface_hub, which imports tqdm.auto: inside Jupyter without ipywidgets that
 # warns "IProgress not found". fanlens draws text bars there instead (runner.progress_bar).
+from ._deps import check_torchvision as _check_torchvision
+
+_check_torchvision()  # a torch/torchvision mismatch is one line, not timm's 20-line traceback
+
 with _warnings.catch_warnings():
     _warnings.filterwarnings("ignore", message="IProgress not found")
     import timm as _timm  # noqa: F401

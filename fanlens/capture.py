@@ -409,8 +409,14 @@ class TokenCapture:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module) and \
+                type(model).__name__ == "LoadedModel":  # what fanlens.build_model returns: capture its module
+            model = model.model
         if not isinstance(model, nn.Module):
-            raise FanlensError(f"model must be a torch.nn.Module. Got {type(model).__name__} instead.")
+            hint = " (a model spec string is built by fanlens.build_model(spec); pass its .model)" if isinstance(
+                model, str) else ""
+            raise FanlensError(f"model must be a torch.nn.Module or a fanlens LoadedModel. Got "
+                               f"{type(model).__name__} instead{hint}.")
         self.model = model
         self.specs = find_blocks(model, blocks, layout=layout, num_prefix_tokens=num_prefix_tokens)
         self.grid = tuple(grid) if grid is not None else None

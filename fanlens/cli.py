@@ -40,7 +40,9 @@ def _add_zoo_run_options(p: argparse.ArgumentParser) -> None:
     """The options of the main job and of training-dynamics (held-out zoo images, sigmas, run)."""
     from .pipeline import DEFAULT_N_IMAGES, DEFAULT_SIGMAS
 
-    p.add_argument("--n-images", type=int, default=DEFAULT_N_IMAGES, help="held-out zoo images")
+    p.add_argument("--n-images", type=int, default=None,
+                   help=f"the zoo's held-out images (default {DEFAULT_N_IMAGES}); with --model, the first N of "
+                        f"--images (default: all)")
     p.add_argument("--sigmas", default=",".join(f"{s:g}" for s in DEFAULT_SIGMAS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -205,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--checkpoint", action="append", default=None, metavar="FILE",
                     help="local weights, once per --model in the same order ('-' for none)")
     rp.add_argument("--images", nargs="+", default=None, help="images for real models (default: samples)")
+    from .pipeline import SKIPPABLE
+
+    rp.add_argument("--skip", default="", metavar="PARTS",
+                    help=f"leave parts out, comma-separated: {', '.join(SKIPPABLE)} (groups: Figure 4, mask "
+                         f"agreement and colours; robustness: the corruption grid and what reads it)")
     _add_output(rp, "reproduce")
     _add_zoo_run_options(rp)
 
@@ -294,7 +301,7 @@ def _run_reproduce(args: argparse.Namespace) -> list[Path]:
         args.model, pretrained=args.pretrained, checkpoints=args.checkpoint, images=images, out=_out_path(args),
         overwrite=args.overwrite, n_images=args.n_images, sigmas=args.sigmas, seed=args.seed, device=args.device,
         batch_size=args.batch_size, progress=not args.no_progress,
-        log=lambda m: print(f"fanlens: {m}", file=sys.stderr, flush=True),
+        log=lambda m: print(f"fanlens: {m}", file=sys.stderr, flush=True), skip=args.skip,
     )
     if res.claims is not None:
         print(res.claims.to_markdown())
@@ -304,13 +311,14 @@ def _run_reproduce(args: argparse.Namespace) -> list[Path]:
 
 def _run_training_dynamics(args: argparse.Namespace) -> list[Path]:
     from ._validation import check_seed
-    from .pipeline import training_dynamics
+    from .pipeline import DEFAULT_N_IMAGES, training_dynamics
     from .runner import check_device
 
     check_device(args.device)
     check_seed(args.seed, "--seed")
     _check_images_outside([args.snapshots], Path(_out_path(args)), "snapshots")
-    res = training_dynamics(args.snapshots, out=_out_path(args), overwrite=args.overwrite, n_images=args.n_images,
+    n = args.n_images if args.n_images is not None else DEFAULT_N_IMAGES
+    res = training_dynamics(args.snapshots, out=_out_path(args), overwrite=args.overwrite, n_images=n,
                             sigmas=args.sigmas, seed=args.seed, device=args.device, batch_size=args.batch_size,
                             progress=not args.no_progress,
                             log=lambda m: print(f"fanlens: {m}", file=sys.stderr, flush=True))

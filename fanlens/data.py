@@ -186,6 +186,17 @@ class ImageSet:
         x = torch.cat([b for b, _ in self.batches(DEFAULT_BATCH_SIZE)])
         return ImageSet(list(self.names), self.config, _tensor=x)
 
+    def first(self, n: int | None) -> "ImageSet":
+        """The first ``n`` images (all of them with ``None`` or ``n >= len(self)``), in order."""
+        if n is None or n >= len(self):
+            return self
+        check_positive_int("n_images", n)
+        if self._tensor is not None:
+            return ImageSet(self.names[:n], self.config, _tensor=self._tensor[:n])
+        if self._loader is not None:
+            return ImageSet(self.names[:n], self.config, _loader=self._loader)
+        return ImageSet(self.names[:n], self.config, _iterable=self._iterable)
+
     def _iter_loader(self, batch_size: int, keep: set[int]):
         pos = 0
         buf, ids = [], []

@@ -42,6 +42,9 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_SIGMAS = (0.05, 0.1, 0.2)
 DEFAULT_N_IMAGES = 64
+SKIPPABLE = ("groups", "robustness")
+"""Parts of ``reproduce`` that can be left out: the token groups (Figure 4, mask agreement, spectral colours)
+and the corruption grid (robustness, the probe under corruptions, C2's corruption error, C4)."""
 DEFAULT_OUT = "fanlens_out/reproduce"
 MASK_CLUSTERS = 2
 FIGURE4_CLUSTERS = 4
@@ -70,6 +73,7 @@ class ModelRun:
     corruption_probe: ProbeResult | None = None
     heads: int | None = None
     colours: Any = None  # SpectralColours of the Figure 4 images, for the report's viewer
+    alone: bool = False  # a model without weights, analysed as a random-init model only (no twin, no claims)
 
     def evidence(self, series: str | None = None) -> claims.Evidence:
         """This run as input of :func:`fanlens.claims.check`."""
@@ -141,13 +145,18 @@ def _pairs(models: Sequence[str] | None, pretrained: bool, checkpoints: Sequence
 
 def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any, masks: np.ndarray | None,
              sigmas: Sequence[float], seed: int, device: str, batch_size: int, progress: bool,
-             labels: Any = None, figures: bool = True, severities: Sequence[int] = (1, 2, 3, 4, 5)) -> ModelRun:
+             labels: Any = None, figures: bool = True, severities: Sequence[int] = (1, 2, 3, 4, 5),
+             skip: Sequence[str] = ()) -> ModelRun:
     """Every analysis of one model from one pass over the images (:func:`runner.stream_parts`):
     each image goes through the model once with its noisy and probe-corrupted copies, under the
     token capture, and feeds the spectrum, the noise probe, the mask groups, the Figure 4 groups
     and colours (first images), the corruption probe and the classification; the other
     corruption cells are forwarded from there without the capture. ``figures=False`` leaves out
-    what only the figures use (the Figure 4 groups and colours, the per-family corruption probe)."""
+    what only the figures use (the Figure 4 groups and colours, the per-family corruption probe); ``skip``
+    leaves out parts of :data:`SKIPPABLE`."""
+    figures = figures and "groups" not in skip
+    if "groups" in skip:
+        masks = None
     from .lens import Lens
 
     lens = Lens(lm, images, batch_size=batch_size, device=device, seed=seed, progress=progress, cache_bytes=0,
@@ -164,7 +173,7 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
         part, finish["colours"] = colouring_part(s, n_images=n_vis, **common)
         parts.append(part)
     probe_in_robustness = figures and CORRUPTION_PROBE_SEVERITY in severities
-    if trained:  # a random-init twin is at chance under every corruption: nothing to learn from it
+    if trained and "robustness" not in skip:  # a random-init twin is at chance under every corruption
         part, _step, _key, finish["robustness"] = robustness_part(
             s, labels=labels, severities=severities, probe_severity=CORRUPTION_PROBE_SEVERITY if
             probe_in_robustness else None, **common)
@@ -183,7 +192,7 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
     vis = lens.record("groups", finish["groups"]()) if figures else None
     colours = finish["colours"]() if figures else None
     rob = cprobe = None
-    if trained:
+    if trained and "robustness" not in skip:
         rob = lens.record("robustness", finish["robustness"]())
         if probe_in_robustness:
             rob, cprobe = rob
@@ -192,18 +201,27 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
     return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe, colours=colours)
 
 
-def _decode_once(images: Any, lm: LoadedModel, cache: dict) -> Any:
-    """The images decoded once per preprocessing and kept for every analysis of the run, when
-    they fit in :data:`DECODE_LIMIT_BYTES`; otherwise each analysis reads them again."""
+def _decode_once(images: Any, lm: LoadedModel, cache: dict, n_images: int | None = None) -> Any:
+    """The images (the first ``n_images``) decoded once per preprocessing and kept for every
+    analysis of the run, when they fit in :data:`DECODE_LIMIT_BYTES`; otherwise each analysis
+    reads them again."""
     if isinstance(images, torch.Tensor):
-        return images
+        return images[:n_images] if n_images is not None else images
     cfg = data_config(lm.model)
     if cfg not in cache:
-        cache[cfg] = resolve_images(images, cfg).decoded(DECODE_LIMIT_BYTES)
+        cache[cfg] = resolve_images(images, cfg).first(n_images).decoded(DECODE_LIMIT_BYTES)
         if not cache[cfg].in_memory:
             _log.info("the images would take more than %d bytes decoded: each analysis reads them again",
                       DECODE_LIMIT_BYTES)
     return cache[cfg]
+
+
+def _check_skip(skip: Sequence[str] | str) -> tuple[str, ...]:
+    items = [v.strip() for v in skip.split(",") if v.strip()] if isinstance(skip, str) else list(skip)
+    for v in items:
+        if v not in SKIPPABLE:
+            raise FanlensError(f"skip must name parts among {SKIPPABLE}. Got {v!r} instead.")
+    return tuple(dict.fromkeys(items))
 
 
 def _check_run_args(n_images: Any, seed: Any, batch_size: Any, sigmas: Any) -> tuple[float, ...]:
@@ -245,8 +263,8 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], heads_run
 
     from . import plotting
 
-    trained = [r for r in runs if r.trained]
-    twins = {r.short: r for r in runs if not r.trained}
+    trained = [r for r in runs if r.trained or r.alone]
+    twins = {r.short: r for r in runs if not r.trained and not r.alone}
     sig = 0.1 if 0.1 in sigmas else max(sigmas)
     # Figure 3a/3b per model
     for r in trained:
@@ -262,7 +280,7 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], heads_run
                                        baselines={k: v.probe for k, v in twins.items()}, ax=ax)
     _save_fig(fig, out / "figure3c.png")
     # Figure 4 per model: trained and random-init rows per image
-    for r in trained:
+    for r in (r for r in trained if r.groups is not None):
         rows = [(r.short, r.groups)]
         if r.short in twins:
             rows.append((f"{r.short} (random)", twins[r.short].groups))
@@ -296,15 +314,16 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], heads_run
 
 
 def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], models, pretrained: bool, checkpoints,
-                   image_names, imgs, n_images: int, seed: int, checked: claims.ClaimsResult,
-                   heads_runs: list[ModelRun]) -> None:
+                   image_names, imgs, n_images: int | None, seed: int, checked: claims.ClaimsResult | None,
+                   heads_runs: list[ModelRun], skip: Sequence[str] = ()) -> None:
     """Figures, ``results.csv``, ``claims.*`` and ``manifest.json`` of a reproduce run, into ``out``
     (a staging folder)."""
     _figures(runs, out, sigmas, heads_runs)
     # tables and provenance
     write_atomic(out / "results.csv", rows_to_csv([row for r in runs + heads_runs for row in r.rows()]).encode())
-    checked.write_files(out)
-    if any(r.value is not None and r.statistic.startswith(("c1_spearman", "c3", "c4")) for r in checked.rows):
+    if checked is not None:
+        checked.write_files(out)
+    if checked is not None and any(r.value is not None and r.statistic.startswith(("c1_spearman", "c3", "c4")) for r in checked.rows):
         import matplotlib.pyplot as plt
 
         from . import plotting
@@ -318,7 +337,7 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
         "parameters": {
             "models": list(models) if models else "zoo", "pretrained": pretrained, "checkpoints": checkpoints,
             "images": image_names if image_names is not None else str(imgs), "n_images": n_images,
-            "sigmas": list(sigmas), "seed": seed, "mask_clusters": MASK_CLUSTERS,
+            "sigmas": list(sigmas), "seed": seed, "mask_clusters": MASK_CLUSTERS, "skipped": list(skip),
             "figure4_clusters": FIGURE4_CLUSTERS, "default_rule": spectral.DEFAULT_RULE,
             "robustness": {"corruptions": list(BENCHMARK), "severities": [1, 2, 3, 4, 5],
                            "baseline": ROBUSTNESS_BASELINE if not models else None,
@@ -330,6 +349,8 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
                 "label": r.label,
                 "trained": r.trained,
                 "heads": r.heads,
+                **({"caveat": "no weights: analysed as a random-init model only (no twin, no claims)"}
+                   if r.alone else {}),
                 "spectrum": r.spectrum.manifest(),
                 "probe": r.probe.manifest(),
                 "groups": r.groups.manifest() if r.groups is not None else None,
@@ -343,7 +364,7 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
              **({"robustness": r.robustness.manifest()} if r.robustness is not None else {})}
             for r in heads_runs
         ],
-        "claims": checked.parameters,
+        "claims": checked.parameters if checked is not None else None,
     }
     write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     _write_report(runs, out)
@@ -372,13 +393,14 @@ def reproduce(
     images: Any = None,
     out: str | Path = DEFAULT_OUT,
     overwrite: bool = False,
-    n_images: int = DEFAULT_N_IMAGES,
+    n_images: int | None = None,
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
     seed: int = 0,
     device: str = "cpu",
     batch_size: int = 32,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    skip: Sequence[str] | str = (),
 ) -> ReproduceResult:
     """Run the Figure 3 / Figure 4 analyses and write figures and tables into ``out``.
 
@@ -388,13 +410,20 @@ def reproduce(
         checkpoints: one local weights file per model (real models).
         images: images for real models (folder, files, ``"samples"``); the zoo uses
             ``n_images`` held-out procedural images with masks.
+        n_images: the zoo's held-out images (default :data:`DEFAULT_N_IMAGES`); with real models,
+            the first ``n_images`` of ``images`` (default: all).
+        skip: parts to leave out, from :data:`SKIPPABLE` (a list or comma-separated).
         sigmas: noise levels of the probe (pixel space).
         out: output folder, new or empty unless ``overwrite=True`` (checked before any
             analysis; the files are written as one unit, see :class:`fanlens.runner.OutputFolder`).
     """
     t0 = time.perf_counter()
     say = log or (lambda s: None)
-    sigmas = _check_run_args(n_images, seed, batch_size, sigmas)
+    skip = _check_skip(skip)
+    zoo_run = not models
+    if n_images is None and zoo_run:
+        n_images = DEFAULT_N_IMAGES
+    sigmas = _check_run_args(n_images if n_images is not None else 1, seed, batch_size, sigmas)
     if not models and images is not None:
         raise FanlensError("images applies to real models; the zoo uses its own held-out images with masks.")
     pairs = _pairs(models, pretrained, checkpoints, seed)
@@ -411,12 +440,19 @@ def reproduce(
     for short, load_trained, load_random in pairs:
         for trained, loader in ((True, load_trained), (False, load_random)):
             lm = loader()
-            label = lm.name if trained else f"{lm.name}{RANDOM_SUFFIX}"
-            if trained and lm.weights == "random init":
-                _log.warning("%s has no weights (no --pretrained or --checkpoint): it is its own random-init twin", label)
+            alone = trained and lm.weights == "random init"
+            if alone:  # no weights: not paired with itself, and left out of the claims
+                _log.warning("%s has no weights (no --pretrained or --checkpoint): analysed as a random-init model "
+                             "only, without a twin and without claims", lm.name)
+            label = lm.name if trained and not alone else f"{lm.name}{RANDOM_SUFFIX}"
             say(f"analysing {label}")
-            runs.append(_run_one(lm, label, short, trained, _decode_once(imgs, lm, decoded), masks, sigmas, seed,
-                                 device, batch_size, progress, labels))
+            run = _run_one(lm, label, short, trained and not alone,
+                           _decode_once(imgs, lm, decoded, None if zoo_run else n_images), masks, sigmas, seed,
+                           device, batch_size, progress, labels, skip=skip)
+            run.alone = alone
+            runs.append(run)
+            if alone:
+                break
     heads_runs: list[ModelRun] = []
     if not models:
         from . import zoo
@@ -428,16 +464,20 @@ def reproduce(
             say(f"analysing {lm.name} (heads, claim C4)")
             # C4 reads the perturbation and the corruption error: no groups needed
             run = _run_one(lm, lm.name, name, True, imgs, None, sigmas, seed, device, batch_size, progress, labels,
-                           figures=False)
+                           figures=False, skip=skip)
             run.heads = zoo.HEADS[name]
             heads_runs.append(run)
     _normalise_errors(runs + heads_runs)
     evidence = [r.evidence() for r in runs if r.trained] + [r.evidence(claims.HEADS_SERIES) for r in heads_runs]
-    say("checking the claims (bootstrap over images)")
-    checked = claims.check(evidence, sigma=0.1 if 0.1 in sigmas else None, seed=seed)
+    checked = None
+    if evidence:
+        say("checking the claims (bootstrap over images)")
+        checked = claims.check(evidence, sigma=0.1 if 0.1 in sigmas else None, seed=seed)
+    else:
+        say("no model with weights: no claims are checked")
     with folder.staging() as out:
         _write_outputs(runs, out, sigmas, models, pretrained, checkpoints, image_names, imgs, n_images, seed,
-                       checked, heads_runs)
+                       checked, heads_runs, skip)
     return ReproduceResult(runs, folder.written, time.perf_counter() - t0, checked, heads_runs)
 
 

@@ -17,10 +17,11 @@ MAIN_FIGURES = {
     "01_reproduce_figure3.ipynb": ["notebook01_figure3.png", "notebook01_claims.png"],
     "02_grouped_tokens.ipynb": ["notebook02_figure4.png", "notebook02_attribution.png"],
     "03_explore_a_new_architecture.ipynb": ["notebook03_comparison.png"],
+    "04_a_new_architecture_through_a_lens.ipynb": ["notebook04_lens.png"],
 }
 
 
-def test_the_three_notebooks_are_there():
+def test_the_notebooks_are_there():
     assert sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb")) == sorted(MAIN_FIGURES)
 
 
@@ -78,3 +79,13 @@ def test_notebook_runs_offline_and_saves_its_main_figure(name, tmp_path, monkeyp
         assert re.search(r"ViT \+ channel attention\s+counts", out)
         steps = int(re.search(r"trained (\d+) steps in \d+ s: validation accuracy", out).group(1))
         assert steps >= 10  # trained, not a random initialisation
+    if name.startswith("04"):
+        # three analyses through one Lens: each of the 32 images forwarded clean once
+        assert "clean images forwarded: 32 for 32 images and three analyses" in out
+        assert "tokens of block 'blocks.5': (32, 64, 96)" in out
+        assert re.search(r"\d+ images, (\d+) forwarded clean", out)
+        n, fwd = map(int, re.search(r"(\d+) images, (\d+) forwarded clean", out).groups())
+        assert n == fwd
+        html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                if "text/html" in o.get("data", {})]
+        assert sum("SpectrumResult" in h and "<table>" in h for h in html) == 1  # the result shown itself

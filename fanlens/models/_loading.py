@@ -185,7 +185,7 @@ def load_pretrained_from_cfg(model: nn.Module, variant: str, filter_fn: Callable
     if not url:
         raise FanlensError(
             f"{variant} has no released checkpoint to download; pass a local file with "
-            f"pretrained_cfg_overlay=dict(file=PATH) or checkpoint=PATH."
+            f"pretrained_cfg_overlay=dict(file=PATH) or checkpoint=PATH (on the command line: --checkpoint FILE)."
         )
     sd = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True, check_hash=False)
     for key in _STATE_KEYS:
@@ -295,7 +295,8 @@ def _build(spec: Any, *, pretrained: bool, checkpoint: Any, **kwargs: Any) -> Lo
             if pretrained:
                 raise FanlensError(
                     f"pretrained weights for {spec!r} could not be loaded ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''}). Offline, pass checkpoint=PATH instead."
+                    f"{str(e).splitlines()[0] if str(e) else ''}). Offline, pass a local file: checkpoint=PATH "
+                    f"(on the command line: --checkpoint FILE)."
                 ) from None
             raise
     if checkpoint is not None:
