@@ -323,15 +323,10 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
     write_atomic(out / "results.csv", rows_to_csv([row for r in runs + heads_runs for row in r.rows()]).encode())
     if checked is not None:
         checked.write_files(out)
-    if checked is not None and any(r.value is not None and r.statistic.startswith(("c1_spearman", "c3", "c4")) for r in checked.rows):
-        import matplotlib.pyplot as plt
-
+    if checked is not None and any(r.value is not None for r in checked.rows):
         from . import plotting
 
-        n = sum(1 for r in checked.rows if r.value is not None and r.statistic.startswith(("c1_spearman", "c3", "c4")))
-        fig, ax = plt.subplots(figsize=(7.5, 0.28 * n + 1.4), layout="constrained")
-        plotting.plot_claims(checked, ax=ax)
-        _save_fig(fig, out / "claims.png")
+        _save_fig(plotting.plot_claims(checked), out / "claims.png")
     manifest = {
         "kind": "reproduce",
         "parameters": {

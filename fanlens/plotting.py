@@ -6,7 +6,7 @@ Axes (or Figure); none calls ``show()`` or saves: saving belongs to the CLI/pipe
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from .results import GroupsResult, ProbeResult, SpectrumResult
 
 __all__ = [
     "PALETTE",
+    "text_problems",
     "plot_heads",
     "plot_claims",
     "plot_training_dynamics",
@@ -52,6 +53,13 @@ def _axes(ax):
     return ax
 
 
+def _legend_beside(ax, **kwargs):
+    """The axes' legend to the right of its plot, outside it: it never covers a data point, and a
+    constrained layout makes room for it."""
+    kwargs.setdefault("fontsize", 7)
+    return ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5), **kwargs)
+
+
 def _rule_label(rule: str) -> str:
     """Axis label of a counting rule or dimension measure."""
     if rule == "twonn":
@@ -76,7 +84,7 @@ def plot_spectrum(result: SpectrumResult, *, rule: str | None = None, ax=None, l
     ax.set_xlabel("block")
     ax.set_ylabel(_rule_label(rule))
     ax.set_xticks(x)
-    ax.legend(frameon=False)
+    _legend_beside(ax)
     return ax
 
 
@@ -102,7 +110,7 @@ def plot_rules(result: SpectrumResult, *, rules: Sequence[str] | None = None, ax
     ax.set_ylabel("count / dimension")
     ax.set_xticks(x)
     ax.set_title(result.model)
-    ax.legend(frameon=False, fontsize=7)
+    _legend_beside(ax)
     return ax
 
 
@@ -123,7 +131,7 @@ def plot_probe(result: ProbeResult, *, sigmas: Sequence[float] | None = None, ax
     ax.set_xticks(x)
     if log:
         ax.set_yscale("log")
-    ax.legend(frameon=False)
+    _legend_beside(ax)
     return ax
 
 
@@ -229,7 +237,7 @@ def plot_depth_comparison(probes: dict, *, sigma: float, baselines: dict | None 
     ax.set_xlabel("relative depth")
     ax.set_ylabel("perturbation / first block" if normalize else "relative perturbation")
     ax.set_title(f"sigma={sigma:g}")
-    ax.legend(frameon=False, fontsize=7)
+    _legend_beside(ax)
     return ax
 
 
@@ -243,8 +251,34 @@ def plot_mask_scores(scores: dict, *, metric: str = "mask_best_iou", baselines: 
         ax.fill_between(x, s["ci_low"], s["ci_high"], color=c, alpha=0.12)
     ax.set_xlabel("relative depth")
     ax.set_ylabel({"mask_ari": "ARI with object mask", "mask_best_iou": "best-cluster IoU with object"}.get(metric, metric))
-    ax.legend(frameon=False, fontsize=7)
+    _legend_beside(ax)
     return ax
+
+
+ROW_LABEL_WIDTH = 16  # characters per line of a row label beside an image
+
+
+def _wrap_label(label: str, width: int) -> str:
+    """``label`` on lines of at most ``width`` characters, broken after ``/``, ``_``, ``:``, ``@``,
+    ``-`` and spaces (so that paths and model specs wrap too), and inside longer pieces."""
+    import re
+
+    pieces = [p for p in re.split(r"(?<=[/_:@\- ])", str(label)) if p]
+    lines, cur = [], ""
+    for p in pieces:
+        while len(p) > width:  # a piece longer than a line: cut it
+            if cur:
+                lines.append(cur)
+                cur = ""
+            lines.append(p[:width])
+            p = p[width:]
+        if len(cur) + len(p) > width and cur:
+            lines.append(cur)
+            cur = ""
+        cur += p
+    if cur:
+        lines.append(cur)
+    return "\n".join(line.strip() for line in lines)
 
 
 def plot_groups_grid(rows: list, *, images: Sequence[int] = (0,), fig=None, alpha: float = 0.6):
@@ -276,7 +310,7 @@ def plot_groups_grid(rows: list, *, images: Sequence[int] = (0,), fig=None, alph
             px = g.pixels[img]
             h, w = px.shape[:2]
             axes[r, 0].imshow(px)
-            axes[r, 0].set_ylabel(label, fontsize=7)
+            axes[r, 0].set_ylabel(_wrap_label(label, ROW_LABEL_WIDTH), fontsize=7)
             matched = match_labels([g.labels[li][img] for li in range(len(g.blocks))])
             for li, lab in enumerate(matched):
                 ax = axes[r, li + 1]
@@ -630,7 +664,8 @@ def _short(name: str) -> str:
     return name.replace("_", " ").replace("compression", "").replace("transform", "").strip()
 
 
-def plot_robustness(result, *, ax=None, vmax: float | None = None, title: str | None = None, colorbar: bool = True):
+def plot_robustness(result, *, ax=None, vmax: float | None = None, title: str | None = None, colorbar: bool = True,
+                    names: bool = True):
     """Corruption x severity heat map of the error (or flip rate), each cell annotated; the clean
     error and, with a baseline, each corruption's CE in the row labels. Returns the Axes."""
     from .results import RobustnessResult
@@ -646,8 +681,9 @@ def plot_robustness(result, *, ax=None, vmax: float | None = None, title: str | 
     for (i, j), v in np.ndenumerate(m):
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                 color="white" if v < 0.6 * (im.norm.vmax or 1) else "black")
-    labels = [_short(c) + ((f"  (CE {result.ce[i]:.2f})" if np.isfinite(result.ce[i]) else "  (CE n/a)")
-                           if result.baseline else "") for i, c in enumerate(result.corruptions)]
+    ces = [(f"CE {result.ce[i]:.2f}" if np.isfinite(result.ce[i]) else "CE n/a") if result.baseline else ""
+           for i in range(len(result.corruptions))]
+    labels = [(_short(c) + (f"  ({ce})" if ce else "")) if names else ce for c, ce in zip(result.corruptions, ces)]
     ax.set_yticks(range(len(result.corruptions)), labels, fontsize=7)
     ax.set_xticks(range(len(result.severities)), [str(s) for s in result.severities])
     ax.set_xlabel("severity")
@@ -673,9 +709,8 @@ def plot_robustness_comparison(results: dict, *, fig=None):
     axes = fig.subplots(1, n, squeeze=False)[0]
     vmax = max(float(np.nanmax(np.asarray(r.mean))) for r in results.values()) or 1.0
     for k, (ax, (label, r)) in enumerate(zip(axes, results.items())):
-        plot_robustness(r, ax=ax, vmax=vmax, title=label, colorbar=k == n - 1)
-        if k:
-            ax.set_yticklabels([])
+        # the corruption names once, at the left; every model's own CEs beside its own map
+        plot_robustness(r, ax=ax, vmax=vmax, title=_wrap_label(label, 28), colorbar=k == n - 1, names=k == 0)
     return fig
 
 
@@ -750,7 +785,8 @@ def plot_heads(results: dict, *, sigma: float | None = None, fig=None):
         m = [e.mean() for e in err]
         half = [1.96 * e.std(ddof=1) / np.sqrt(len(e)) if len(e) > 1 else 0.0 for e in err]
         axes[1].errorbar(heads, m, yerr=half, marker="o", capsize=3, color=PALETTE[1])
-        axes[1].set(xscale="log", xlabel="heads", ylabel=f"mean corruption {robs[0].metric.replace('_', ' ')}")
+        what = "top-1 error" if robs[0].metric == "top1_error" else "flip rate"
+        axes[1].set(xscale="log", xlabel="heads", ylabel=f"mean {what} under corruption")
     for ax in axes:
         ax.set_xticks(heads, [str(h) for h in heads])
         ax.minorticks_off()
@@ -758,28 +794,51 @@ def plot_heads(results: dict, *, sigma: float | None = None, fig=None):
     return fig
 
 
-def plot_claims(result, *, ax=None):
-    """Every statistic of a :class:`fanlens.claims.ClaimsResult` with its 95 % interval, coloured
-    by verdict, against its null value (correlations on a -1..1 scale); returns the Axes."""
+CLAIM_LABEL_WIDTH = 46
+VERDICT_COLOURS = {"holds": "#2a9d8f", "contradicted": "#e76f51", "inconclusive": "#8d99ae",
+                   "depends on the specification": "#e9c46a"}
+
+
+def plot_claims(result, *, fig=None, wrap: int = CLAIM_LABEL_WIDTH):
+    """Every defined statistic of a :class:`fanlens.claims.ClaimsResult` with its 95 % interval,
+    coloured by verdict, one panel per claim (each on its own scale), the null value of each row
+    marked by a grey tick; row labels (statistic · models) wrapped at ``wrap`` characters, the
+    legend below the panels. Returns the Figure."""
+    import textwrap
+
+    from matplotlib.lines import Line2D
+
     from .claims import ClaimsResult
 
     _check_type("result", result, ClaimsResult)
-    rows = [r for r in result.rows if r.value is not None and r.statistic.startswith(("c1_spearman", "c3", "c4"))]
+    rows = [r for r in result.rows if r.value is not None]
     if not rows:
-        raise FanlensError("result has no defined correlation statistic to draw.")
-    ax = _axes(ax)
-    colours = {"holds": "#2a9d8f", "contradicted": "#e76f51", "inconclusive": "#8d99ae"}
-    y = np.arange(len(rows))[::-1]
-    for yi, r in zip(y, rows):
-        ax.errorbar([r.value], [yi], xerr=[[r.value - r.ci_low], [r.ci_high - r.value]], fmt="o", capsize=3,
-                    color=colours[r.verdict])
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(y, [f"{r.claim} {r.statistic.split(' ')[0]} · {r.models}"[:60] for r in rows], fontsize=7)
-    ax.set(xlim=(-1.05, 1.05), xlabel="Spearman rho (95 % bootstrap interval)")
-    for verdict, c in colours.items():
-        ax.plot([], [], "o", color=c, label=verdict)
-    ax.legend(fontsize=7, loc="lower left")
-    return ax
+        raise FanlensError("result has no defined statistic to draw.")
+    claims_in = sorted(dict.fromkeys(r.claim for r in rows))
+    groups = [[r for r in rows if r.claim == c] for c in claims_in]
+    labels = [[textwrap.fill(f"{r.statistic} · {r.models}", wrap) for r in g] for g in groups]
+    lines = [sum(lab.count("\n") + 1 for lab in g) for g in labels]
+    import matplotlib.pyplot as plt
+
+    if fig is None:
+        fig = plt.figure(figsize=(8.5, 0.24 * sum(lines) + 0.55 * len(groups) + 1.1), layout="constrained")
+    axes = fig.subplots(len(groups), 1, squeeze=False, gridspec_kw=dict(height_ratios=[max(n, 2) for n in lines]))[:, 0]
+    for ax, claim, g, labs in zip(axes, claims_in, groups, labels):
+        y = np.arange(len(g))[::-1]
+        for yi, r in zip(y, g):
+            ax.errorbar([r.value], [yi], xerr=[[r.value - r.ci_low], [r.ci_high - r.value]], fmt="o", capsize=3,
+                        color=VERDICT_COLOURS.get(r.verdict, "k"), ms=4)
+            ax.plot([r.null], [yi], "|", color="0.45", ms=12, mew=1.2)
+        ax.set_yticks(y, labs, fontsize=7)
+        ax.set_ylim(-0.6, len(g) - 0.4)
+        ax.set_title(claim, loc="left", fontsize=8, fontweight="bold")
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("statistic (95 % bootstrap interval); grey tick: the null value", fontsize=8)
+    present = {r.verdict for r in rows}
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=v) for v, c in VERDICT_COLOURS.items() if v in present]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7, frameon=False)
+    return fig
 
 
 def plot_training_dynamics(rows: dict, *, sigma: float | None = None, rule: str | None = None, fig=None):
@@ -811,7 +870,9 @@ def plot_training_dynamics(rows: dict, *, sigma: float | None = None, rule: str 
     if all(rows[s][3] is not None for s in steps):
         ax_s.plot(x, [rows[s][3].robust_accuracy if rows[s][3].metric == "top1_error" else
                       1 - float(np.mean(rows[s][3].mean)) for s in steps], marker="s",
-                  label=f"corrupted accuracy (severity {','.join(map(str, rows[steps[0]][3].severities))})",
+                  label=("corrupted accuracy" if rows[steps[0]][3].metric == "top1_error" else
+                         "prediction kept under corruption (1 - flip rate)") +
+                  f" (severity {','.join(map(str, rows[steps[0]][3].severities))})",
                   color=PALETTE[1])
     if all(rows[s][2] is not None for s in steps):
         ax_s.plot(x, [float(np.mean(rows[s][2].ari)) for s in steps], marker="^", label="mean mask ARI",
@@ -821,3 +882,114 @@ def plot_training_dynamics(rows: dict, *, sigma: float | None = None, rule: str 
     for ax in (ax_c, ax_p, ax_s):
         ax.grid(alpha=0.3)
     return fig
+
+
+# --------------------------------------------------------------------------- legibility
+def text_problems(fig, *, tolerance: float = 1.0, data: bool = True) -> list[str]:
+    """Where the text of ``fig`` is not legible: each problem one line, ``[]`` when none.
+
+    Checked after a draw, in display pixels: every title, axis label, visible tick label, text
+    and legend (i) lies inside the figure (a constrained-layout figure is saved as it is; other
+    figures are saved with their tight bounding box, so nothing of theirs is clipped), (ii) does
+    not overlap another of them (tick labels of one axis included), and with ``data`` (iii) no
+    legend covers a data point of its axes. ``tolerance``: pixels of overlap forgiven.
+    """
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    items: list[tuple[str, Any, int]] = []  # (what, bbox, owner id: texts of one legend share one)
+
+    def add(what: str, artist, owner: int | None = None) -> None:
+        if artist is None or not artist.get_visible():
+            return
+        if hasattr(artist, "get_text") and not artist.get_text().strip():
+            return
+        bb = artist.get_window_extent(renderer)
+        if bb.width > 0 and bb.height > 0:
+            items.append((what, bb, id(artist) if owner is None else owner))
+
+    suptitle = getattr(fig, "_suptitle", None)
+    add("suptitle", suptitle)
+    for t in fig.texts:
+        add(f"figure text {t.get_text()!r}", t)
+    for lg in fig.legends:
+        add("figure legend", lg)
+    legends = []
+    for ai, ax in enumerate(fig.axes):
+        if not ax.get_visible() or not ax.axison and not ax.get_title():
+            continue
+        name = f"axes {ai}"
+        for t in (ax.title, getattr(ax, "_left_title", None), getattr(ax, "_right_title", None)):
+            add(f"{name} title {t.get_text()!r}" if t is not None else "", t)
+        for axis, lim in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            add(f"{name} {axis.axis_name}-label {axis.label.get_text()!r}", axis.label)
+            lo, hi = min(lim), max(lim)
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                loc = tick.get_loc()
+                if loc is None or not (lo - 1e-9 * (abs(lo) + 1) <= loc <= hi + 1e-9 * (abs(hi) + 1)):
+                    continue
+                for lab in (tick.label1, tick.label2):
+                    if lab.get_visible():
+                        add(f"{name} {axis.axis_name}-tick {lab.get_text()!r}", lab)
+        for t in ax.texts:
+            add(f"{name} text {t.get_text()!r}", t)
+        lg = ax.get_legend()
+        if lg is not None and lg.get_visible():
+            add(f"{name} legend", lg)
+            legends.append((name, ax, lg))
+    problems = []
+    fb = fig.bbox
+    if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
+        for what, bb, _o in items:
+            if (bb.x0 < fb.x0 - tolerance or bb.y0 < fb.y0 - tolerance or bb.x1 > fb.x1 + tolerance
+                    or bb.y1 > fb.y1 + tolerance):
+                problems.append(f"{what} is clipped by the figure's edge")
+    for i in range(len(items)):
+        for j in range(i + 1, len(items)):
+            (wa, a, oa), (wb, b, ob) = items[i], items[j]
+            if oa == ob:
+                continue
+            w = min(a.x1, b.x1) - max(a.x0, b.x0)
+            h = min(a.y1, b.y1) - max(a.y0, b.y0)
+            if w > tolerance and h > tolerance:
+                problems.append(f"{wa} overlaps {wb}")
+    if data:
+        for name, ax, lg in legends:
+            bb = lg.get_window_extent(renderer)
+            pts = _data_points(ax)
+            if len(pts):
+                inside = ((pts[:, 0] > bb.x0) & (pts[:, 0] < bb.x1) & (pts[:, 1] > bb.y0) & (pts[:, 1] < bb.y1))
+                if inside.any():
+                    problems.append(f"{name} legend covers {int(inside.sum())} data point(s)")
+    return problems
+
+
+def _data_points(ax) -> np.ndarray:
+    """Display coordinates of the data points of ``ax`` (line vertices, scatter offsets, bar and
+    error-bar ends), legend handles excluded."""
+    pts = []
+    for line in ax.get_lines():
+        if not line.get_visible():
+            continue
+        x, y = np.atleast_1d(line.get_xdata()), np.atleast_1d(line.get_ydata())
+        try:
+            xy = np.column_stack([np.asarray(x, float), np.asarray(y, float)])
+        except (TypeError, ValueError):  # categorical or date data: not checked
+            continue
+        if len(xy):
+            pts.append(line.get_transform().transform(xy))
+    for coll in ax.collections:
+        if not coll.get_visible():
+            continue
+        offs = np.asarray(coll.get_offsets(), float)
+        if len(offs) > 1 or len(offs) == 1 and np.any(offs):  # scatter points
+            pts.append(coll.get_offset_transform().transform(offs))
+        else:  # error-bar segments, fills: the vertices of small paths
+            for path in coll.get_paths():
+                if 0 < len(path.vertices) <= 64:
+                    pts.append(coll.get_transform().transform(path.vertices))
+    if not pts:
+        return np.empty((0, 2))
+    out = np.concatenate(pts)
+    return out[np.isfinite(out).all(axis=1)]

@@ -25,7 +25,7 @@ import numpy as np
 from ._output import write_atomic
 from ._validation import FanlensError
 
-__all__ = ["report", "REPORT_NAME"]
+__all__ = ["report", "REPORT_NAME", "display_name"]
 
 REPORT_NAME = "report.html"
 MAX_VIEWER_IMAGES = 8
@@ -104,7 +104,8 @@ def _read_json(path: Path) -> dict:
 
 def _models(manifest: dict) -> list[str]:
     if isinstance(manifest.get("runs"), list):
-        return [str(r.get("label")) for r in manifest["runs"] if isinstance(r, dict)]
+        runs = manifest["runs"] + (manifest["heads_runs"] if isinstance(manifest.get("heads_runs"), list) else [])
+        return [str(r.get("label")) for r in runs if isinstance(r, dict)]
     prov = manifest.get("provenance")
     return [str(prov["model"])] if isinstance(prov, dict) and "model" in prov else []
 
@@ -266,6 +267,17 @@ def _overlay_png(pixels: np.ndarray, layer: np.ndarray, *, alpha: float, scale: 
     return _png_uri(buf.getvalue())
 
 
+def display_name(name: str) -> str:
+    """An image's name as a reader knows it: a file's name without its folders, ``batch[i]`` for
+    row ``i`` of a pixel tensor, anything else as it is."""
+    name = str(name)
+    if name.startswith("tensor[") and name.endswith("]"):
+        return "batch" + name[len("tensor"):]
+    if "/" in name or "\\" in name:
+        return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return name
+
+
 def _viewer_section(d: Path, max_images: int) -> str:
     from .results import load
 
@@ -290,7 +302,7 @@ def _viewer_section(d: Path, max_images: int) -> str:
             px = g.pixels[i]
             groups = [_overlay_png(px, pal[np.asarray(g.labels[li][i]) % len(pal)], alpha=0.55, scale=scale)
                       for li in range(len(g.blocks))]
-            entry = {"name": g.images[i], "k": [int(g.n_clusters[li, i]) for li in range(len(g.blocks))],
+            entry = {"name": display_name(g.images[i]), "k": [int(g.n_clusters[li, i]) for li in range(len(g.blocks))],
                      "groups": groups}
             if colours is not None and i < colours[0].shape[0]:
                 entry["colours"] = [_overlay_png(px, (colours[li][i] * 255).round().astype(np.uint8), alpha=0.8,

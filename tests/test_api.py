@@ -278,3 +278,57 @@ def test_analyze_groups_the_tokens_of_its_own_pass(tiny_vit):
         fanlens.analyze(tiny_vit, x, groups=2, state_dir="somewhere", progress=False)
     with pytest.raises(FanlensError, match="groups must be"):
         fanlens.analyze(tiny_vit, x, groups=0, progress=False)
+
+
+def test_token_capture_takes_a_loaded_model_and_hints_at_a_spec(tiny_vit):
+    lm = fanlens.build_model(tiny_vit)
+    with fanlens.TokenCapture(lm) as cap:
+        cap.run(torch.rand(1, 3, 64, 64))
+        assert len(list(cap.block_tokens())) == 3
+    with pytest.raises(FanlensError, match=r"a fanlens LoadedModel. Got str instead \(a model spec string is built "
+                                           r"by fanlens.build_model\(spec\)"):
+        fanlens.TokenCapture("vit_tiny_patch16_224")
+
+
+def test_a_torch_torchvision_mismatch_is_one_line_naming_both():
+    from importlib import metadata
+
+    from fanlens._deps import torchvision_mismatch
+
+    msg = torchvision_mismatch(RuntimeError("operator torchvision::nms does not exist\nmore lines"))
+    assert "\n" not in msg
+    assert f"torchvision {metadata.version('torchvision')} does not match torch {metadata.version('torch')}" in msg
+    minor = int(metadata.version("torch").split(".")[1])
+    assert f"pip install 'torchvision==0.{minor + 15}.*'" in msg
+
+
+def test_pretrained_offline_names_the_command_line_spelling(monkeypatch):
+    import timm
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to the hub")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(FanlensError, match=r"checkpoint=PATH \(on the command line: --checkpoint FILE\)"):
+        fanlens.build_model("resnet18", pretrained=True)
+
+
+def test_pretrained_without_network_fails_fast_without_the_hub_retries(monkeypatch):
+    import socket
+
+    import timm
+
+    calls = []
+
+    def no_route(addr, timeout=None):
+        calls.append((addr, timeout))
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("the download must not be tried"))
+    with pytest.raises(FanlensError, match=r"huggingface.co did not answer within 3 s \(gaierror\).*--checkpoint FILE"):
+        fanlens.build_model("resnet18", pretrained=True)
+    assert calls == [(("huggingface.co", 443), 3.0)]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FanlensError, match="HF_HUB_OFFLINE is set"):
+        fanlens.build_model("resnet18", pretrained=True)

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+import fanlens
 from fanlens import FanlensError, cli, zoo
 from fanlens.pipeline import RANDOM_SUFFIX, reproduce
 
@@ -17,10 +18,21 @@ from conftest import TINY
 FIGS_REAL = {"figure3ab_{}.png", "figure4_{}.png"}
 
 
-def test_real_model_path_with_random_init_models(tmp_path, image_dir, capsys):
+def _weights_file(tmp_path, spec: str, seed: int):
+    """A checkpoint of ``spec``'s architecture (a seeded initialisation), as a user's local file."""
+    from safetensors.torch import save_file
+
+    model = fanlens.build_model(spec, seed=seed).model
+    path = tmp_path / f"weights-{seed}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+def test_real_model_path_with_checkpoints_and_their_random_init_twins(tmp_path, image_dir, capsys):
     out = tmp_path / "figs"
-    code = cli.main(["reproduce", "--model", TINY, "--model", "resnet18", "--images", str(image_dir),
-                     "--out", str(out), "--sigmas", "0,0.1", "--no-progress"])
+    ck = [_weights_file(tmp_path, TINY, 11), _weights_file(tmp_path, "resnet18", 12)]
+    code = cli.main(["reproduce", "--model", TINY, "--model", "resnet18", "--checkpoint", ck[0], "--checkpoint",
+                     ck[1], "--images", str(image_dir), "--out", str(out), "--sigmas", "0,0.1", "--no-progress"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     names = {p.name for p in out.iterdir()}
@@ -59,8 +71,24 @@ def test_zoo_images_are_rejected_as_images_argument(tmp_path):
 
 
 @pytest.mark.skipif(set(zoo.available()) != set(zoo.ALL_NAMES), reason="zoo weights not installed")
-def test_zoo_path_writes_every_figure(tmp_path):
+def test_zoo_path_writes_every_figure(tmp_path, monkeypatch):
+    import fanlens.pipeline as pipeline
+    from fanlens.plotting import text_problems
+
+    problems, drawn = {}, []
+    real_save = pipeline._save_fig
+
+    def checked_save(fig, path):  # every figure of reproduce: no clipped or overlapping text
+        drawn.append(path.name)
+        found = text_problems(fig)
+        if found:
+            problems[path.name] = found
+        real_save(fig, path)
+
+    monkeypatch.setattr(pipeline, "_save_fig", checked_save)
     res = reproduce(None, out=tmp_path, n_images=6, sigmas=(0.1, 0.2), progress=False)
+    assert len(drawn) == 12, drawn
+    assert problems == {}
     names = {p.name for p in res.written}
     expected = {f"figure3ab_{n}.png" for n in ("vit", "fan", "cnn")} | {f"figure4_{n}.png" for n in ("vit", "fan", "cnn")}
     expected |= {"figure3c.png", "figure4_mask_agreement.png", "results.csv", "manifest.json", "robustness.png",
@@ -159,14 +187,15 @@ def test_reproduce_decodes_each_image_once_per_run(image_dir, tmp_path, monkeypa
     decoded = []
     real = data._pil_to_pixels
     monkeypatch.setattr(data, "_pil_to_pixels", lambda img, tf: decoded.append(1) or real(img, tf))
-    res = reproduce([TINY], images=image_dir, out=tmp_path / "r", sigmas=(0.1,), progress=False)
+    ck = [_weights_file(tmp_path, TINY, 5)]  # weights: the model and its random-init twin read the images
+    res = reproduce([TINY], checkpoints=ck, images=image_dir, out=tmp_path / "r", sigmas=(0.1,), progress=False)
     n = len(list(image_dir.iterdir()))
     assert len(decoded) == n == res.runs[0].spectrum.n_images
     assert all(name.endswith(".png") for name in res.runs[0].spectrum.provenance.images)
     # too large to keep: every analysis reads them again (and the numbers are the same)
     decoded.clear()
     monkeypatch.setattr(pipeline, "DECODE_LIMIT_BYTES", 1)
-    again = reproduce([TINY], images=image_dir, out=tmp_path / "s", sigmas=(0.1,), progress=False)
+    again = reproduce([TINY], checkpoints=ck, images=image_dir, out=tmp_path / "s", sigmas=(0.1,), progress=False)
     assert len(decoded) > n
     np.testing.assert_array_equal(again.runs[0].spectrum.per_image, res.runs[0].spectrum.per_image)
 
@@ -268,3 +297,34 @@ def test_stream_parts_refuses_parts_it_cannot_place():
     backwards = lambda skip: iter([(x[[2, 1]], [2, 1]), (x[[0, 3]], [0, 3])])  # noqa: E731
     with pytest.raises(RuntimeError, match="needs them at the start of the batch"):
         runner.stream_parts(s, [part], backwards, 2, "t", False)
+
+
+def test_a_model_without_weights_is_not_its_own_twin(tmp_path, image_dir, capsys):
+    """No --pretrained, no --checkpoint: analysed once, as a random-init model, and left out of the claims."""
+    out = tmp_path / "r"
+    code = cli.main(["reproduce", "--model", TINY, "--images", str(image_dir), "--out", str(out), "--sigmas",
+                     "0.1", "--no-progress", "--skip", "robustness"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["model"] for r in rows} == {TINY + RANDOM_SUFFIX}
+    man = json.loads((out / "manifest.json").read_text())
+    assert len(man["runs"]) == 1 and "no twin, no claims" in man["runs"][0]["caveat"]
+    assert man["runs"][0]["trained"] is False and man["claims"] is None
+    assert not (out / "claims.csv").exists() and "no claims are checked" in captured.err
+
+
+def test_reproduce_skips_parts_and_takes_the_first_images(tmp_path, image_dir):
+    ck = _weights_file(tmp_path, TINY, 3)
+    res = reproduce([TINY], checkpoints=[ck], images=image_dir, out=tmp_path / "r", sigmas=(0.1,), progress=False,
+                    n_images=2, skip="groups,robustness")
+    assert [r.label for r in res.runs] == [TINY, TINY + RANDOM_SUFFIX]
+    for r in res.runs:
+        assert r.spectrum.n_images == 2 and r.probe.n_images == 2
+        assert r.groups is None and r.robustness is None and r.corruption_probe is None and r.colours is None
+    names = {p.name for p in (tmp_path / "r").iterdir()}
+    assert "figure3c.png" in names and not any(n.startswith(("figure4", "robustness")) for n in names)
+    man = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert man["parameters"]["skipped"] == ["groups", "robustness"]
+    with pytest.raises(FanlensError, match=r"skip must name parts among \('groups', 'robustness'\). Got 'spectrum'"):
+        reproduce([TINY], images=image_dir, out=tmp_path / "s", skip="spectrum")

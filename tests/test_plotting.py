@@ -263,3 +263,41 @@ def test_groups_grid_titles_every_panel_when_models_have_different_blocks():
     assert len(axes) == 2 * 5
     assert [ax.get_title() for ax in axes[6:8]] == ["layer1", "layer2"]
     assert axes[8].get_images() == []  # the CNN row has two blocks: the rest stays empty
+
+
+# ---------------------------------------------------------------- legibility checker
+def test_text_problems_finds_crowded_ticks_clipping_and_a_legend_over_data():
+    import matplotlib.pyplot as plt
+
+    from fanlens.plotting import text_problems
+
+    fig, ax = plt.subplots(figsize=(3, 2), layout="constrained")
+    ax.plot([0, 1, 2], [0, 1, 0], label="line")
+    ax.set_xticks([0, 1, 2], ["a very long tick label"] * 3)
+    problems = text_problems(fig)
+    assert any("x-tick 'a very long tick label' overlaps axes 0 x-tick" in p for p in problems)
+
+    fig, ax = plt.subplots(figsize=(4, 3), layout="constrained")
+    ax.plot(np.linspace(0, 1, 50), np.linspace(0, 1, 50), "o", label="points")
+    ax.legend(loc="center")
+    assert text_problems(fig) == ["axes 0 legend covers 6 data point(s)"] or any(
+        "legend covers" in p for p in text_problems(fig))
+    assert not any("legend covers" in p for p in text_problems(fig, data=False))
+
+    fig, ax = plt.subplots(figsize=(4, 3), layout="constrained")
+    ax.plot([0, 1], [0, 1])
+    fig.text(0.98, 0.5, "text running off the right edge")
+    assert any("is clipped by the figure's edge" in p for p in text_problems(fig))
+
+
+def test_text_problems_passes_a_plain_figure():
+    import matplotlib.pyplot as plt
+
+    from fanlens.plotting import text_problems
+
+    fig, ax = plt.subplots(figsize=(5, 3), layout="constrained")
+    ax.plot([0, 1, 2], [0, 1, 0], label="one")
+    ax.plot([0, 1, 2], [1, 0, 1], label="two")
+    ax.set(title="title", xlabel="x", ylabel="y", ylim=(-0.2, 1.6))
+    ax.legend(loc="upper center", ncols=2)
+    assert text_problems(fig) == []

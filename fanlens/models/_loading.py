@@ -197,6 +197,52 @@ def load_pretrained_from_cfg(model: nn.Module, variant: str, filter_fn: Callable
     load_state_dict_checked(model, sd, repr(url))
 
 
+HUB_PROBE_TIMEOUT_S = 3.0  # how long a pretrained download may wait for the weights' host to answer
+
+
+def pretrained_unreachable(spec: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why timm's pretrained weights of ``spec`` cannot be had, or ``None`` when they can (a local
+    file in its config, a copy in the Hugging Face cache, or a host that answers within
+    ``timeout`` seconds). One short connection instead of the hub client's retries (about a
+    minute offline)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(spec)
+    except Exception:  # noqa: BLE001 - timm's registry lookups raise several types; let create_model decide
+        return None
+    if cfg is None or getattr(cfg, "file", None):
+        return None
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo = hub_id.split(":")[-1] if ":" in hub_id else hub_id
+            for fname in ("model.safetensors", "pytorch_model.bin", getattr(cfg, "hf_hub_filename", None)):
+                if fname and isinstance(try_to_load_from_cache(repo, fname), str):
+                    return None
+        except Exception:  # noqa: BLE001 - an old or missing hub client: let the download say
+            return None
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            return "HF_HUB_OFFLINE is set and the weights are not in the Hugging Face cache"
+        host = "huggingface.co"
+    else:
+        url = getattr(cfg, "url", None)
+        host = urlparse(url).hostname if url else None
+        if not host:
+            return None
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} did not answer within {timeout:g} s ({type(e).__name__})"
+    return None
+
+
 def _import_factory(spec: str) -> Callable[..., nn.Module]:
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
@@ -289,6 +335,11 @@ def _build(spec: Any, *, pretrained: bool, checkpoint: Any, **kwargs: Any) -> Lo
             close = difflib.get_close_matches(spec, timm.list_models(), n=5, cutoff=0.6)
             hint = f" Close names: {', '.join(close)}." if close else ""
             raise FanlensError(f"model must be a timm model name or 'file.py:factory'. Got {spec!r} instead.{hint}")
+        if pretrained and "pretrained_cfg_overlay" not in kwargs:
+            reason = pretrained_unreachable(spec)
+            if reason:
+                raise FanlensError(f"pretrained weights for {spec!r} cannot be downloaded: {reason}. Offline, pass a "
+                                   f"local file: checkpoint=PATH (on the command line: --checkpoint FILE).")
         try:
             model = timm.create_model(spec, pretrained=pretrained, **kwargs)
         except (RuntimeError, OSError) as e:
