@@ -82,6 +82,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data and run")
     d.add_argument("--images", nargs="+", default=["samples"],
                    help="a folder, image files, or 'samples' (photos shipped with scikit-image / scikit-learn)")
+    d.add_argument("--n-images", type=int, default=None, metavar="N",
+                   help="only the first N images of --images, in order (default: all)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default="cpu")
     d.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
@@ -511,6 +513,12 @@ def _analyse(args: argparse.Namespace, analysis, build_model, input_size, out: P
         common.update(state_dir=state_dir(out, args.command), checkpoint_every=args.checkpoint_every,
                       resume=args.resume)
     images = _images_arg(args.images)
+    if args.n_images is not None:  # the first N, resolved with the model's preprocessing
+        from ._validation import check_positive_int
+        from .data import data_config, resolve_images
+
+        check_positive_int("n_images", args.n_images)
+        images = resolve_images(images, data_config(lm.model, input_size=input_size)).first(args.n_images)
     if args.command == "spectrum":
         rules = tuple(r.strip() for r in args.rules.split(",") if r.strip())
         res = analysis.spectrum(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -216,3 +218,12 @@ def test_groups_with_spectral_colours(tmp_path, image_dir, capsys):
         run(["groups", "--model", TINY, "--images", str(image_dir), "--out", str(tmp_path / "h"),
              "--colour", "rainbow"], capsys)
     assert exc.value.code == 2 and "--colour" in capsys.readouterr().err
+
+
+def test_n_images_takes_the_first_images_of_a_folder(tmp_path, image_dir):
+    out = tmp_path / "s"
+    assert cli.main(["spectrum", "--model", TINY, "--images", str(image_dir), "--n-images", "2", "--out", str(out),
+                     "--no-progress", "--no-figure"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["n_images"] == 2
+    assert [Path(p).name for p in man["provenance"]["images"]] == ["img_000.png", "img_001.png"]

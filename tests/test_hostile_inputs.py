@@ -213,6 +213,14 @@ def _cases() -> list[Case]:
         Case("report: over an existing file", ["report", "{OUT}", "--out", "{W}/imgs/img_000.png"], "overwrite",
              out=False, progress=False),
         Case("spectrum: --n-eig -1", [*S, "--n-eig", "-1"], "n_eig"),
+        # ---- met while building the Lens and reproduce's limits
+        Case("reproduce: --skip an unknown part", ["reproduce", "--model", TINY, *I, "--skip", "spectrum"], "skip"),
+        Case("reproduce: --skip with a typo", ["reproduce", "--model", TINY, *I, "--skip", "groups,robustnes"], "skip"),
+        Case("reproduce: --n-images 0 on real images", ["reproduce", "--model", TINY, *I, "--n-images", "0"],
+             "n_images"),
+        Case("reproduce: --n-images -3 on the zoo", ["reproduce", "--n-images", "-3"], "n_images"),
+        Case("spectrum: --n-images 0", [*S, "--n-images", "0"], "n_images"),
+        Case("probe: --n-images not a number", [*P, "--n-images", "many"], "--n-images"),
         Case("train-zoo: into the package by --out", ["train-zoo", "cnn", "--out", str(PACKAGE / "zoo" / "weights")],
              "out", out=False),
     ]

@@ -162,3 +162,19 @@ def test_report_in_headless_chromium(groups_folder, tmp_path):
     sat = px.max(-1) - px.min(-1)
     assert (sat[150:700] > 80).sum() > 2000  # the coloured groups frame of the viewer
     print(f"screenshot: {shot}")
+
+
+def test_report_title_lists_every_model_and_images_go_by_their_file_names(tmp_path):
+    import json
+
+    from fanlens.reporting import build_html, display_name
+
+    assert display_name("/data/photos/cat_001.jpg") == "cat_001.jpg"
+    assert display_name("C:\\data\\dog.png") == "dog.png"
+    assert display_name("tensor[3]") == "batch[3]"
+    assert display_name("synthetic:test:0:7") == "synthetic:test:0:7"
+    man = {"kind": "reproduce", "runs": [{"label": "zoo:vit"}, {"label": "zoo:vit@random-init"}],
+           "heads_runs": [{"label": "zoo:vit-h1"}, {"label": "zoo:vit-h8"}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    title = build_html(tmp_path).split("</h1>")[0]
+    assert all(m in title for m in ("zoo:vit,", "zoo:vit@random-init", "zoo:vit-h1", "zoo:vit-h8"))
