@@ -39,6 +39,7 @@ __all__ = [
     "spectrum_part",
     "probe_part",
     "pure_noise_probe",
+    "token_norm_twin",
     "analyze_part",
     "groups_part",
     "corruption_probe_part",
@@ -55,7 +56,10 @@ DEFAULT_N_EIG = 32
 DEFAULT_N_NOISE = 16
 DEFAULT_CHECKPOINT_EVERY = 10
 CLUSTER_DTYPE = torch.float64  # eigenvectors for clustering: float32 rounding reorders near-equal ones across CPUs
-PROBE_MODES = ("additive", "pure")
+PROBE_MODES = ("additive", "pure", "pure_vs_clean")
+"""``additive``: ||f(x + sigma eps) - f(x)|| / ||f(x)||; ``pure``: the token norm of f(eps) for pure
+N(0, 1) inputs divided by block 0's (growth over depth); ``pure_vs_clean``: the token norm of f(eps_i)
+divided by that of the clean image f(x_i) at the same block (the paper's Figure 3 input, decay)."""
 NOISE_SPACES = ("pixel", "normalized")
 
 
@@ -235,8 +239,10 @@ def _block_norm(t: torch.Tensor) -> torch.Tensor:
 class _ProbeAcc(AccState):
     """Per-block relative perturbation (additive) or relative feature norm (pure)."""
 
-    def __init__(self, mode: str, sigmas: tuple[float, ...], perturbations: tuple[str, ...] = ()) -> None:
+    def __init__(self, mode: str, sigmas: tuple[float, ...], perturbations: tuple[str, ...] = (),
+                 token_norm: bool = False) -> None:
         self.mode, self.sigmas, self.perturbations = mode, sigmas, perturbations
+        self.token_norm = bool(token_norm)  # per-token LayerNorm (no affine) before the norms
         self.n_cols = len(perturbations) if perturbations else len(sigmas)
         # the forwarded copy behind each column (sigma = 0 is answered without one: its value is 0)
         self.copy_of = (list(range(len(perturbations))) if perturbations else
@@ -253,7 +259,14 @@ class _ProbeAcc(AccState):
         vals = []
         for bt in bts:
             t = bt.tokens
-            if self.mode == "additive":
+            if self.token_norm:
+                t = torch.nn.functional.layer_norm(t.float(), t.shape[-1:])
+            if self.mode == "pure_vs_clean":  # copy 0: pure N(0, 1) inputs, paired with the images by index
+                at = self.first_copy
+                noise = t[at * b : (at + 1) * b].float().norm(dim=-1).mean(dim=1)
+                clean = t[:b].float().norm(dim=-1).mean(dim=1).clamp_min(1e-12)
+                vals.append((noise / clean)[:, None].cpu().numpy())
+            elif self.mode == "additive":
                 clean = t[:b]
                 denom = _block_norm(clean).clamp_min(1e-12)
                 at = self.first_copy
@@ -274,7 +287,8 @@ class _ProbeAcc(AccState):
 
     @property
     def _what(self) -> str:
-        return "relative perturbation" if self.mode == "additive" else "relative feature norm"
+        return {"additive": "relative perturbation", "pure": "relative feature norm"}.get(
+            self.mode, "noise-to-clean feature norm")
 
     def _stat_lists(self) -> dict[str, list[RunningStats]]:
         return {"stats": self.stats}
@@ -313,14 +327,28 @@ def _noisy_part(s: Setup, acc: _ProbeAcc, sigmas: tuple[float, ...], space: str,
     return Part([acc], [f"sigma={v:g}" for v in sigmas], make if sigmas else None)
 
 
-def _probe_params(mode: str, sig, space_used: str, labels, n_noise, batch_size: int, processes: int) -> dict:
+_NORM_DOC = {"additive": "Frobenius norm over patch tokens", "pure": "mean patch-token L2 norm / block 0",
+             "pure_vs_clean": "mean patch-token L2 norm of f(eps_i) / that of f(x_i), same block"}
+
+
+def _probe_params(mode: str, sig, space_used: str, labels, n_noise, batch_size: int, processes: int,
+                  token_norm: bool = False) -> dict:
     return dict(
         analysis="probe", mode=mode, sigmas=list(sig), space=space_used, corruptions=list(labels) or None,
         n_noise=n_noise, blocks=None, batch_size=batch_size, num_prefix_tokens=None, layout=None, grid=None,
-        processes=processes, noise=_NOISE_DOC,
-        norm="Frobenius norm over patch tokens" if mode == "additive" else "mean patch-token L2 norm / block 0",
-        ci=_CI_DOC,
+        processes=processes, noise=_NOISE_DOC, norm=_NORM_DOC[mode],
+        token_norm="per-token LayerNorm (no affine) before the norm" if token_norm else None, ci=_CI_DOC,
     )
+
+
+def _pure_part(acc: _ProbeAcc, seed: int) -> Part:
+    """The pure-noise copy of each image: N(0, 1) in the normalised input space (``make_noise`` of the
+    image's index), compared with the image's clean tokens (:data:`PROBE_MODES`)."""
+
+    def make(x: torch.Tensor, idx: list[int]) -> list[torch.Tensor]:
+        return [torch.stack([make_noise(seed, j, x.shape[1:]) for j in idx]).to(x.device)]
+
+    return Part([acc], ["pure N(0, 1) input"], make)
 
 
 def corruption_probe_part(s: Setup, cells: Sequence[tuple[str, int]], seed: int, *, batch_size: int,
@@ -501,6 +529,7 @@ def noise_probe(
     n_noise: int = DEFAULT_N_NOISE,
     corruption: str | Sequence[str] | None = None,
     severity: int | Sequence[int] = 3,
+    token_norm: bool = False,
     blocks: str | Sequence[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
@@ -527,7 +556,14 @@ def noise_probe(
     through the model in one batch.
 
     ``mode="pure"``: ``n_noise`` pure N(0, 1) inputs (normalised input space); per block
-    the mean patch-token L2 norm, divided by the first block's, per sample.
+    the mean patch-token L2 norm, divided by the first block's, per sample (growth from block 0).
+
+    ``mode="pure_vs_clean"``: per image ``x_i``, one pure N(0, 1) input ``eps_i`` (normalised
+    input space); per block the mean patch-token L2 norm of ``f_l(eps_i)`` divided by that of
+    ``f_l(x_i)``: how large the features of noise stay next to those of real images, block by block.
+
+    ``token_norm``: a per-token LayerNorm (no affine) on the block outputs before the additive
+    measure, so that a block that only rescales its tokens does not count as damping.
 
     ``corruption`` (names of :data:`fanlens.corruptions.NAMES`, comma-separated or a list, or
     ``"fog@3"`` labels) with ``severity`` (an int or a list): the same measure with the
@@ -543,33 +579,47 @@ def noise_probe(
     """
     from .lens import Lens
 
-    lens = Lens.one_shot(model, images if mode == "additive" else None, blocks=blocks, batch_size=batch_size,
+    lens = Lens.one_shot(model, images if mode != "pure" else None, blocks=blocks, batch_size=batch_size,
                          device=device, seed=seed, pretrained=pretrained, checkpoint=checkpoint, input_size=input_size,
                          num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid, progress=progress, shard=shard,
                          state_dir=state_dir, checkpoint_every=checkpoint_every, resume=resume)
     return lens.probe(sigmas=sigmas, mode=mode, space=space, n_noise=n_noise, corruption=corruption,
-                      severity=severity)
+                      severity=severity, token_norm=token_norm)
 
 
 def probe_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,
                sigmas: Sequence[float] | float | str = DEFAULT_SIGMAS, space: str = "pixel",
+               mode: str = "additive", token_norm: bool = False,
                corruption: str | Sequence[str] | None = None, severity: int | Sequence[int] = 3,
                blocks: str | Sequence[str] | None = None, num_prefix_tokens: int | None = None,
                layout: str | None = None, grid: tuple[int, int] | None = None) -> tuple[Part, dict, Any]:
-    """The additive :func:`noise_probe` (Gaussian or, with ``corruption``, corrupted copies) as a
-    share of a pass, for ``s`` made by :func:`fanlens.runner.setup`: ``(part, state key, finish)``;
-    ``finish()`` returns the :class:`~fanlens.results.ProbeResult`."""
+    """The image probes of :func:`noise_probe` as a share of a pass, for ``s`` made by
+    :func:`fanlens.runner.setup`: ``mode="additive"`` (Gaussian or, with ``corruption``, corrupted
+    copies) or ``"pure_vs_clean"`` (one pure N(0, 1) input per image); ``(part, state key, finish)``,
+    ``finish()`` returning the :class:`~fanlens.results.ProbeResult`. ``token_norm``: a per-token
+    LayerNorm (no affine) before the norms (additive only)."""
     check_choice("space", space, NOISE_SPACES)
+    check_choice("mode", mode, ("additive", "pure_vs_clean"))
+    if token_norm and mode != "additive":
+        raise FanlensError(f"token_norm goes with mode='additive' (a LayerNorm makes every token norm the same). "
+                           f"Got mode={mode!r}.")
     sig = parse_sigmas(sigmas)
     cells = parse_corruptions(corruption, severity) if corruption is not None else []
     if cells and space != "pixel":
         raise FanlensError("corruption works in pixel space (ImageNet-C corrupts pixels). Got space='normalized'.")
-    if cells:
+    if cells and mode != "additive":
+        raise FanlensError(f"corruption goes with mode='additive'. Got mode={mode!r}.")
+    if mode == "pure_vs_clean":
+        acc = _ProbeAcc("pure_vs_clean", (1.0,))
+        params = _probe_params("pure_vs_clean", (1.0,), "normalized", (), None, batch_size, processes)
+        part = _pure_part(acc, seed)
+        space = "normalized"
+    elif cells:
         part, params = corruption_probe_part(s, cells, seed, batch_size=batch_size, processes=processes)
         acc = part.accs[0]
     else:
-        acc = _ProbeAcc("additive", sig)
-        params = _probe_params("additive", sig, space, (), None, batch_size, processes)
+        acc = _ProbeAcc("additive", sig, token_norm=token_norm)
+        params = _probe_params("additive", sig, space, (), None, batch_size, processes, token_norm)
         part = _noisy_part(s, acc, sig, space, seed)
     params.update(blocks=blocks, num_prefix_tokens=num_prefix_tokens, layout=layout, grid=grid)
 
@@ -579,8 +629,24 @@ def probe_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,
     return part, state_key(s, seed, params), finish
 
 
+def token_norm_twin(s: Setup, part: Part, *, sigmas: Sequence[float], space: str, seed: int, batch_size: int,
+                    processes: int = 1) -> Any:
+    """Read the noisy copies of an additive probe ``part`` (the same ``sigmas`` and ``space``) a second
+    time, after a per-token LayerNorm: no image is forwarded again. Returns ``finish()`` giving that
+    :class:`~fanlens.results.ProbeResult` (``token_norm``)."""
+    sig = parse_sigmas(sigmas)
+    acc = _ProbeAcc("additive", sig, token_norm=True)
+    part.accs = list(part.accs) + [acc]
+    params = _probe_params("additive", sig, space, (), None, batch_size, processes, True)
+
+    def finish() -> ProbeResult:
+        return acc.result(make_provenance(s, seed, params, s.images.names), space)
+
+    return finish
+
+
 def pure_noise_probe(s: Setup, *, n_noise: int, seed: int, batch_size: int, shard: tuple[int, int],
-                     state: Any, progress: bool, blocks: str | Sequence[str] | None = None,
+                     progress: bool, blocks: str | Sequence[str] | None = None,
                      num_prefix_tokens: int | None = None, layout: str | None = None,
                      grid: tuple[int, int] | None = None) -> tuple[dict, Any]:
     """The pure-noise probe (``mode="pure"``): ``(state key, run)``; ``run(state)`` streams

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,7 +48,7 @@ import numpy as np
 from ._validation import FanlensError, check_positive_int, check_seed
 from .results import ProbeResult, RobustnessResult, SpectrumResult, rows_to_csv, versions, write_atomic
 
-__all__ = ["Evidence", "ClaimRow", "ClaimsResult", "check", "spearman", "bootstrap_weights", "VERDICTS",
+__all__ = ["Evidence", "ClaimRow", "ClaimsResult", "check", "spearman", "bootstrap_weights", "VERDICTS", "C3_NOT_AVAILABLE",
            "DEFAULT_N_BOOT", "MID_DEPTH", "CSV_FIELDS", "HEADS_SERIES"]
 
 VERDICTS = ("holds", "contradicted", "inconclusive")
@@ -223,6 +224,26 @@ class _Resampler:
     def n(self, label: str) -> int:
         return len(self.key[label])
 
+    def within_block(self, label: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``(1 + n_boot,)``: per resample, the Spearman rho across images of ``x`` and ``y`` ((n, L)
+        per-image values) in every block, averaged over the blocks where it is defined."""
+        w = self.weights[self.key[label]].astype(np.int64)
+        n = w.shape[1]
+        idx = np.stack([np.repeat(np.arange(n), row) for row in w])  # (R, n) the images each resample draws
+        rho = spearman(np.asarray(x, float)[idx].transpose(0, 2, 1), np.asarray(y, float)[idx].transpose(0, 2, 1))
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample with every block constant: NaN
+            return np.nanmean(rho, axis=-1)
+
+
+C3_NOT_AVAILABLE = ("not available: no object masks. C3 needs a grouping score that is not the count "
+                    "(C1 relates the count to the perturbation already)")
+
+
+def _not_available(claim: str, statistic: str, scope: str, models: str, n_images: int, n_units: int) -> ClaimRow:
+    return ClaimRow(claim, statistic, scope, models, None, None, None, 0.0, "> 0", "inconclusive", n_images, n_units,
+                    C3_NOT_AVAILABLE)
+
 
 def _row(claim: str, statistic: str, scope: str, models: str, samples: np.ndarray, null: float, sign: int,
          n_images: int, n_units: int, note: str = "") -> ClaimRow:
@@ -245,6 +266,8 @@ def _column(res: ProbeResult, sigma: float | None) -> int:
     if res.per_image is None:
         raise FanlensError(f"the probe result of {res.model!r} has no per-image values (saved by an older fanlens); "
                            f"run the analysis again.")
+    if res.mode == "pure_vs_clean":  # one column: pure N(0, 1) inputs against the clean images
+        return 0
     if res.perturbations or res.mode != "additive":
         raise FanlensError("probe must be an additive Gaussian-noise probe (sigmas), not a corruption or pure-noise "
                            f"probe. Got mode={res.mode!r}, perturbations={list(res.perturbations)}.")
@@ -302,7 +325,9 @@ def check(
     check_positive_int("n_boot", n_boot)
     check_seed(seed)
     first = evidence[0]
-    if sigma is None:
+    if sigma is None and first.probe.mode == "pure_vs_clean":
+        sigma = 1.0
+    elif sigma is None:
         sigma = 0.1 if 0.1 in first.probe.sigmas else (max(first.probe.sigmas) if first.probe.sigmas else None)
     rule = first.spectrum.rules[0] if rule is None else rule
     data: dict[str, dict[str, np.ndarray]] = {}
@@ -340,7 +365,11 @@ def check(
         L = d["count"].shape[1]
         mc, mp = rs.means(e.label, d["count"]), rs.means(e.label, d["pert"])
         rows.append(_row("C1", "c1_spearman", "blocks", e.label, spearman(mc, mp), 0.0, +1, n, L,
-                         "" if L >= 3 else "fewer than 3 blocks"))
+                         "trend across blocks: anything that changes with depth correlates; the C1 verdict rests "
+                         "on c1_within_block" if L >= 3 else "fewer than 3 blocks"))
+        rows.append(_row("C1", "c1_within_block", "images", e.label, rs.within_block(e.label, d["count"], d["pert"]),
+                         0.0, +1, n, L, "per block, Spearman rho across images of count and perturbation; mean over "
+                         "blocks"))
         if L >= 3:
             mid = _mid_blocks(L)
             for key, stat in (("count", "c1_count_drop"), ("pert", "c1_perturbation_drop")):
@@ -350,8 +379,7 @@ def check(
             rows.append(_row("C3", "c3_blocks (mask ARI vs -perturbation)", "blocks", e.label,
                              spearman(rs.means(e.label, d["ari"]), -mp), 0.0, +1, n, L))
         else:
-            rows.append(_row("C3", "c3_blocks (-count vs -perturbation)", "blocks", e.label,
-                             spearman(-mc, -mp), 0.0, +1, n, L))
+            rows.append(_not_available("C3", "c3_blocks", "blocks", e.label, n, L))
 
     # C2: decay ratio per model, and transformer minus CNN
     ratios = {}
@@ -406,15 +434,12 @@ def _across(claim: str, stat: str, scope: str, evs: Sequence[Evidence], data: di
     """Spearman rho across units (models, snapshots) between grouping score and robustness."""
     if len(evs) < 3:
         return []
-    use_ari = all("ari" in data[e.label] for e in evs)
-    if use_ari:
-        g = np.stack([rs.means(e.label, data[e.label]["ari"]).mean(axis=1) for e in evs], axis=-1)
-        gname = "mean mask ARI"
-    else:
-        g = np.stack([-rs.means(e.label, data[e.label]["count"]).mean(axis=1) for e in evs], axis=-1)
-        gname = "-mean count"
     labels = ", ".join(e.label for e in evs)
     n = min(rs.n(e.label) for e in evs)
+    if not all("ari" in data[e.label] for e in evs):
+        return [_not_available(claim, stat, scope, labels, n, len(evs))]
+    g = np.stack([rs.means(e.label, data[e.label]["ari"]).mean(axis=1) for e in evs], axis=-1)
+    gname = "mean mask ARI"
     out = []
     pairs: list[tuple[str, Callable[[Evidence], np.ndarray]]] = [
         ("-last-block perturbation", lambda e: -rs.means(e.label, data[e.label]["pert"])[:, -1])]

@@ -131,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("probe", help="relative feature change under N(0,1) noise per block")
     _add_common(pp)
     pp.add_argument("--sigmas", default="0.1", help="comma-separated noise levels, e.g. 0,0.1,0.5")
-    pp.add_argument("--mode", choices=("additive", "pure"), default="additive")
+    pp.add_argument("--mode", choices=("additive", "pure", "pure_vs_clean"), default="additive",
+                    help="additive: ||f(x+sigma eps)-f(x)||/||f(x)||; pure: ||f(eps)|| / block 0's; pure_vs_clean: "
+                         "||f(eps_i)|| / ||f(x_i)|| at the same block (the paper's N(0,1) input)")
+    pp.add_argument("--token-norm", action="store_true",
+                    help="a per-token LayerNorm (no affine) before the additive measure")
     pp.add_argument("--space", choices=("pixel", "normalized"), default="pixel",
                     help="add the noise to pixels in [0,1] or to the normalised input")
     pp.add_argument("--n-noise", type=int, default=16, help="noise samples in --mode pure")
@@ -305,7 +309,9 @@ def _run_reproduce(args: argparse.Namespace) -> list[Path]:
         batch_size=args.batch_size, progress=not args.no_progress,
         log=lambda m: print(f"fanlens: {m}", file=sys.stderr, flush=True), skip=args.skip,
     )
-    if res.claims is not None:
+    if res.grid is not None:
+        print(res.grid.to_markdown())
+    elif res.claims is not None:
         print(res.claims.to_markdown())
     print(f"reproduce finished in {res.seconds:.1f} s")
     return res.written
@@ -531,7 +537,7 @@ def _analyse(args: argparse.Namespace, analysis, build_model, input_size, out: P
     elif args.command == "probe":
         res = analysis.noise_probe(
             lm, images, sigmas=args.sigmas, mode=args.mode, space=args.space, n_noise=args.n_noise,
-            corruption=args.corruption, severity=args.severity, **common,
+            corruption=args.corruption, severity=args.severity, token_norm=args.token_norm, **common,
         )
         fig_name, draw = "probe.png", "plot_probe"
     else:

@@ -280,26 +280,33 @@ class Lens:
 
     def probe(self, *, sigmas: Sequence[float] | float | str = analysis.DEFAULT_SIGMAS, mode: str = "additive",
               space: str = "pixel", n_noise: int = analysis.DEFAULT_N_NOISE,
-              corruption: str | Sequence[str] | None = None, severity: int | Sequence[int] = 3):
+              corruption: str | Sequence[str] | None = None, severity: int | Sequence[int] = 3,
+              token_norm: bool = False):
         """The noise probe (see :func:`fanlens.noise_probe`): only the noisy (or corrupted) copies
-        are forwarded when the clean tokens are cached; ``mode="pure"`` forwards pure noise."""
+        are forwarded when the clean tokens are cached; ``mode="pure"`` forwards pure noise alone,
+        ``mode="pure_vs_clean"`` one pure N(0, 1) input per image, divided by the image's clean
+        tokens at the same block (cached)."""
         from ._validation import check_choice
 
         check_choice("mode", mode, analysis.PROBE_MODES)
         check_choice("space", space, analysis.NOISE_SPACES)
         if corruption is not None and mode != "additive":
-            raise FanlensError("corruption goes with mode='additive' (a corrupted copy of each image). Got mode='pure'.")
+            raise FanlensError(f"corruption goes with mode='additive' (a corrupted copy of each image). Got "
+                               f"mode={mode!r}.")
         o = self.options
         if mode == "pure":
+            if token_norm:
+                raise FanlensError("token_norm goes with mode='additive' (a LayerNorm makes every token norm the "
+                                   "same). Got mode='pure'.")
             shard = resolve_shard(o.shard, check_positive_int("n_noise", n_noise))
             key, run = analysis.pure_noise_probe(
-                self._setup, n_noise=n_noise, seed=o.seed, batch_size=o.batch_size, shard=shard, state=None,
-                progress=o.progress, blocks=o.blocks, num_prefix_tokens=o.num_prefix_tokens, layout=o.layout,
-                grid=o.grid)
+                self._setup, n_noise=n_noise, seed=o.seed, batch_size=o.batch_size, shard=shard, progress=o.progress,
+                blocks=o.blocks, num_prefix_tokens=o.num_prefix_tokens, layout=o.layout, grid=o.grid)
             return self._keep("probe", run(self._state("probe", key, shard[1], shard[0])))
         analysis.parse_sigmas(sigmas)
-        part, key, finish = analysis.probe_part(self._setup, sigmas=sigmas, space=space, corruption=corruption,
-                                                severity=severity, **self._common("probe"))
+        part, key, finish = analysis.probe_part(self._setup, sigmas=sigmas, space=space, mode=mode,
+                                                token_norm=token_norm, corruption=corruption, severity=severity,
+                                                **self._common("probe"))
         self._stream([part], "probe (additive)", key=key, name="probe")
         return self._keep("probe", finish())
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import analysis, claims, spectral
+from . import grid as grid_mod
 from ._validation import FanlensError, check_positive_int, check_seed
 from .grouping import GroupingScores, mask_scores
 from .models import LoadedModel, build_model
@@ -42,6 +43,12 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_SIGMAS = (0.05, 0.1, 0.2)
 DEFAULT_N_IMAGES = 64
+GRID_SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0)
+"""The noise levels of the specification grid, in pixel and in normalised input space (1 in normalised
+space is the paper's N(0, 1))."""
+GRID_RULES = ("rel_threshold", "eigengap", "effective_rank")
+GRID_PROBES = (("pixel", "additive"), ("pixel", "additive+layernorm"), ("normalized", "additive"),
+               ("normalized", "additive+layernorm"))
 SKIPPABLE = ("groups", "robustness")
 """Parts of ``reproduce`` that can be left out: the token groups (Figure 4, mask agreement, spectral colours)
 and the corruption grid (robustness, the probe under corruptions, C2's corruption error, C4)."""
@@ -74,17 +81,20 @@ class ModelRun:
     heads: int | None = None
     colours: Any = None  # SpectralColours of the Figure 4 images, for the report's viewer
     alone: bool = False  # a model without weights, analysed as a random-init model only (no twin, no claims)
+    pure_probe: ProbeResult | None = None  # pure N(0, 1) inputs, feature norm / the clean images' (Figure 3c input)
+    grid_probes: dict = field(default_factory=dict)  # (space, measure) -> additive ProbeResult at GRID_SIGMAS
 
-    def evidence(self, series: str | None = None) -> claims.Evidence:
-        """This run as input of :func:`fanlens.claims.check`."""
-        return claims.Evidence(self.label, self.spectrum, self.probe, scores=self.scores, robustness=self.robustness,
-                               heads=self.heads, series=series)
+    def evidence(self, series: str | None = None, probe: ProbeResult | None = None) -> claims.Evidence:
+        """This run as input of :func:`fanlens.claims.check` (``probe``: another probe of the same
+        images, e.g. one cell of the specification grid)."""
+        return claims.Evidence(self.label, self.spectrum, self.probe if probe is None else probe, scores=self.scores,
+                               robustness=self.robustness, heads=self.heads, series=series)
 
     def rows(self) -> list[dict]:
         rows = self.spectrum.rows() + self.probe.rows()
         if self.scores is not None:
             rows += self.scores.rows()
-        for extra in (self.robustness, self.corruption_probe):
+        for extra in (self.robustness, self.corruption_probe, self.pure_probe):
             if extra is not None:
                 rows += extra.rows()
         for r in rows:
@@ -99,6 +109,7 @@ class ReproduceResult:
     seconds: float = 0.0
     claims: claims.ClaimsResult | None = None
     heads_runs: list[ModelRun] = field(default_factory=list)
+    grid: Any = None  # fanlens.grid.GridResult: the claims over the specification grid
 
 
 def _zoo_images(n: int, seed: int):
@@ -163,9 +174,21 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
                 cache_spill=False)  # one pass serves every analysis: nothing to cache
     s = lens.setup
     common = dict(seed=seed, batch_size=batch_size)
-    part, _key, finish_analysis = analysis.analyze_part(s, sigmas=tuple(sigmas), groups=MASK_CLUSTERS if masks is
+    grid = trained  # the specification grid's probes: for the models whose claims are checked
+    sig = tuple(dict.fromkeys(list(sigmas) + (list(GRID_SIGMAS) if grid else [])))
+    part, _key, finish_analysis = analysis.analyze_part(s, sigmas=sig, groups=MASK_CLUSTERS if masks is
                                                         not None else None, **common)
     parts, finish = [part], {}
+    if grid:  # the same noisy copies after a per-token LayerNorm, and the normalised-space copies (and theirs)
+        finish["pixel/additive+layernorm"] = analysis.token_norm_twin(s, part, sigmas=sig, space="pixel", **common)
+        npart, _key, finish["normalized/additive"] = analysis.probe_part(s, sigmas=GRID_SIGMAS, space="normalized",
+                                                                          **common)
+        finish["normalized/additive+layernorm"] = analysis.token_norm_twin(s, npart, sigmas=GRID_SIGMAS,
+                                                                            space="normalized", **common)
+        parts.append(npart)
+    # the paper's Figure 3 input: one pure N(0, 1) input per image, its features against the image's
+    part, _key, finish["pure"] = analysis.probe_part(s, mode="pure_vs_clean", **common)
+    parts.append(part)
     if figures:
         n_vis = min(len(FIGURE4_IMAGES), len(s.images))
         part, finish["groups"] = analysis.groups_part(s, n_clusters=FIGURE4_CLUSTERS, n_images=n_vis, **common)
@@ -188,6 +211,11 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
     lens.run(parts, "all analyses")
     out = finish_analysis()
     spec, probe = lens.record("spectrum", out[0]), lens.record("probe", out[1])
+    pure = lens.record("pure_probe", finish["pure"]())
+    grid_probes = {("pixel", "additive"): probe} if grid else {}
+    for key in ("pixel/additive+layernorm", "normalized/additive", "normalized/additive+layernorm"):
+        if key in finish:
+            grid_probes[tuple(key.split("/"))] = finish[key]()
     scores = mask_scores(out[2], masks) if masks is not None else None
     vis = lens.record("groups", finish["groups"]()) if figures else None
     colours = finish["colours"]() if figures else None
@@ -198,7 +226,25 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
             rob, cprobe = rob
         elif figures:
             cprobe = finish["cprobe"]()
-    return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe, colours=colours)
+    return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe, colours=colours, pure_probe=pure,
+                    grid_probes=grid_probes)
+
+
+def _grid_cells(runs: Sequence[ModelRun], heads_runs: Sequence[ModelRun]) -> list:
+    """``(cell, evidence, check kwargs)`` for every specification of the grid: each rule of
+    :data:`GRID_RULES` the spectra have, with each additive probe of :data:`GRID_PROBES` at each sigma of
+    :data:`GRID_SIGMAS`, and with the pure-noise probe (``pure_vs_clean``)."""
+    units = [(r, None) for r in runs if r.trained] + [(r, claims.HEADS_SERIES) for r in heads_runs]
+    rules = [rule for rule in GRID_RULES if all(rule in r.spectrum.rules for r, _ in units)]
+    cells = []
+    for rule in rules:
+        for space, measure in GRID_PROBES:
+            for sg in GRID_SIGMAS:
+                ev = [r.evidence(series, r.grid_probes[(space, measure)]) for r, series in units]
+                cells.append((grid_mod.Cell(f"{sg:g}", space, measure, rule), ev, dict(sigma=sg, rule=rule)))
+        ev = [r.evidence(series, r.pure_probe) for r, series in units]
+        cells.append((grid_mod.Cell("N(0,1)", "normalized", "pure_vs_clean", rule), ev, dict(rule=rule)))
+    return cells
 
 
 def _decode_once(images: Any, lm: LoadedModel, cache: dict, n_images: int | None = None) -> Any:
@@ -279,6 +325,11 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], heads_run
         plotting.plot_depth_comparison({r.short: r.probe for r in trained}, sigma=s,
                                        baselines={k: v.probe for k, v in twins.items()}, ax=ax)
     _save_fig(fig, out / "figure3c.png")
+    # Figure 3c with the paper's input: pure N(0, 1) noise, its feature norm / the clean images' (same block)
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), layout="constrained")
+    plotting.plot_pure_vs_clean({r.short: r.pure_probe for r in trained if r.pure_probe is not None},
+                                baselines={k: v.pure_probe for k, v in twins.items() if v.pure_probe is not None}, ax=ax)
+    _save_fig(fig, out / "figure3c_pure_noise.png")
     # Figure 4 per model: trained and random-init rows per image
     for r in (r for r in trained if r.groups is not None):
         rows = [(r.short, r.groups)]
@@ -315,7 +366,7 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], heads_run
 
 def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], models, pretrained: bool, checkpoints,
                    image_names, imgs, n_images: int | None, seed: int, checked: claims.ClaimsResult | None,
-                   heads_runs: list[ModelRun], skip: Sequence[str] = ()) -> None:
+                   heads_runs: list[ModelRun], skip: Sequence[str] = (), spec_grid: Any = None) -> None:
     """Figures, ``results.csv``, ``claims.*`` and ``manifest.json`` of a reproduce run, into ``out``
     (a staging folder)."""
     _figures(runs, out, sigmas, heads_runs)
@@ -323,6 +374,12 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
     write_atomic(out / "results.csv", rows_to_csv([row for r in runs + heads_runs for row in r.rows()]).encode())
     if checked is not None:
         checked.write_files(out)
+        write_atomic(out / "claims_default.md", checked.to_markdown().encode())
+    if spec_grid is not None:  # claims.csv and claims.md: every cell of the grid and the headline verdicts
+        from . import plotting
+
+        spec_grid.write_files(out)
+        _save_fig(plotting.plot_claims_grid(spec_grid), out / "claims_grid.png")
     if checked is not None and any(r.value is not None for r in checked.rows):
         from . import plotting
 
@@ -351,6 +408,7 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
                 "groups": r.groups.manifest() if r.groups is not None else None,
                 **({"robustness": r.robustness.manifest()} if r.robustness is not None else {}),
                 **({"corruption_probe": r.corruption_probe.manifest()} if r.corruption_probe is not None else {}),
+                **({"pure_probe": r.pure_probe.manifest()} if r.pure_probe is not None else {}),
             }
             for r in runs
         ],
@@ -360,6 +418,7 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
             for r in heads_runs
         ],
         "claims": checked.parameters if checked is not None else None,
+        "claims_grid": spec_grid.parameters if spec_grid is not None else None,
     }
     write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     _write_report(runs, out)
@@ -464,16 +523,18 @@ def reproduce(
             heads_runs.append(run)
     _normalise_errors(runs + heads_runs)
     evidence = [r.evidence() for r in runs if r.trained] + [r.evidence(claims.HEADS_SERIES) for r in heads_runs]
-    checked = None
+    checked = spec_grid = None
     if evidence:
         say("checking the claims (bootstrap over images)")
         checked = claims.check(evidence, sigma=0.1 if 0.1 in sigmas else None, seed=seed)
+        say("checking the claims over the specification grid")
+        spec_grid = grid_mod.evaluate(_grid_cells(runs, heads_runs), seed=seed)
     else:
         say("no model with weights: no claims are checked")
     with folder.staging() as out:
         _write_outputs(runs, out, sigmas, models, pretrained, checkpoints, image_names, imgs, n_images, seed,
-                       checked, heads_runs, skip)
-    return ReproduceResult(runs, folder.written, time.perf_counter() - t0, checked, heads_runs)
+                       checked, heads_runs, skip, spec_grid)
+    return ReproduceResult(runs, folder.written, time.perf_counter() - t0, checked, heads_runs, spec_grid)
 
 
 # --------------------------------------------------------------------------- several models, a few lines

@@ -18,6 +18,7 @@ __all__ = [
     "text_problems",
     "plot_heads",
     "plot_claims",
+    "plot_claims_grid",
     "plot_training_dynamics",
     "plot_spectrum",
     "plot_rules",
@@ -25,6 +26,7 @@ __all__ = [
     "plot_groups",
     "plot_figure3ab",
     "plot_depth_comparison",
+    "plot_pure_vs_clean",
     "plot_mask_scores",
     "plot_groups_grid",
     "plot_attribution",
@@ -241,6 +243,26 @@ def plot_depth_comparison(probes: dict, *, sigma: float, baselines: dict | None 
     return ax
 
 
+def plot_pure_vs_clean(probes: dict, *, baselines: dict | None = None, ax=None):
+    """The feature norm of pure N(0, 1) inputs divided by the clean images' at the same block, over
+    relative depth, one line per model (``mode="pure_vs_clean"`` probes; baselines dashed), with the
+    95 % interval over images; a falling line means noise fades next to real features. Returns the Axes."""
+    ax = _axes(ax)
+    for res, c, style, label in _with_baselines(probes, baselines):
+        _check_type("probe", res, ProbeResult)
+        if res.mode != "pure_vs_clean":
+            raise FanlensError(f"probes must be mode='pure_vs_clean' results. Got mode={res.mode!r} for {label!r}.")
+        x = _depth(len(res.blocks))
+        ax.plot(x, res.values(), style, marker="o", ms=3, color=c, label=label)
+        ax.fill_between(x, res.values(None, "ci_low"), res.values(None, "ci_high"), color=c, alpha=0.12)
+    ax.axhline(1.0, color="0.6", lw=0.8)
+    ax.set_xlabel("relative depth")
+    ax.set_ylabel("feature norm of N(0,1) input / of the image")
+    ax.set_title("pure-noise input against clean images", fontsize=9)
+    _legend_beside(ax)
+    return ax
+
+
 def plot_mask_scores(scores: dict, *, metric: str = "mask_best_iou", baselines: dict | None = None, ax=None):
     """Agreement of each block's groups with the object masks, over relative depth."""
     ax = _axes(ax)
@@ -258,11 +280,21 @@ def plot_mask_scores(scores: dict, *, metric: str = "mask_best_iou", baselines: 
 ROW_LABEL_WIDTH = 16  # characters per line of a row label beside an image
 
 
-def _wrap_label(label: str, width: int) -> str:
+MAX_LABEL_LINES = 3
+
+
+def _wrap_label(label: str, width: int, max_lines: int = MAX_LABEL_LINES) -> str:
     """``label`` on lines of at most ``width`` characters, broken after ``/``, ``_``, ``:``, ``@``,
-    ``-`` and spaces (so that paths and model specs wrap too), and inside longer pieces."""
+    ``-`` and spaces (so that paths and model specs wrap too), and inside longer pieces. A label
+    that needs more than ``max_lines`` lines loses its folders (``path/to/file.py:factory`` becomes
+    ``file.py:factory``), then its start (``…`` in front)."""
     import re
 
+    label = str(label)
+    if -(-len(label) // max(width, 1)) > max_lines and "/" in label:
+        label = re.sub(r"^.*/", "", label)
+    if len(label) > width * max_lines:
+        label = "…" + label[-(width * max_lines - 1):]
     pieces = [p for p in re.split(r"(?<=[/_:@\- ])", str(label)) if p]
     lines, cur = [], ""
     for p in pieces:
@@ -993,3 +1025,63 @@ def _data_points(ax) -> np.ndarray:
         return np.empty((0, 2))
     out = np.concatenate(pts)
     return out[np.isfinite(out).all(axis=1)]
+
+
+def plot_claims_grid(result, *, fig=None, max_models: int = 6):
+    """The specification curve of every headline statistic of a :class:`fanlens.grid.GridResult`:
+    one panel per statistic, each model's cells sorted by value with their 95 % intervals, coloured
+    by the cell's verdict; under each panel the cells' settings (sigma, space, measure, rule) as
+    coloured strips. Returns the Figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from .grid import DIMENSIONS, GridResult
+
+    _check_type("result", result, GridResult)
+    fams = list(dict.fromkeys(h.statistic for h in result.headline if h.cells))
+    if not fams:
+        raise FanlensError("result has no headline statistic defined in any cell.")
+    if fig is None:
+        fig = plt.figure(figsize=(11, 2.9 * len(fams) + 0.6), layout="constrained")
+    outer = fig.add_gridspec(2 * len(fams), 1, height_ratios=[3.2, 1.0] * len(fams))
+    values = result.parameters.get("values", {})
+    for k, fam in enumerate(fams):
+        ax, strip = fig.add_subplot(outer[2 * k]), fig.add_subplot(outer[2 * k + 1])
+        heads = [h for h in result.headline if h.statistic == fam and h.cells][:max_models]
+        xs, settings, ticks = 0, [], []
+        for h in heads:
+            rows = sorted((g for g in result.rows if g.row.models == h.models and g.row.value is not None
+                           and g.row.statistic.split(" ")[0].split("[")[0] == fam), key=lambda g: g.row.value)
+            x = np.arange(xs, xs + len(rows))
+            for xi, g in zip(x, rows):
+                r = g.row
+                ax.errorbar([xi], [r.value], yerr=[[r.value - r.ci_low], [r.ci_high - r.value]], fmt="o", ms=2.5,
+                            lw=0.8, color=VERDICT_COLOURS.get(r.verdict, "k"))
+                settings.append((int(xi), [getattr(g.cell, d) for d in DIMENSIONS]))
+            if len(rows):
+                ax.axhline(rows[0].row.null, color="0.5", lw=0.8, zorder=0)
+                ticks.append(((x[0] + x[-1]) / 2, f"{_wrap_label(h.models, 28, 2)}\n{h.verdict}"))
+                ax.axvspan(x[0] - 0.5, x[-1] + 0.5, color="0.93" if len(ticks) % 2 else "white", zorder=-1)
+            xs += len(rows) + 2
+        ax.set_xlim(-1, max(xs - 1, 1))
+        ax.set_xticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=6)
+        ax.set_title(f"{heads[0].claim} · {fam}: every cell, sorted by value within each model", fontsize=8, loc="left")
+        ax.tick_params(axis="y", labelsize=7)
+        # the settings of each cell: one strip per dimension, one colour per value
+        codes = np.full((len(DIMENSIONS), max(xs - 2, 1)), np.nan)
+        for xi, cell in settings:
+            for d, dim in enumerate(DIMENSIONS):
+                vals = list(values.get(dim, []))
+                if cell[d] in vals:
+                    codes[d, xi] = vals.index(cell[d]) / max(len(vals) - 1, 1)
+        strip.imshow(np.ma.masked_invalid(codes), aspect="auto", cmap="viridis", interpolation="nearest",
+                     extent=(-0.5, codes.shape[1] - 0.5, len(DIMENSIONS) - 0.5, -0.5))
+        strip.set_xlim(ax.get_xlim())
+        strip.set_yticks(range(len(DIMENSIONS)), [f"{d} ({' · '.join(map(str, values.get(d, [])))})"
+                                                  for d in DIMENSIONS], fontsize=5)
+        strip.set_xticks([])
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=v) for v, c in VERDICT_COLOURS.items()
+               if v != "depends on the specification"]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=7, frameon=False,
+               title="verdict of the cell (strips: dark = first value listed, yellow = last)", title_fontsize=7)
+    return fig

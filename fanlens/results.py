@@ -408,11 +408,13 @@ class ProbeResult(_ResultIO):
     over patch tokens, one column per sigma; with ``perturbations`` (ImageNet-C corruptions,
     labels ``"fog@3"``) the same measure with ``c(x)`` in place of ``x + sigma eps``, one column
     per corruption and severity. ``mode="pure"``: the mean token norm of ``f_l(eps)`` for pure
-    N(0, 1) inputs divided by the first block's, one column.
+    N(0, 1) inputs divided by the first block's, one column. ``mode="pure_vs_clean"``: the mean token
+    norm of ``f_l(eps_i)`` for a pure N(0, 1) input divided by that of the clean image ``f_l(x_i)`` at
+    the same block, one column (the paper's Figure 3 input, compared with real features).
 
     Attributes:
         blocks: analysed blocks.
-        mode: ``"additive"`` or ``"pure"``.
+        mode: ``"additive"``, ``"pure"`` or ``"pure_vs_clean"``.
         sigmas: noise levels (``(1.0,)`` in pure mode, ``()`` for corruptions).
         space: ``"pixel"`` or ``"normalized"``: where the noise was added.
         n_images: images (or noise samples) aggregated.
@@ -442,7 +444,8 @@ class ProbeResult(_ResultIO):
 
     @property
     def metric(self) -> str:
-        return "relative_perturbation" if self.mode == "additive" else "relative_feature_norm"
+        return {"additive": "relative_perturbation", "pure": "relative_feature_norm"}.get(self.mode,
+                                                                                         "noise_to_clean_norm")
 
     @property
     def columns(self) -> tuple:

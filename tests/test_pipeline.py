@@ -54,9 +54,12 @@ def test_real_model_path_with_checkpoints_and_their_random_init_twins(tmp_path, 
     table = list(csv.DictReader(open(out / "claims.csv")))
     stats = {(r["statistic"], r["models"]) for r in table}
     assert ("c2_ratio_difference (transformer - CNN)", f"{TINY} - resnet18") in stats
-    assert ("c3_blocks (-count vs -perturbation)", "resnet18") in stats
+    assert ("c3_blocks", "resnet18") in stats  # no masks: C3 is reported as not available
+    assert all(r["value"] == "" and r["note"].startswith("not available") for r in table if r["claim"] == "C3")
     assert all(r["n_images"] == str(len(list(image_dir.iterdir()))) for r in table)
-    assert "| C1 | c1_spearman |" in captured.out  # the table is printed too
+    assert "| C1 | c1_within_block |" in captured.out  # the headline table over the grid is printed too
+    assert {"sigma", "space", "measure", "rule"} <= set(table[0])  # one row per claim, model and grid cell
+    assert {r["measure"] for r in table} == {"additive", "additive+layernorm", "pure_vs_clean"}
     assert (out / "report.html").is_file() and len(list((out / "viewer").iterdir())) == 4
 
 
@@ -87,11 +90,12 @@ def test_zoo_path_writes_every_figure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "_save_fig", checked_save)
     res = reproduce(None, out=tmp_path, n_images=6, sigmas=(0.1, 0.2), progress=False)
-    assert len(drawn) == 12, drawn
+    assert len(drawn) == 14, drawn
     assert problems == {}
     names = {p.name for p in res.written}
     expected = {f"figure3ab_{n}.png" for n in ("vit", "fan", "cnn")} | {f"figure4_{n}.png" for n in ("vit", "fan", "cnn")}
-    expected |= {"figure3c.png", "figure4_mask_agreement.png", "results.csv", "manifest.json", "robustness.png",
+    expected |= {"claims_default.md", "claims_grid.png", "claims_headline.csv"}  # the specification grid
+    expected |= {"figure3c.png", "figure3c_pure_noise.png", "figure4_mask_agreement.png", "results.csv", "manifest.json", "robustness.png",
                  "corruption_families.png", "heads.png", "claims.csv", "claims.md", "claims.json", "claims.png",
                  "report.html", "viewer"}  # viewer/: the groups and colours of each run's Figure 4 images
     assert names == expected
@@ -245,13 +249,24 @@ def test_one_pass_per_model_equals_the_separate_analyses_and_forwards_nothing_tw
         run = _run_one(lm, "ViT", "ViT", True, x, masks, sig, 0, "cpu", bs, False, labels=y, severities=sevs)
     finally:
         h.remove()
-    # clean + 2 noisy + 15 probe copies (severity 3) in the pass, then the 15 severity-1 copies: 6 x 33
-    assert len(seen) == n * (1 + len(sig) + 15 + 15)
+    # clean + 5 noisy (the grid's sigmas, 0.05 and 0.1 among them) + 5 normalised-space copies + 1 pure N(0, 1)
+    # input + 15 probe copies (severity 3) in the pass, then the 15 severity-1 copies: 6 x 42
+    from fanlens.pipeline import GRID_SIGMAS
+
+    assert len(seen) == n * (1 + len(GRID_SIGMAS) + len(GRID_SIGMAS) + 1 + 15 + 15)
     assert len(set(seen)) == len(seen)
     kw = dict(seed=0, batch_size=bs, progress=False)
     spec, probe, groups = fanlens.analyze(lm, x, sigmas=sig, groups=MASK_CLUSTERS, **kw)
     np.testing.assert_array_equal(run.spectrum.per_image, spec.per_image)
-    np.testing.assert_allclose(run.probe.per_image, probe.per_image, rtol=1e-5, atol=1e-8)
+    assert run.probe.sigmas == GRID_SIGMAS
+    cols = [run.probe.sigmas.index(v) for v in sig]
+    np.testing.assert_allclose(run.probe.per_image[:, :, cols], probe.per_image, rtol=1e-5, atol=1e-8)
+    # the grid's other probes equal the probe run alone with their settings
+    for (space, measure), res in run.grid_probes.items():
+        alone = fanlens.noise_probe(lm, x, sigmas=GRID_SIGMAS, space=space, token_norm=measure != "additive", **kw)
+        np.testing.assert_allclose(res.per_image, alone.per_image, rtol=1e-5, atol=1e-7)
+    pure = fanlens.noise_probe(lm, x, mode="pure_vs_clean", **kw)
+    np.testing.assert_allclose(run.pure_probe.per_image, pure.per_image, rtol=1e-5)
     for a, b in zip(run.scores.ari, mask_scores(groups, masks).ari):
         np.testing.assert_allclose(a, b)
     vis = fanlens.group_tokens(lm, x[:3], n_clusters=FIGURE4_CLUSTERS, **kw)

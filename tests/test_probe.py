@@ -143,3 +143,64 @@ def test_ci_is_normal_interval_of_the_mean():
 def test_bad_arguments(tiny_vit, kwargs, match):
     with pytest.raises(FanlensError, match=match):
         fanlens.noise_probe(tiny_vit, _pixels(1, 64, 64), progress=False, **kwargs)
+
+
+class _Patches(torch.nn.Module):
+    """(B, 3, 16, 16) -> (B, 16, 48) tokens: the 4 x 4 patches as they are."""
+
+    def forward(self, x):
+        b = x.shape[0]
+        return x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(b, 16, 48)
+
+
+class _Half(torch.nn.Module):
+    def forward(self, t):
+        return 0.5 * t
+
+
+class _PatchModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(_Patches(), _Half())
+
+    def forward(self, x):
+        return self.blocks(x).mean(1)
+
+
+def test_pure_vs_clean_divides_the_noise_norm_by_the_image_norm_at_the_same_block():
+    from fanlens import Lens
+    from fanlens.runner import make_noise
+
+    x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    lens = Lens(_PatchModel(), x, blocks="blocks.*", num_prefix_tokens=0, batch_size=2, seed=3, progress=False)
+    res = lens.probe(mode="pure_vs_clean")
+    xn = lens.setup.cfg.normalize(x)
+    eps = torch.stack([make_noise(3, i, (3, 16, 16)) for i in range(5)])
+    expected = (_Patches()(eps).norm(dim=-1).mean(1) / _Patches()(xn).norm(dim=-1).mean(1)).numpy()
+    assert res.metric == "noise_to_clean_norm" and res.per_image.shape == (5, 2, 1)
+    np.testing.assert_allclose(res.per_image[:, 0, 0], expected, rtol=1e-5)
+    np.testing.assert_allclose(res.per_image[:, 1, 0], expected, rtol=1e-5)  # halving both leaves the ratio
+    # the same through the module function (no cache: clean and noise in one batch)
+    ref = fanlens.noise_probe(_PatchModel(), x, mode="pure_vs_clean", blocks="blocks.*", num_prefix_tokens=0,
+                              batch_size=2, seed=3, progress=False)
+    np.testing.assert_allclose(ref.per_image, res.per_image, rtol=1e-6)
+    with pytest.raises(FanlensError, match="token_norm goes with mode='additive'"):
+        lens.probe(mode="pure_vs_clean", token_norm=True)
+
+
+def test_token_norm_applies_a_per_token_layernorm_before_the_additive_measure():
+    from fanlens import Lens
+    from fanlens.runner import make_noise
+
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    lens = Lens(_PatchModel(), x, blocks="blocks.*", num_prefix_tokens=0, batch_size=4, seed=0, progress=False)
+    res = lens.probe(sigmas=(0.2,), token_norm=True)
+    eps = torch.stack([make_noise(0, i, (3, 16, 16)) for i in range(4)])
+    ln = lambda t: torch.nn.functional.layer_norm(t, t.shape[-1:])  # noqa: E731
+    clean, noisy = ln(_Patches()(lens.setup.cfg.normalize(x))), ln(_Patches()(lens.setup.cfg.normalize(x + 0.2 * eps)))
+    expected = ((noisy - clean).flatten(1).norm(dim=1) / clean.flatten(1).norm(dim=1)).numpy()
+    np.testing.assert_allclose(res.per_image[:, 0, 0], expected, rtol=1e-4)
+    assert res.provenance.params["token_norm"].startswith("per-token LayerNorm")
+    plain = lens.probe(sigmas=(0.2,))
+    assert plain.provenance.params["token_norm"] is None
+    assert not np.allclose(plain.per_image, res.per_image)

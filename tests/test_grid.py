@@ -1,0 +1,81 @@
+"""The claims over a grid of specifications: headline verdicts with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fanlens import claims, grid
+from fanlens.grid import Cell, GridRow
+
+SIGMAS = ("0.05", "0.1", "0.2", "0.5", "1")
+
+
+def _row(verdict: str, value: float | None = 0.5, statistic: str = "c1_within_block", claim: str = "C1",
+         models: str = "M") -> claims.ClaimRow:
+    return claims.ClaimRow(claim, statistic, "images", models, value, None if value is None else value - 0.1,
+                           None if value is None else value + 0.1, 0.0, "> 0", verdict, 64, 8)
+
+
+def _cells(verdicts_by_sigma: dict[str, str], rules=("rel_threshold", "eigengap")) -> list[GridRow]:
+    return [GridRow(Cell(s, space, "additive", rule), _row(v, 0.4 if v == "holds" else -0.4 if v == "contradicted"
+                                                           else 0.0))
+            for s, v in verdicts_by_sigma.items() for space in ("pixel", "normalized") for rule in rules]
+
+
+def test_a_claim_that_holds_in_every_cell_holds():
+    (h,) = grid.headline(_cells({s: "holds" for s in SIGMAS}))
+    assert (h.verdict, h.cells, h.holds, h.contradicted) == ("holds", 20, 20, 0) and h.flips_with == ""
+
+
+def test_ninety_percent_with_no_opposite_still_holds_but_one_opposite_cell_breaks_it():
+    rows = _cells({s: "holds" for s in SIGMAS})
+    rows[0] = GridRow(rows[0].cell, _row("inconclusive", 0.0))
+    rows[1] = GridRow(rows[1].cell, _row("inconclusive", 0.0))  # 18 of 20 = 90 %
+    assert grid.headline(rows)[0].verdict == "holds"
+    rows[2] = GridRow(rows[2].cell, _row("inconclusive", 0.0))  # 17 of 20
+    assert grid.headline(rows)[0].verdict == "depends on the specification"
+    rows = _cells({s: "holds" for s in SIGMAS})
+    rows[5] = GridRow(rows[5].cell, _row("contradicted", -0.4))  # 19 of 20 hold, one significantly the other way
+    assert grid.headline(rows)[0].verdict == "depends on the specification"
+
+
+def test_the_dimension_that_flips_a_verdict_is_named():
+    rows = _cells({"0.05": "holds", "0.1": "holds", "0.2": "inconclusive", "0.5": "contradicted",
+                   "1": "contradicted"})
+    (h,) = grid.headline(rows)
+    assert h.verdict == "depends on the specification"
+    assert h.flips_with == "sigma: holds at 0.05, 0.1; contradicted at 0.5, 1; inconclusive at 0.2"
+    assert (h.holds, h.contradicted, h.inconclusive) == (8, 8, 4) and h.median_value == pytest.approx(0.0)
+
+
+def test_no_significant_cell_is_inconclusive_and_no_defined_cell_is_not_available():
+    assert grid.headline(_cells({s: "inconclusive" for s in SIGMAS}))[0].verdict == "inconclusive"
+    rows = [GridRow(Cell(s, "pixel", "additive", "rel_threshold"), _row("inconclusive", None, "c3_blocks", "C3"))
+            for s in SIGMAS]
+    (h,) = grid.headline(rows)
+    assert h.verdict == "not available" and h.cells == 0
+
+
+def test_descriptive_statistics_get_no_headline():
+    rows = _cells({s: "holds" for s in SIGMAS})
+    rows += [GridRow(r.cell, _row("contradicted", -0.5, "c1_spearman")) for r in rows]
+    heads = grid.headline(rows)
+    assert [h.statistic for h in heads] == ["c1_within_block"] and heads[0].verdict == "holds"
+
+
+def test_evaluate_writes_one_row_per_cell_and_claim_with_the_dimensions(tmp_path):
+    from test_claims import _evidence, _profile
+
+    L = 8
+    ev = _evidence("M", _profile(np.linspace(8, 4, L)), _profile(np.linspace(1, 0.3, L)))
+    cells = [(Cell("0.1", space, "additive", "rel_threshold"), [ev], dict(sigma=0.1))
+             for space in ("pixel", "normalized")]
+    res = grid.evaluate(cells, n_boot=50, seed=0, notes=lambda c, r: "at chance" if c.space == "normalized" else "")
+    assert len(res.rows) == 2 * len(claims.check([ev], n_boot=50).rows)
+    assert {r.cell.space for r in res.rows} == {"pixel", "normalized"}
+    assert all(r.row.note.endswith("at chance") for r in res.rows if r.cell.space == "normalized")
+    res.write_files(tmp_path)
+    header = (tmp_path / "claims.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["sigma", "space", "measure", "rule"]
+    assert "| C1 | c1_within_block | M |" in (tmp_path / "claims.md").read_text()
