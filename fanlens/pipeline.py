@@ -83,6 +83,9 @@ class ModelRun:
     alone: bool = False  # a model without weights, analysed as a random-init model only (no twin, no claims)
     pure_probe: ProbeResult | None = None  # pure N(0, 1) inputs, feature norm / the clean images' (Figure 3c input)
     grid_probes: dict = field(default_factory=dict)  # (space, measure) -> additive ProbeResult at GRID_SIGMAS
+    noise_accuracy: dict = field(default_factory=dict)  # (space, sigma) -> accuracy (or agreement with the clean
+    # prediction without labels) under the grid's noise, from the same forward passes
+    chance: float | None = None  # the accuracy up to which a model counts as at chance (see _chance_level)
 
     def evidence(self, series: str | None = None, probe: ProbeResult | None = None) -> claims.Evidence:
         """This run as input of :func:`fanlens.claims.check` (``probe``: another probe of the same
@@ -186,6 +189,9 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
         finish["normalized/additive+layernorm"] = analysis.token_norm_twin(s, npart, sigmas=GRID_SIGMAS,
                                                                             space="normalized", **common)
         parts.append(npart)
+        scored: dict = {}
+        part.outputs = _noise_scorer(scored, "pixel", sig, labels)
+        npart.outputs = _noise_scorer(scored, "normalized", GRID_SIGMAS, labels)
     # the paper's Figure 3 input: one pure N(0, 1) input per image, its features against the image's
     part, _key, finish["pure"] = analysis.probe_part(s, mode="pure_vs_clean", **common)
     parts.append(part)
@@ -226,8 +232,52 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
             rob, cprobe = rob
         elif figures:
             cprobe = finish["cprobe"]()
+    acc, chance = {}, None
+    if grid:
+        acc = {k: float(np.mean(np.concatenate(v))) for k, v in scored.items() if k != "classes"}
+        chance = _chance_level(scored["classes"], len(s.images))
     return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe, colours=colours, pure_probe=pure,
-                    grid_probes=grid_probes)
+                    grid_probes=grid_probes, noise_accuracy=acc, chance=chance)
+
+
+def _noise_scorer(scored: dict, space: str, sigmas: Sequence[float], labels: Any):
+    """An outputs callback for a probe part: per noisy copy (``sigmas`` without 0, in order) whether each
+    image's prediction is right (with ``labels``) or still the clean one (without), into ``scored``."""
+    y_all = None if labels is None else np.asarray(labels).reshape(-1)
+    nonzero = [v for v in sigmas if v != 0]
+
+    def outputs(out: torch.Tensor, x: torch.Tensor, idx: list[int]) -> None:
+        b = x.shape[0]
+        pred = out.argmax(-1).cpu().numpy()
+        scored["classes"] = int(out.shape[-1])
+        ref = y_all[list(idx)] if y_all is not None else pred[:b]
+        for j, v in enumerate(nonzero):
+            scored.setdefault((space, float(v)), []).append(pred[(j + 1) * b : (j + 2) * b] == ref)
+
+    return outputs
+
+
+def _chance_level(n_classes: int, n: int) -> float:
+    """The accuracy at or below which a model is at chance on ``n`` images: 1 / classes plus 1.96
+    binomial standard errors."""
+    p = 1.0 / max(n_classes, 1)
+    return p + 1.96 * float(np.sqrt(p * (1 - p) / max(n, 1)))
+
+
+def _chance_notes(runs: Sequence[ModelRun]):
+    """The ``notes`` of :func:`fanlens.grid.evaluate`: the models of a row that are at chance accuracy
+    under the cell's noise (their verdicts there say little about robustness)."""
+    def note(cell, row) -> str:
+        try:
+            sg = float(cell.sigma)
+        except ValueError:  # the pure-noise input: no accuracy to speak of
+            return ""
+        low = [f"{r.label} {r.noise_accuracy[(cell.space, sg)]:.2f}" for r in runs
+               if r.label in row.models and r.chance is not None and (cell.space, sg) in r.noise_accuracy
+               and r.noise_accuracy[(cell.space, sg)] <= r.chance]
+        return f"at chance accuracy at this sigma ({', '.join(low)})" if low else ""
+
+    return note
 
 
 def _grid_cells(runs: Sequence[ModelRun], heads_runs: Sequence[ModelRun]) -> list:
@@ -528,7 +578,8 @@ def reproduce(
         say("checking the claims (bootstrap over images)")
         checked = claims.check(evidence, sigma=0.1 if 0.1 in sigmas else None, seed=seed)
         say("checking the claims over the specification grid")
-        spec_grid = grid_mod.evaluate(_grid_cells(runs, heads_runs), seed=seed)
+        spec_grid = grid_mod.evaluate(_grid_cells(runs, heads_runs), seed=seed,
+                                      notes=_chance_notes([r for r in runs + heads_runs if r.trained]))
     else:
         say("no model with weights: no claims are checked")
     with folder.staging() as out:

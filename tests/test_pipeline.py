@@ -111,6 +111,11 @@ def test_zoo_path_writes_every_figure(tmp_path, monkeypatch):
     assert {r["verdict"] for r in table} <= {"holds", "contradicted", "inconclusive"}
     assert all(r["n_images"] == "6" for r in table)
     assert all(r["value"] not in ("nan", "inf") for r in table)
+    # accuracy under each cell's noise, from the same pass: the cells where a model is at chance say so
+    at_chance = {(r["sigma"], r["space"]) for r in table if "at chance accuracy at this sigma" in r["note"]}
+    assert ("1", "pixel") in at_chance and ("0.05", "pixel") not in at_chance
+    assert all(0 <= v <= 1 for r in res.runs if r.trained for v in r.noise_accuracy.values())
+    assert res.runs[0].noise_accuracy[("pixel", 0.05)] >= res.runs[0].noise_accuracy[("pixel", 1.0)]
     heads = [r for r in table if r["claim"] == "C4"]
     assert heads and all(r["n_units"] == "4" for r in heads)  # vit-h1, vit-h2, vit (4 heads), vit-h8
     assert [r.heads for r in res.heads_runs] == [1, 2, 8] and res.runs[0].heads == 4
