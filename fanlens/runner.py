@@ -355,7 +355,8 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
     keep_out = cache is not None and cache.enabled
 
     with torch.inference_mode(), TokenCapture(s.lm.model, stop_early=not need_out, **s.capture_kwargs) as cap:
-        def forward(inputs: list[torch.Tensor], run_to_end: bool, b: int, names: Sequence[str] | None) -> tuple[Any, list]:
+        def forward(inputs: list[torch.Tensor], run_to_end: bool, b: int,
+                    names: Sequence[str] | None) -> tuple[Any, list]:
             cap.clear()
             cap.stop_early = not run_to_end
             out = run_forward(cap, inputs[0] if len(inputs) == 1 else torch.cat(inputs))
