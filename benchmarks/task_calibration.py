@@ -22,6 +22,7 @@ Run: python benchmarks/task_calibration.py cnn 1500   (prints validation accurac
 """
 
 import math
+import os
 import sys
 import time
 import json
@@ -122,7 +123,7 @@ def dataset(n, seed, split):
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("CALIB_THREADS", "1")))  # one thread by default: it runs beside other work
     global CLASSES, VERSION
     arch = sys.argv[1]; steps = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
     VERSION = int(sys.argv[3]) if len(sys.argv) > 3 else 3

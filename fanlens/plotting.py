@@ -55,11 +55,16 @@ def _axes(ax):
     return ax
 
 
+LEGEND_LABEL_WIDTH = 28  # characters per line of a legend entry beside the axes
+
+
 def _legend_beside(ax, **kwargs):
     """The axes' legend to the right of its plot, outside it: it never covers a data point, and a
-    constrained layout makes room for it."""
+    constrained layout makes room for it (long labels wrapped, see :func:`_wrap_label`)."""
     kwargs.setdefault("fontsize", 7)
-    return ax.legend(frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5), **kwargs)
+    handles, labels = ax.get_legend_handles_labels()
+    labels = [_wrap_label(lab, LEGEND_LABEL_WIDTH) for lab in labels]
+    return ax.legend(handles, labels, frameon=False, loc="center left", bbox_to_anchor=(1.01, 0.5), **kwargs)
 
 
 def _rule_label(rule: str) -> str:
@@ -926,10 +931,15 @@ def text_problems(fig, *, tolerance: float = 1.0, data: bool = True) -> list[str
     not overlap another of them (tick labels of one axis included), and with ``data`` (iii) no
     legend covers a data point of its axes. ``tolerance``: pixels of overlap forgiven.
     """
+    import warnings
+
     from matplotlib.layout_engine import ConstrainedLayoutEngine
 
-    fig.canvas.draw()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
+    layout = [f"layout: {w.message}" for w in caught if "constrained_layout" in str(w.message)]
     items: list[tuple[str, Any, int]] = []  # (what, bbox, owner id: texts of one legend share one)
 
     def add(what: str, artist, owner: int | None = None) -> None:
@@ -970,7 +980,7 @@ def text_problems(fig, *, tolerance: float = 1.0, data: bool = True) -> list[str
         if lg is not None and lg.get_visible():
             add(f"{name} legend", lg)
             legends.append((name, ax, lg))
-    problems = []
+    problems = list(dict.fromkeys(layout))  # a constrained layout that gave up: the text does not fit
     fb = fig.bbox
     if isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):
         for what, bb, _o in items:

@@ -28,7 +28,26 @@ def _weights_file(tmp_path, spec: str, seed: int):
     return str(path)
 
 
-def test_real_model_path_with_checkpoints_and_their_random_init_twins(tmp_path, image_dir, capsys):
+@pytest.fixture
+def legible(monkeypatch):
+    """Every figure reproduce saves is checked with plotting.text_problems: ``{file: problems}``."""
+    import fanlens.pipeline as pipeline
+    from fanlens.plotting import text_problems
+
+    problems = {}
+    real_save = pipeline._save_fig
+
+    def checked_save(fig, path):
+        found = text_problems(fig)
+        if found:
+            problems[path.name] = found
+        real_save(fig, path)
+
+    monkeypatch.setattr(pipeline, "_save_fig", checked_save)
+    return problems
+
+
+def test_real_model_path_with_checkpoints_and_their_random_init_twins(tmp_path, image_dir, capsys, legible):
     out = tmp_path / "figs"
     ck = [_weights_file(tmp_path, TINY, 11), _weights_file(tmp_path, "resnet18", 12)]
     code = cli.main(["reproduce", "--model", TINY, "--model", "resnet18", "--checkpoint", ck[0], "--checkpoint",
@@ -61,6 +80,7 @@ def test_real_model_path_with_checkpoints_and_their_random_init_twins(tmp_path, 
     assert {"sigma", "space", "measure", "rule"} <= set(table[0])  # one row per claim, model and grid cell
     assert {r["measure"] for r in table} == {"additive", "additive+layernorm", "pure_vs_clean"}
     assert (out / "report.html").is_file() and len(list((out / "viewer").iterdir())) == 4
+    assert legible == {}  # long model specs (file paths) wrap or shorten: no clipped or overlapping text
 
 
 def test_checkpoint_count_must_match_models(tmp_path, image_dir):
@@ -334,7 +354,7 @@ def test_a_model_without_weights_is_not_its_own_twin(tmp_path, image_dir, capsys
     assert not (out / "claims.csv").exists() and "no claims are checked" in captured.err
 
 
-def test_reproduce_skips_parts_and_takes_the_first_images(tmp_path, image_dir):
+def test_reproduce_skips_parts_and_takes_the_first_images(tmp_path, image_dir, legible):
     ck = _weights_file(tmp_path, TINY, 3)
     res = reproduce([TINY], checkpoints=[ck], images=image_dir, out=tmp_path / "r", sigmas=(0.1,), progress=False,
                     n_images=2, skip="groups,robustness")
@@ -346,5 +366,6 @@ def test_reproduce_skips_parts_and_takes_the_first_images(tmp_path, image_dir):
     assert "figure3c.png" in names and not any(n.startswith(("figure4", "robustness")) for n in names)
     man = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert man["parameters"]["skipped"] == ["groups", "robustness"]
+    assert legible == {}  # one sigma panel with long model specs in its legend
     with pytest.raises(FanlensError, match=r"skip must name parts among \('groups', 'robustness'\). Got 'spectrum'"):
         reproduce([TINY], images=image_dir, out=tmp_path / "s", skip="spectrum")

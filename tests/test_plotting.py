@@ -301,3 +301,29 @@ def test_text_problems_passes_a_plain_figure():
     ax.set(title="title", xlabel="x", ylabel="y", ylim=(-0.2, 1.6))
     ax.legend(loc="upper center", ncols=2)
     assert text_problems(fig) == []
+
+
+def test_text_problems_reports_a_constrained_layout_that_gave_up():
+    import matplotlib.pyplot as plt
+
+    from fanlens.plotting import text_problems
+
+    fig, ax = plt.subplots(figsize=(2.5, 2), layout="constrained")
+    ax.plot([0, 1], [0, 1], label="x" * 120)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    assert any(p.startswith("layout: constrained_layout not applied") for p in text_problems(fig))
+
+
+def test_long_model_specs_wrap_in_legends_beside_the_axes():
+    import matplotlib.pyplot as plt
+
+    from fanlens.plotting import _legend_beside, text_problems
+
+    fig, ax = plt.subplots(figsize=(4.2, 3.6), layout="constrained")
+    spec = "/a/rather/deep/folder/of/a/user/tests/tiny_models.py:tiny_vit"
+    ax.plot([0, 1], [0, 1], label=spec)
+    ax.plot([0, 1], [1, 0], label=spec + " (random init)")
+    labels = [t.get_text() for t in _legend_beside(ax).get_texts()]
+    assert labels[0] == "/a/rather/deep/folder/of/a/\nuser/tests/tiny_models.py:\ntiny_vit"
+    assert all(max(map(len, t.split("\n"))) <= 28 and t.count("\n") < 3 for t in labels)
+    assert text_problems(fig) == []
