@@ -22,8 +22,7 @@ from ._validation import FanlensError, check_choice, check_fraction, check_nonne
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
 from .results import BlockInfo, GroupsResult, ProbeResult, Provenance, SpectrumResult
-from .runner import (AccState, Part, Setup, make_noise, make_provenance, n_batches, resolve_shard, run_state, setup,
-                     state_key, stream, stream_parts)
+from .runner import (AccState, Part, Setup, make_noise, make_provenance, n_batches, state_key, stream)
 
 __all__ = [
     "DEFAULT_TOKEN_BUDGET",

@@ -17,7 +17,6 @@ one verdict per claim and model:
 from __future__ import annotations
 
 import dataclasses
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
