@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from fanlens.synthetic import _shape_mask, _polygon_radius
 
+FINE = 4.5  # version 4: the object's texture 4.5x the background's frequency (period 3.5-6 px at 64 x 64)
 VERSION = 3  # set by the command line: python benchmarks/task_calibration.py ARCH STEPS [VERSION]
 CLASSES_V2 = ("disk", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent", "pentagon", "ellipse")
 CLASSES_V3 = ("disk", "square", "triangle", "star", "cross", "ring", "crescent", "L", "T", "bar")
@@ -60,7 +61,7 @@ def texture(rng, dx, dy, kind=None, fine=False):
     """Zero-mean texture in [-1, 1]: oriented grating, checker or band-pass noise; ``fine``: 2-3x the frequency."""
     kind = int(rng.integers(3)) if kind is None else kind
     a = rng.uniform(0, np.pi)
-    m = 2.5 if fine else 1.0
+    m = (FINE if VERSION >= 4 else 2.5) if fine else 1.0
     if kind == 0:
         f = rng.uniform(2.5, 4) * m
         return np.sin(2 * np.pi * f * (np.cos(a) * dx + np.sin(a) * dy) + rng.uniform(0, 6.3)), kind
@@ -87,6 +88,9 @@ def render(rng, size=64, label=None):
         bg, kb = texture(rng, xx, yy)
         ko = (kb + int(rng.integers(1, 3))) % 3  # object texture of another kind than the background
     ob, _ = texture(rng, xx, yy, ko, fine=True)
+    amp_o = 0.3 if VERSION >= 5 else amp  # version 5: the object's texture at more contrast, the background's less
+    if VERSION >= 5:
+        amp = 0.14
     img = 0.5 + amp * bg
     def pose(smin, smax):
         s = rng.uniform(smin, smax) * size
@@ -95,16 +99,16 @@ def render(rng, size=64, label=None):
         dy, dx = ((yy * size) - cy) / s, ((xx * size) - cx) / s
         return np.cos(rot) * dx + np.sin(rot) * dy, -np.sin(rot) * dx + np.cos(rot) * dy
     # distractors: 1-2 small shapes of another class, background's texture kind with another phase/orientation
-    for _ in range(int(rng.integers(1, 3))):
+    for _ in range(int(rng.integers(1, 3)) if VERSION < 4 else 1):
         k = int(rng.integers(len(CLASSES) - 1)); k += k >= label
-        u, v = pose(0.09, 0.14)
+        u, v = pose(0.09, 0.14) if VERSION < 4 else pose(0.08, 0.11)
         dt, _ = texture(rng, xx, yy, None, fine=True)
-        img = np.where(shape(k, u, v), 0.5 + amp * dt, img)
-    u, v = pose(0.24, 0.36)
+        img = np.where(shape(k, u, v), 0.5 + amp_o * dt, img)
+    u, v = pose(0.24, 0.36) if VERSION < 4 else pose(0.28, 0.38)
     mask = shape(label, u, v)
-    img = np.where(mask, 0.5 + amp * ob, img)
+    img = np.where(mask, 0.5 + amp_o * ob, img)
     # occluder: one bar of background texture across the image
-    a = rng.uniform(0, np.pi); c = rng.uniform(0.3, 0.7); w = rng.uniform(0.03, 0.07)
+    a = rng.uniform(0, np.pi); c = rng.uniform(0.3, 0.7); w = rng.uniform(0.03, 0.07) if VERSION < 4 else rng.uniform(0.02, 0.04)
     bar = np.abs(np.cos(a) * (xx - c) + np.sin(a) * (yy - c)) < w
     oc, _ = texture(rng, xx, yy, kb)
     img = np.where(bar, 0.5 + amp * oc, img)

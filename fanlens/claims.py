@@ -36,6 +36,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import warnings
@@ -49,6 +50,7 @@ from ._validation import FanlensError, check_positive_int, check_seed
 from .results import ProbeResult, RobustnessResult, SpectrumResult, rows_to_csv, versions, write_atomic
 
 __all__ = ["Evidence", "ClaimRow", "ClaimsResult", "check", "spearman", "bootstrap_weights", "VERDICTS", "C3_NOT_AVAILABLE",
+           "EACH_SIGMA", "MIN_NETWORKS",
            "DEFAULT_N_BOOT", "MID_DEPTH", "CSV_FIELDS", "HEADS_SERIES"]
 
 VERDICTS = ("holds", "contradicted", "inconclusive")
@@ -57,7 +59,9 @@ MID_DEPTH = (0.3, 0.7)
 LEVEL = 0.95
 HEADS_SERIES = "heads"  # Evidence.series of models that only enter C4 (the heads variants)
 CSV_FIELDS = ("claim", "statistic", "scope", "models", "value", "ci_low", "ci_high", "null", "expected", "verdict",
-              "n_images", "n_units", "note")
+              "n_networks", "n_images", "n_units", "level", "note")
+MIN_NETWORKS = 3
+"""An architecture-level verdict needs at least this many networks (independent training seeds)."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,11 @@ class Evidence:
             across training; snapshots enter nothing else), or ``None``.
         family: ``"cnn"`` or ``"transformer"``; ``None`` reads it from the block layouts (all
             ``NCHW``: a CNN).
+        architecture: the unit of inference this network belongs to (e.g. ``"ViT"`` for the
+            networks ``zoo:vit``, ``zoo:vit@1``, ``zoo:vit@2``, trained with different seeds);
+            ``None``: the network is its own unit. Networks of one architecture are resampled
+            hierarchically (networks, then images) and compared with other architectures as a
+            whole.
     """
 
     label: str
@@ -87,6 +96,7 @@ class Evidence:
     series: str | None = None
     step: int | None = None
     family: str | None = None
+    architecture: str | None = None
 
     @property
     def kind(self) -> str:
@@ -112,6 +122,10 @@ class ClaimRow:
     n_images: int
     n_units: int
     note: str = ""
+    n_networks: int = 1
+    level: str = "model"
+    # "model": a network that is its own unit; "network": one of several networks of an architecture (listed for
+    # the record, the verdict about the architecture is the "architecture" row)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -144,7 +158,8 @@ class ClaimsResult:
         for r in self.rows:
             val = "undefined" if r.value is None else f"{r.value:.3g}"
             ci = "" if r.ci_low is None else f"[{r.ci_low:.3g}, {r.ci_high:.3g}]"
-            n = f"{r.n_images} images" + (f", {r.n_units} {r.scope}" if r.scope != "images" else "")
+            n = (f"{r.n_networks} networks x " if r.n_networks > 1 else "") + f"{r.n_images} images" + (
+                f", {r.n_units} {r.scope}" if r.scope != "images" else "")
             verdict = f"**{r.verdict}**" + (f" ({r.note})" if r.note else "")
             lines.append(f"| {r.claim} | {r.statistic} | {r.models} | {val} | {ci} | {r.expected} | {verdict} | {n} |")
         head = (f"Percentile bootstrap over images, {p.get('n_boot')} resamples, seed {p.get('seed')}; "
@@ -236,6 +251,9 @@ class _Resampler:
             return np.nanmean(rho, axis=-1)
 
 
+EACH_SIGMA = "each"
+"""``check(sigma=EACH_SIGMA)``: every model's probe at its own single noise level (the damage-matched cells)."""
+
 C3_NOT_AVAILABLE = ("not available: no object masks. C3 needs a grouping score that is not the count "
                     "(C1 relates the count to the perturbation already)")
 
@@ -271,6 +289,11 @@ def _column(res: ProbeResult, sigma: float | None) -> int:
     if res.perturbations or res.mode != "additive":
         raise FanlensError("probe must be an additive Gaussian-noise probe (sigmas), not a corruption or pure-noise "
                            f"probe. Got mode={res.mode!r}, perturbations={list(res.perturbations)}.")
+    if sigma == EACH_SIGMA:  # every probe at its own noise level (e.g. damage-matched): one sigma each
+        if len(res.sigmas) != 1:
+            raise FanlensError(f"sigma={EACH_SIGMA!r} needs probes with one noise level each; the probe of "
+                               f"{res.model!r} has {list(res.sigmas)}.")
+        return 0
     sig = max(res.sigmas) if sigma is None else float(sigma)
     if sig not in res.sigmas:
         raise FanlensError(f"sigma must be one of the probe's sigmas {res.sigmas}. Got {sigma!r} instead.")
@@ -297,7 +320,7 @@ def _corruption_error(rob: RobustnessResult) -> np.ndarray:
 def check(
     evidence: Sequence[Evidence],
     *,
-    sigma: float | None = None,
+    sigma: float | str | None = None,
     rule: str | None = None,
     n_boot: int = DEFAULT_N_BOOT,
     seed: int = 0,
@@ -308,7 +331,8 @@ def check(
         evidence: one :class:`Evidence` per model (trained models; snapshots and heads
             variants carry ``series``/``step`` and ``heads``).
         sigma: the probe's noise level used as "perturbation" (default 0.1 when present,
-            else the largest).
+            else the largest); ``"each"``: every probe has one noise level of its own
+            (e.g. the sigma at which each model's accuracy halves) and that one is used.
         rule: the counting rule (default: the spectrum's first rule).
         n_boot: bootstrap resamples (at least 1000 for a reported interval; fewer for tests).
         seed: seeds the resampling.
@@ -325,6 +349,8 @@ def check(
     check_positive_int("n_boot", n_boot)
     check_seed(seed)
     first = evidence[0]
+    if isinstance(sigma, str) and sigma != EACH_SIGMA:
+        raise FanlensError(f"sigma must be a noise level, None or {EACH_SIGMA!r}. Got {sigma!r} instead.")
     if sigma is None and first.probe.mode == "pure_vs_clean":
         sigma = 1.0
     elif sigma is None:
@@ -355,51 +381,74 @@ def check(
             d["cerr"] = ce
         data[e.label] = d
     rs = _Resampler(evidence, n_boot, seed)
+    units = _Units(evidence, n_boot, seed)
     rows: list[ClaimRow] = []
     # the main models; snapshots (step) enter the training series only, heads variants (series "heads") C4 only
     single = [e for e in evidence if e.step is None and e.series != HEADS_SERIES]
 
-    # C1 and C3 across blocks, per model
-    for e in single:
-        d, n = data[e.label], rs.n(e.label)
-        L = d["count"].shape[1]
-        mc, mp = rs.means(e.label, d["count"]), rs.means(e.label, d["pert"])
-        rows.append(_row("C1", "c1_spearman", "blocks", e.label, spearman(mc, mp), 0.0, +1, n, L,
-                         "trend across blocks: anything that changes with depth correlates; the C1 verdict rests "
-                         "on c1_within_block" if L >= 3 else "fewer than 3 blocks"))
-        rows.append(_row("C1", "c1_within_block", "images", e.label, rs.within_block(e.label, d["count"], d["pert"]),
-                         0.0, +1, n, L, "per block, Spearman rho across images of count and perturbation; mean over "
-                         "blocks"))
-        if L >= 3:
-            mid = _mid_blocks(L)
-            for key, stat in (("count", "c1_count_drop"), ("pert", "c1_perturbation_drop")):
-                diff = d[key][:, mid].mean(axis=1) - d[key][:, 0]
-                rows.append(_row("C1", stat, "images", e.label, rs.means(e.label, diff), 0.0, -1, n, L))
-        if "ari" in d:
-            rows.append(_row("C3", "c3_blocks (mask ARI vs -perturbation)", "blocks", e.label,
-                             spearman(rs.means(e.label, d["ari"]), -mp), 0.0, +1, n, L))
-        else:
-            rows.append(_not_available("C3", "c3_blocks", "blocks", e.label, n, L))
+    def per_model(claim: str, stat: str, scope: str, evs: Sequence[Evidence], fn: Callable[[Evidence], np.ndarray],
+                  null: float, sign: int, note: Callable[[Evidence], str] | str = "") -> None:
+        """A row per network, then one per architecture with several networks (hierarchical resampling)."""
+        samples = {e.label: fn(e) for e in evs}
+        shared = {e.label for u in units.of(evs) if len(u.members) > 1 for e in u.members}
+        for e in evs:
+            r = _row(claim, stat, scope, e.label, samples[e.label], null, sign, rs.n(e.label),
+                     data[e.label]["pert"].shape[1], note(e) if callable(note) else note)
+            rows.append(dataclasses.replace(r, level="network") if e.label in shared else r)
+        for u in units.of(evs):
+            if len(u.members) > 1:
+                first = u.members[0]
+                rows.append(units.row(u, [samples[e.label] for e in u.members], claim, stat, scope, null, sign,
+                                      rs.n(first.label), data[first.label]["pert"].shape[1],
+                                      note(first) if callable(note) else note))
 
-    # C2: decay ratio per model, and transformer minus CNN
+    # C1 and C3 across blocks, per model
+    mids = {}
+    for e in single:
+        L = data[e.label]["count"].shape[1]
+        if L >= 3:
+            mids[e.label] = _mid_blocks(L)
+    per_model("C1", "c1_spearman", "blocks", single,
+              lambda e: spearman(rs.means(e.label, data[e.label]["count"]), rs.means(e.label, data[e.label]["pert"])),
+              0.0, +1, lambda e: "trend across blocks: anything that changes with depth correlates; the C1 verdict "
+              "rests on c1_within_block" if data[e.label]["count"].shape[1] >= 3 else "fewer than 3 blocks")
+    per_model("C1", "c1_within_block", "images", single,
+              lambda e: rs.within_block(e.label, data[e.label]["count"], data[e.label]["pert"]), 0.0, +1,
+              "per block, Spearman rho across images of count and perturbation; mean over blocks")
+    with_mid = [e for e in single if e.label in mids]
+    for key, stat in (("count", "c1_count_drop"), ("pert", "c1_perturbation_drop")):
+        per_model("C1", stat, "images", with_mid,
+                  lambda e, key=key: rs.means(e.label, data[e.label][key][:, mids[e.label]].mean(axis=1)
+                                              - data[e.label][key][:, 0]), 0.0, -1)
+    with_ari = [e for e in single if "ari" in data[e.label]]
+    per_model("C3", "c3_blocks (mask ARI vs -perturbation)", "blocks", with_ari,
+              lambda e: spearman(rs.means(e.label, data[e.label]["ari"]), -rs.means(e.label, data[e.label]["pert"])),
+              0.0, +1)
+    for e in single:
+        if "ari" not in data[e.label]:
+            rows.append(_not_available("C3", "c3_blocks", "blocks", e.label, rs.n(e.label),
+                                       data[e.label]["count"].shape[1]))
+
+    # C2: decay ratio per model, and transformer minus CNN (per architecture)
     ratios = {}
     for e in single:
         mp = rs.means(e.label, data[e.label]["pert"])
         with np.errstate(divide="ignore", invalid="ignore"):
             ratios[e.label] = mp[:, -1] / mp[:, 0]
-        rows.append(_row("C2", "c2_decay_ratio (last / first block)", "images", e.label, ratios[e.label], 1.0, -1,
-                         rs.n(e.label), data[e.label]["pert"].shape[1]))
-    cnns = [e for e in single if e.kind == "cnn"]
-    trans = [e for e in single if e.kind != "cnn"]
+    per_model("C2", "c2_decay_ratio (last / first block)", "images", single, lambda e: ratios[e.label], 1.0, -1)
+    cnns = units.of([e for e in single if e.kind == "cnn"])
+    trans = units.of([e for e in single if e.kind != "cnn"])
     for t in trans:
         for c in cnns:
-            paired = rs.key[t.label] == rs.key[c.label]
-            rows.append(_row("C2", "c2_ratio_difference (transformer - CNN)", "images", f"{t.label} - {c.label}",
-                             ratios[t.label] - ratios[c.label], 0.0, -1, min(rs.n(t.label), rs.n(c.label)), 2,
-                             "" if paired else "independent resamples (different images)"))
+            paired = rs.key[t.members[0].label] == rs.key[c.members[0].label]
+            rows.append(units.across_row(
+                [t, c], lambda v: v[0] - v[1], {u.label: [ratios[e.label] for e in u.members] for u in (t, c)},
+                "C2", "c2_ratio_difference (transformer - CNN)", "images", f"{units.name(t)} - {units.name(c)}", 0.0,
+                -1, min(rs.n(t.members[0].label), rs.n(c.members[0].label)), 2,
+                "" if paired else "independent resamples (different images)"))
 
     # C3 across models
-    rows += _across("C3", "c3_models", "models", single, data, rs)
+    rows += _across("C3", "c3_models", "models", single, data, rs, units)
     # C3 across training, per series
     series: dict[str, list[Evidence]] = {}
     for e in evidence:
@@ -407,47 +456,163 @@ def check(
             series.setdefault(e.series, []).append(e)
     for name, evs in series.items():
         evs = sorted(evs, key=lambda e: e.step)
-        rows += _across("C3", f"c3_training[{name}]", "snapshots", evs, data, rs)
-    # C4: heads
-    with_heads = sorted((e for e in evidence if e.step is None and e.heads is not None), key=lambda e: e.heads)
-    if len({e.heads for e in with_heads}) >= 3:
-        heads = np.array([e.heads for e in with_heads], dtype=float)
-        lab = ", ".join(f"{e.label} ({e.heads})" for e in with_heads)
+        rows += _across("C3", f"c3_training[{name}]", "snapshots", evs, data, rs, None)
+    # C4: heads, per architecture (the networks of one head count form a unit)
+    with_heads = [e for e in evidence if e.step is None and e.heads is not None]
+    heads_units = sorted(units.of(with_heads), key=lambda u: u.members[0].heads)
+    if len({u.members[0].heads for u in heads_units}) >= 3:
+        heads = np.array([u.members[0].heads for u in heads_units], dtype=float)
+        lab = ", ".join(f"{units.name(u)} ({u.members[0].heads})" for u in heads_units)
         n = min(rs.n(e.label) for e in with_heads)
-        rob = np.stack([-rs.means(e.label, data[e.label]["pert"])[:, -1] for e in with_heads], axis=-1)
-        rows.append(_row("C4", "c4_heads (heads vs -last-block perturbation)", "models", lab,
-                         spearman(np.broadcast_to(heads, rob.shape), rob), 0.0, +1, n, len(with_heads)))
+
+        def rho(v: list[np.ndarray]) -> np.ndarray:
+            rob = np.stack(v, axis=-1)
+            return spearman(np.broadcast_to(heads, rob.shape), rob)
+
+        rows.append(units.across_row(
+            heads_units, rho, {u.label: [-rs.means(e.label, data[e.label]["pert"])[:, -1] for e in u.members]
+                               for u in heads_units},
+            "C4", "c4_heads (heads vs -last-block perturbation)", "models", lab, 0.0, +1, n, len(heads_units)))
         if all("cerr" in data[e.label] for e in with_heads):
-            rob = np.stack([-rs.means(e.label, data[e.label]["cerr"]) for e in with_heads], axis=-1)
-            rows.append(_row("C4", "c4_heads (heads vs -corruption error)", "models", lab,
-                             spearman(np.broadcast_to(heads, rob.shape), rob), 0.0, +1, n, len(with_heads)))
+            rows.append(units.across_row(
+                heads_units, rho, {u.label: [-rs.means(e.label, data[e.label]["cerr"]) for e in u.members]
+                                   for u in heads_units},
+                "C4", "c4_heads (heads vs -corruption error)", "models", lab, 0.0, +1, n, len(heads_units)))
     params = {"n_boot": n_boot, "seed": seed, "sigma": sigma, "rule": rule, "level": LEVEL,
-              "mid_depth": list(MID_DEPTH), "interval": "percentile bootstrap over images (paired across models "
-              "on the same images)",
+              "mid_depth": list(MID_DEPTH), "min_networks": MIN_NETWORKS,
+              "interval": "percentile bootstrap over images (paired across models on the same images); for an "
+              "architecture with several networks, hierarchical: networks with replacement, then images",
               "models": [{"label": e.label, "model": e.spectrum.model,
                           "weights_sha256": e.spectrum.provenance.weights_sha256, "heads": e.heads,
-                          "series": e.series, "step": e.step, "family": e.kind} for e in evidence]}
+                          "series": e.series, "step": e.step, "family": e.kind,
+                          "architecture": e.architecture} for e in evidence]}
     return ClaimsResult(rows, params)
 
 
-def _across(claim: str, stat: str, scope: str, evs: Sequence[Evidence], data: dict, rs: _Resampler) -> list[ClaimRow]:
-    """Spearman rho across units (models, snapshots) between grouping score and robustness."""
-    if len(evs) < 3:
+@dataclass
+class _Unit:
+    """One unit of inference: an architecture and its networks; ``m`` the network multiplicities per
+    resample ``(1 + n_boot, networks)``, row 0 all ones."""
+
+    label: str
+    members: list
+    m: np.ndarray
+
+
+class _Units:
+    """The architectures of the evidence and their hierarchical resampling (networks, then images:
+    the image weights of :class:`_Resampler` apply inside every drawn network)."""
+
+    def __init__(self, evidence: Sequence[Evidence], n_boot: int, seed: int) -> None:
+        groups: dict[str, list[Evidence]] = {}
+        for e in evidence:
+            groups.setdefault(e.architecture or e.label, []).append(e)
+        rng = np.random.default_rng([seed, 1])  # a stream of its own: the image resamples stay as they were
+        self.units: dict[str, _Unit] = {}
+        for label, members in groups.items():
+            k = len(members)
+            m = np.ones((1 + n_boot, k)) if k == 1 else bootstrap_weights(k, n_boot, rng)
+            self.units[label] = _Unit(label, members, m)
+        self.of_label = {e.label: e.architecture or e.label for e in evidence}
+
+    def of(self, evs: Sequence[Evidence]) -> list[_Unit]:
+        """The units of ``evs`` (in order of appearance), each restricted to the networks in ``evs``."""
+        out: dict[str, list[Evidence]] = {}
+        for e in evs:
+            out.setdefault(self.of_label[e.label], []).append(e)
+        res = []
+        for label, members in out.items():
+            u = self.units[label]
+            keep = [i for i, e in enumerate(u.members) if e in members]
+            res.append(_Unit(label, [u.members[i] for i in keep], u.m[:, keep]))
+        return res
+
+    @staticmethod
+    def name(u: _Unit) -> str:
+        return u.label if len(u.members) == 1 else f"{u.label} ({len(u.members)} networks)"
+
+    @staticmethod
+    def combine(u: _Unit, samples: Sequence[np.ndarray]) -> np.ndarray:
+        """``(1 + n_boot,)``: per resample, the mean over the drawn networks of their statistic."""
+        st = np.stack([np.asarray(v, dtype=np.float64) for v in samples], axis=-1)
+        with np.errstate(invalid="ignore"):
+            return (u.m * st).sum(-1) / len(u.members)
+
+    def row(self, u: _Unit, samples: Sequence[np.ndarray], claim: str, stat: str, scope: str, null: float,
+            sign: int, n_images: int, n_units: int, note: str = "") -> ClaimRow:
+        """The architecture's row: the mean over its networks, hierarchical interval, and the verdict only
+        when every network's own value is on the same side."""
+        r = _row(claim, stat, scope, self.name(u), self.combine(u, samples), null, sign, n_images, n_units, note)
+        points = [float(v[0]) for v in samples]
+        return self._agree(r, u, points, [e.label for e in u.members], null, len(u.members))
+
+    def across_row(self, us: Sequence[_Unit], fn: Callable[[list[np.ndarray]], np.ndarray],
+                   samples: dict[str, list[np.ndarray]], claim: str, stat: str, scope: str, models: str,
+                   null: float, sign: int, n_images: int, n_units: int, note: str = "") -> ClaimRow:
+        """A statistic of several architectures (``fn`` of their combined samples, in the order of ``us``);
+        sign agreement over the replicates that take the j-th network of every architecture."""
+        value = fn([self.combine(u, samples[u.label]) for u in us])
+        r = _row(claim, stat, scope, models, value, null, sign, n_images, n_units, note)
+        k = max(len(u.members) for u in us)
+        if k == 1:
+            return r
+        reps = [float(fn([np.asarray(samples[u.label][min(j, len(u.members) - 1)][..., :1], dtype=np.float64)
+                          for u in us])[0]) for j in range(k)]
+        names = [f"replicate {j} ({', '.join(u.members[min(j, len(u.members) - 1)].label for u in us)})"
+                 for j in range(k)]
+        r = dataclasses.replace(r, n_networks=sum(len(u.members) for u in us))
+        return self._agree(r, None, reps, names, null, min(len(u.members) for u in us if len(u.members) > 1))
+
+    @staticmethod
+    def _agree(r: ClaimRow, u: _Unit | None, points: list[float], names: list[str], null: float,
+               k: int) -> ClaimRow:
+        r = dataclasses.replace(r, level="architecture", n_networks=max(r.n_networks, len(u.members) if u else 1))
+        if r.verdict not in ("holds", "contradicted") or r.value is None:
+            return r
+        side = np.sign(r.value - null)
+        off = [f"{n} {p:.3g}" for n, p in zip(names, points) if not (np.isfinite(p) and np.sign(p - null) == side)]
+        why = []
+        if off:
+            why.append(f"networks disagree in sign ({'; '.join(off)})")
+        if k < MIN_NETWORKS:
+            why.append(f"{k} networks: an architecture verdict needs at least {MIN_NETWORKS}")
+        if why:
+            note = "; ".join(why) + f" (the interval alone says {r.verdict})"
+            return dataclasses.replace(r, verdict="inconclusive", note=(r.note + "; " if r.note else "") + note)
+        return r
+
+
+def _across(claim: str, stat: str, scope: str, evs: Sequence[Evidence], data: dict, rs: _Resampler,
+            units: _Units | None) -> list[ClaimRow]:
+    """Spearman rho across units (architectures, snapshots) between grouping score and robustness."""
+    us = units.of(evs) if units is not None else [_Unit(e.label, [e], np.ones((1, 1))) for e in evs]
+    if len(us) < 3:
         return []
-    labels = ", ".join(e.label for e in evs)
+    labels = ", ".join(_Units.name(u) for u in us)
     n = min(rs.n(e.label) for e in evs)
     if not all("ari" in data[e.label] for e in evs):
-        return [_not_available(claim, stat, scope, labels, n, len(evs))]
-    g = np.stack([rs.means(e.label, data[e.label]["ari"]).mean(axis=1) for e in evs], axis=-1)
+        return [_not_available(claim, stat, scope, labels, n, len(us))]
     gname = "mean mask ARI"
     out = []
     pairs: list[tuple[str, Callable[[Evidence], np.ndarray]]] = [
         ("-last-block perturbation", lambda e: -rs.means(e.label, data[e.label]["pert"])[:, -1])]
     if all("cerr" in data[e.label] for e in evs):
         pairs.append(("-corruption error", lambda e: -rs.means(e.label, data[e.label]["cerr"])))
+    note = "" if len({rs.key[e.label] for e in evs}) == 1 else "independent resamples (different images)"
+    g = {u.label: [rs.means(e.label, data[e.label]["ari"]).mean(axis=1) for e in u.members] for u in us}
+
     for rname, fn in pairs:
-        r = np.stack([fn(e) for e in evs], axis=-1)
-        note = "" if len({rs.key[e.label] for e in evs}) == 1 else "independent resamples (different images)"
-        out.append(_row(claim, f"{stat} ({gname} vs {rname})", scope, labels, spearman(g, r), 0.0, +1, n, len(evs),
-                        note))
+        r = {u.label: [fn(e) for e in u.members] for u in us}
+        samples = {u.label: [np.stack([a, b]) for a, b in zip(g[u.label], r[u.label])] for u in us}
+
+        def rho(v: list[np.ndarray]) -> np.ndarray:  # v: per unit (2, R) -> spearman across units
+            st = np.stack(v, axis=-1)  # (2, R, units)
+            return spearman(st[0], st[1])
+
+        if units is None:
+            out.append(_row(claim, f"{stat} ({gname} vs {rname})", scope, labels, rho([samples[u.label][0] for u in us]),
+                            0.0, +1, n, len(us), note))
+        else:
+            out.append(units.across_row(us, rho, samples, claim, f"{stat} ({gname} vs {rname})", scope, labels, 0.0,
+                                        +1, n, len(us), note))
     return out

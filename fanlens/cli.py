@@ -244,8 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .zoo import ALL_NAMES
 
     tp.add_argument("names", nargs="+", choices=ALL_NAMES)
-    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--seed", type=int, default=0,
+                    help="training seed: initialisation and data order (default 0); a network with seed K > 0 is "
+                         "named NAME@K (zoo:vit@1)")
     tp.add_argument("--data-seed", type=int, default=0)
+    from .zoo import DEFAULT_TASK, TASKS
+
+    tp.add_argument("--task", default=DEFAULT_TASK, choices=tuple(TASKS),
+                    help=f"the procedural task (default: {DEFAULT_TASK}; see fanlens.synthetic)")
     from .zoo.training import DEFAULT_POOL, DEFAULT_VAL, STEPS
 
     tp.add_argument("--steps", type=int, default=None, help=f"optimisation steps (default: {STEPS}, every model)")
@@ -348,12 +354,12 @@ def _run_train(args: argparse.Namespace) -> list[Path]:
     if snapshots and args.into_package:
         raise FanlensError("--snapshots goes with --out: snapshot weights are not shipped inside the package.")
     out = output_folder(None if args.into_package else _out_path(args), overwrite=args.overwrite,
-                         into_package=args.into_package)
+                         into_package=args.into_package, task=args.task)
     trained = []
     for name in args.names:
-        m = train_model(name, seed=args.seed, data_seed=args.data_seed, steps=args.steps, pool=args.pool,
-                        val_size=args.val_size, snapshots=snapshots, progress=not args.no_progress)
-        print(f"{name}: validation accuracy {m.card['validation_accuracy']:.3f}, {m.card['wall_time_s']:.0f} s")
+        m = train_model(name, seed=args.seed, data_seed=args.data_seed, task=args.task, steps=args.steps,
+                        pool=args.pool, val_size=args.val_size, snapshots=snapshots, progress=not args.no_progress)
+        print(f"{m.name}: validation accuracy {m.card['validation_accuracy']:.3f}, {m.card['wall_time_s']:.0f} s")
         trained.append(m)
     return write_trained(out, trained)
 

@@ -29,11 +29,16 @@ from ._validation import FanlensError
 from .results import rows_to_csv
 
 __all__ = ["Cell", "GridRow", "HeadlineRow", "GridResult", "evaluate", "headline", "HEADLINE_STATISTICS",
-           "AGREEMENT", "DIMENSIONS", "GRID_CSV_FIELDS", "HEADLINE_FIELDS"]
+           "AGREEMENT", "DIMENSIONS", "GRID_CSV_FIELDS", "HEADLINE_FIELDS", "damage_matched_sigma", "DAMAGE_FRACTION",
+           "DAMAGE_MATCHED"]
 
 AGREEMENT = 0.9
 """The share of defined cells that must agree for a verdict of *holds* or *contradicted*."""
 DIMENSIONS = ("sigma", "space", "measure", "rule")
+DAMAGE_FRACTION = 0.5
+"""The damage-matched noise level of a model is where its accuracy falls to this fraction of its clean accuracy."""
+DAMAGE_MATCHED = "half-accuracy"
+"""The ``sigma`` of the damage-matched cells (each model at its own level, :func:`damage_matched_sigma`)."""
 HEADLINE_STATISTICS = {"C1": ("c1_within_block",), "C2": ("c2_decay_ratio", "c2_ratio_difference"),
                        "C3": ("c3_blocks", "c3_models", "c3_training"), "C4": ("c4_heads",)}
 """Per claim, the statistics whose verdicts the headline is about (the others are descriptive)."""
@@ -126,6 +131,37 @@ class GridResult:
         return out
 
 
+def damage_matched_sigma(accuracy: dict[float, float], clean: float, *,
+                         fraction: float = DAMAGE_FRACTION) -> float | None:
+    """The noise level at which a model's accuracy falls to ``fraction`` of its clean accuracy.
+
+    ``accuracy`` maps noise levels (> 0) to the accuracy measured there; the first interval in
+    which the accuracy crosses ``fraction * clean`` is interpolated, linearly in log sigma (linearly
+    in sigma between 0 and the smallest level). Rounded to 3 significant digits. ``None`` when the
+    accuracy stays above the target at every level (the grid's noise never does that much damage).
+    """
+    if not accuracy or any(not (float(k) > 0 and np.isfinite(float(k))) for k in accuracy):
+        raise FanlensError(f"accuracy must map positive noise levels to accuracies. Got {accuracy!r} instead.")
+    if not (0 < fraction < 1) or not (0 <= clean <= 1):
+        raise FanlensError(f"fraction must be in (0, 1) and clean in [0, 1]. Got fraction={fraction!r}, "
+                           f"clean={clean!r} instead.")
+    target = fraction * float(clean)
+    prev_s, prev_a = 0.0, float(clean)
+    for sg in sorted(float(k) for k in accuracy):
+        a = float(accuracy[sg])
+        if a <= target:
+            if prev_a <= target:  # clean accuracy 0: no level to speak of
+                return None
+            t = (prev_a - target) / (prev_a - a)
+            if prev_s == 0.0:
+                star = t * sg
+            else:
+                star = float(np.exp(np.log(prev_s) + t * (np.log(sg) - np.log(prev_s))))
+            return float(f"{star:.3g}")
+        prev_s, prev_a = sg, a
+    return None
+
+
 def _family(statistic: str) -> str:
     return statistic.split(" ")[0].split("[")[0]
 
@@ -152,9 +188,13 @@ def evaluate(cells: Sequence[tuple[Cell, Sequence[cl.Evidence], dict]], *, n_boo
 
 
 def headline(rows: Sequence[GridRow]) -> list[HeadlineRow]:
-    """One verdict per claim, headline statistic and model(s) over the cells (module docstring)."""
+    """One verdict per claim, headline statistic and model(s) over the cells (module docstring); an
+    architecture with several networks gets its verdict from its own rows (networks as the unit), the rows
+    of its single networks stay in ``claims.csv``."""
     groups: dict[tuple[str, str, str], list[GridRow]] = {}
     for gr in rows:
+        if gr.row.level == "network":  # one of an architecture's networks: the architecture's row has the verdict
+            continue
         fam = _family(gr.row.statistic)
         if fam in HEADLINE_STATISTICS.get(gr.row.claim, ()):
             groups.setdefault((gr.row.claim, fam, gr.row.models), []).append(gr)

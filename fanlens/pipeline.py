@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,9 @@ class ModelRun:
     noise_accuracy: dict = field(default_factory=dict)  # (space, sigma) -> accuracy (or agreement with the clean
     # prediction without labels) under the grid's noise, from the same forward passes
     chance: float | None = None  # the accuracy up to which a model counts as at chance (see _chance_level)
+    clean_accuracy: float | None = None  # top-1 on the clean images (1.0 without labels: agreement with itself)
+    damage: dict = field(default_factory=dict)  # space -> {"sigma", "accuracy"}: the damage-matched level
+    damage_probes: dict = field(default_factory=dict)  # (space, measure) -> ProbeResult at damage[space]["sigma"]
 
     def evidence(self, series: str | None = None, probe: ProbeResult | None = None) -> claims.Evidence:
         """This run as input of :func:`fanlens.claims.check` (``probe``: another probe of the same
@@ -115,12 +119,15 @@ class ReproduceResult:
     grid: Any = None  # fanlens.grid.GridResult: the claims over the specification grid
 
 
-def _zoo_images(n: int, seed: int):
-    from .synthetic import SyntheticShapes
+def _zoo_images(n: int, seed: int, task: str | None = None):
+    from .synthetic import TASKS
+    from .zoo import DEFAULT_TASK
 
-    ds = SyntheticShapes(n, seed=seed, split="test")
+    task = DEFAULT_TASK if task is None else task
+    ds = TASKS[task](n, seed=seed, split="test")
     x, y, m = ds.batch(range(n))
-    return x, m.numpy(), [f"synthetic:test:{seed}:{i}" for i in range(n)], y
+    prefix = "synthetic" if task == "shapes" else f"synthetic-{task}"  # the shapes task keeps its image names
+    return x, m.numpy(), [f"{prefix}:test:{seed}:{i}" for i in range(n)], y
 
 
 def _pairs(models: Sequence[str] | None, pretrained: bool, checkpoints: Sequence[str] | None,
@@ -160,14 +167,15 @@ def _pairs(models: Sequence[str] | None, pretrained: bool, checkpoints: Sequence
 def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any, masks: np.ndarray | None,
              sigmas: Sequence[float], seed: int, device: str, batch_size: int, progress: bool,
              labels: Any = None, figures: bool = True, severities: Sequence[int] = (1, 2, 3, 4, 5),
-             skip: Sequence[str] = ()) -> ModelRun:
+             skip: Sequence[str] = (), grid: bool | None = None) -> ModelRun:
     """Every analysis of one model from one pass over the images (:func:`runner.stream_parts`):
     each image goes through the model once with its noisy and probe-corrupted copies, under the
     token capture, and feeds the spectrum, the noise probe, the mask groups, the Figure 4 groups
     and colours (first images), the corruption probe and the classification; the other
     corruption cells are forwarded from there without the capture. ``figures=False`` leaves out
     what only the figures use (the Figure 4 groups and colours, the per-family corruption probe); ``skip``
-    leaves out parts of :data:`SKIPPABLE`."""
+    leaves out parts of :data:`SKIPPABLE`; ``grid`` (default: ``trained``) runs the specification grid's probes and
+    the damage-matched pass."""
     figures = figures and "groups" not in skip
     if "groups" in skip:
         masks = None
@@ -177,7 +185,7 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
                 cache_spill=False)  # one pass serves every analysis: nothing to cache
     s = lens.setup
     common = dict(seed=seed, batch_size=batch_size)
-    grid = trained  # the specification grid's probes: for the models whose claims are checked
+    grid = trained if grid is None else grid  # the specification grid's probes: for the models whose claims are checked
     sig = tuple(dict.fromkeys(list(sigmas) + (list(GRID_SIGMAS) if grid else [])))
     part, _key, finish_analysis = analysis.analyze_part(s, sigmas=sig, groups=MASK_CLUSTERS if masks is
                                                         not None else None, **common)
@@ -232,12 +240,41 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
             rob, cprobe = rob
         elif figures:
             cprobe = finish["cprobe"]()
-    acc, chance = {}, None
+    acc, chance, clean, damage, damage_probes = {}, None, None, {}, {}
     if grid:
-        acc = {k: float(np.mean(np.concatenate(v))) for k, v in scored.items() if k != "classes"}
+        acc = {k: float(np.mean(np.concatenate(v))) for k, v in scored.items() if isinstance(k, tuple)}
         chance = _chance_level(scored["classes"], len(s.images))
+        clean = float(np.mean(np.concatenate(scored["clean"])))
+        damage, damage_probes = _damage_matched(lens, acc, clean, labels, common)
     return ModelRun(label, short, trained, spec, probe, vis, scores, rob, cprobe, colours=colours, pure_probe=pure,
-                    grid_probes=grid_probes, noise_accuracy=acc, chance=chance)
+                    grid_probes=grid_probes, noise_accuracy=acc, chance=chance, clean_accuracy=clean, damage=damage,
+                    damage_probes=damage_probes)
+
+
+def _damage_matched(lens: Any, acc: dict, clean: float, labels: Any, common: dict) -> tuple[dict, dict]:
+    """The damage-matched level of the grid: per input space, the sigma at which this model's accuracy
+    falls to half of its clean accuracy (:func:`fanlens.grid.damage_matched_sigma`, from the accuracies at
+    :data:`GRID_SIGMAS`), and a second pass that probes exactly there (plain and after the per-token
+    LayerNorm) and measures the accuracy reached. A space whose accuracy never halves gets no level."""
+    s = lens.setup
+    parts, finish, scored, damage = [], {}, {}, {}
+    for space in ("pixel", "normalized"):
+        curve = {sg: acc[(space, sg)] for sg in GRID_SIGMAS if (space, sg) in acc}
+        star = grid_mod.damage_matched_sigma(curve, clean) if curve else None
+        if star is None:
+            continue
+        part, _key, finish[(space, "additive")] = analysis.probe_part(s, sigmas=(star,), space=space, **common)
+        finish[(space, "additive+layernorm")] = analysis.token_norm_twin(s, part, sigmas=(star,), space=space,
+                                                                         **common)
+        part.outputs = _noise_scorer(scored, space, (star,), labels)
+        parts.append(part)
+        damage[space] = {"sigma": star}
+    if not parts:
+        return {}, {}
+    lens.run(parts, "damage-matched noise")
+    for space, d in damage.items():
+        d["accuracy"] = float(np.mean(np.concatenate(scored[(space, d["sigma"])])))
+    return damage, {k: f() for k, f in finish.items()}
 
 
 def _noise_scorer(scored: dict, space: str, sigmas: Sequence[float], labels: Any):
@@ -251,6 +288,7 @@ def _noise_scorer(scored: dict, space: str, sigmas: Sequence[float], labels: Any
         pred = out.argmax(-1).cpu().numpy()
         scored["classes"] = int(out.shape[-1])
         ref = y_all[list(idx)] if y_all is not None else pred[:b]
+        scored.setdefault("clean", []).append(pred[:b] == ref)
         for j, v in enumerate(nonzero):
             scored.setdefault((space, float(v)), []).append(pred[(j + 1) * b : (j + 2) * b] == ref)
 
@@ -264,16 +302,29 @@ def _chance_level(n_classes: int, n: int) -> float:
     return p + 1.96 * float(np.sqrt(p * (1 - p) / max(n, 1)))
 
 
+def _row_labels(models: str) -> set[str]:
+    """The model labels named in a claim row's ``models`` ("ViT", "ViT - CNN", "ViT-h1 (1), ViT-h2 (2)")."""
+    return {re.sub(r" \(\d+\)$", "", p.strip()) for part in models.split(", ") for p in part.split(" - ")}
+
+
 def _chance_notes(runs: Sequence[ModelRun]):
     """The ``notes`` of :func:`fanlens.grid.evaluate`: the models of a row that are at chance accuracy
     under the cell's noise (their verdicts there say little about robustness)."""
     def note(cell, row) -> str:
+        if cell.sigma == grid_mod.DAMAGE_MATCHED:
+            levels = [f"{r.label} sigma {r.damage[cell.space]['sigma']:g} (accuracy {r.damage[cell.space]['accuracy']:.2f}"
+                      f" of clean {r.clean_accuracy:.2f})" for r in runs
+                      if r.label in _row_labels(row.models) and cell.space in r.damage]
+            missing = [r.label for r in runs if r.label in _row_labels(row.models) and r.trained
+                       and cell.space not in r.damage]
+            return "damage-matched: " + ", ".join(levels) + (
+                f"; no level for {', '.join(missing)} (accuracy above half at every sigma)" if missing else "")
         try:
             sg = float(cell.sigma)
         except ValueError:  # the pure-noise input: no accuracy to speak of
             return ""
         low = [f"{r.label} {r.noise_accuracy[(cell.space, sg)]:.2f}" for r in runs
-               if r.label in row.models and r.chance is not None and (cell.space, sg) in r.noise_accuracy
+               if r.label in _row_labels(row.models) and r.chance is not None and (cell.space, sg) in r.noise_accuracy
                and r.noise_accuracy[(cell.space, sg)] <= r.chance]
         return f"at chance accuracy at this sigma ({', '.join(low)})" if low else ""
 
@@ -292,6 +343,12 @@ def _grid_cells(runs: Sequence[ModelRun], heads_runs: Sequence[ModelRun]) -> lis
             for sg in GRID_SIGMAS:
                 ev = [r.evidence(series, r.grid_probes[(space, measure)]) for r, series in units]
                 cells.append((grid_mod.Cell(f"{sg:g}", space, measure, rule), ev, dict(sigma=sg, rule=rule)))
+        for space, measure in GRID_PROBES:  # each model at the sigma where its own accuracy halves
+            ev = [r.evidence(series, r.damage_probes[(space, measure)]) for r, series in units
+                  if (space, measure) in r.damage_probes]
+            if ev:
+                cells.append((grid_mod.Cell(grid_mod.DAMAGE_MATCHED, space, measure, rule), ev,
+                              dict(sigma=claims.EACH_SIGMA, rule=rule)))
         ev = [r.evidence(series, r.pure_probe) for r, series in units]
         cells.append((grid_mod.Cell("N(0,1)", "normalized", "pure_vs_clean", rule), ev, dict(rule=rule)))
     return cells
@@ -695,6 +752,16 @@ class TrainingDynamics:
     seconds: float = 0.0
 
 
+def _zoo_network(name: Any) -> bool:
+    from . import zoo
+
+    try:
+        zoo.parse_network(name)
+    except FanlensError:
+        return False
+    return "/" not in name
+
+
 def _snapshot_cards(folder: Path) -> dict[str, dict]:
     from . import zoo
 
@@ -704,7 +771,7 @@ def _snapshot_cards(folder: Path) -> dict[str, dict]:
             card = json.loads(p.read_text())
         except (OSError, ValueError) as e:
             raise FanlensError(f"snapshots folder {str(folder)!r}: {p.name} is not a readable card ({e}).") from None
-        if isinstance(card, dict) and card.get("snapshots") and card.get("name") in zoo.ALL_NAMES:
+        if isinstance(card, dict) and card.get("snapshots") and _zoo_network(card.get("name")):
             cards[card["name"]] = card
     if not cards:
         raise FanlensError(f"snapshots must name a folder written by `fanlens train-zoo NAME --snapshots ...` (cards "
@@ -751,20 +818,26 @@ def training_dynamics(
         for snap in card["snapshots"]:
             if not (src / snap["file"]).is_file():
                 raise FanlensError(f"snapshots folder {str(src)!r} lacks {snap['file']} listed in {name}.json.")
+    tasks = {card.get("data", {}).get("task", "shapes") for card in cards.values()}
+    if len(tasks) != 1 or not tasks <= set(zoo.TASKS):
+        raise FanlensError(f"snapshots must come from one task of {tuple(zoo.TASKS)}; the cards in {str(src)!r} name "
+                           f"{sorted(map(str, tasks))}.")
+    (task,) = tasks
     folder = OutputFolder(out, overwrite=overwrite, command="training-dynamics")
-    imgs, masks, image_names, labels = _zoo_images(n_images, seed)
+    imgs, masks, image_names, labels = _zoo_images(n_images, seed, task)
     runs: dict[str, dict[int, ModelRun]] = {}
     val: dict[str, dict[int, float]] = {}
     for name, card in cards.items():
         runs[name], val[name] = {}, {}
+        arch = zoo.parse_network(name)[1]
         for snap in card["snapshots"]:
             step = int(snap["step"])
-            lm = build_model(f"zoo:{name}", checkpoint=str(src / snap["file"]), seed=seed)
+            lm = build_model(f"zoo:{task}/{name}", checkpoint=str(src / snap["file"]), seed=seed)
             label = f"zoo:{name}@step-{step}"
             say(f"analysing {label}")
             run = _run_one(lm, label, name, True, imgs, masks, sigmas, seed, device, batch_size, progress, labels,
-                           figures=False, severities=severities)
-            run.heads = zoo.HEADS.get(name)
+                           figures=False, severities=severities, grid=False)
+            run.heads = zoo.HEADS.get(arch)
             runs[name][step] = run
             val[name][step] = float(snap["validation_accuracy"])
     evidence = [dataclasses.replace(r.evidence(series=name), step=step)

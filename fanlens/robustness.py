@@ -261,12 +261,13 @@ def robustness(
                            f"classified and probed in one pass). Got {probe_severity!r} instead.")
     baseline = check_baseline(baseline)
     if isinstance(images, str) and images == "synthetic":
-        from .synthetic import SyntheticShapes
+        from .synthetic import TASKS
+        from .zoo import DEFAULT_TASK
 
         check_positive_int("n_images", n_images)
         if labels is not None:
             raise FanlensError("labels must be left out with images='synthetic' (the shapes carry their own).")
-        x, y, _ = SyntheticShapes(n_images, seed=seed, split="test").batch(range(n_images))
+        x, y, _ = TASKS[DEFAULT_TASK](n_images, seed=seed, split="test").batch(range(n_images))
         images, labels = x, y
     from .lens import Lens
 

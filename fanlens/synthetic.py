@@ -1,8 +1,16 @@
-"""A deterministic procedural dataset of shapes on textured backgrounds, with masks.
+"""Deterministic procedural datasets of shapes with object masks: two tasks.
 
-Each image is 64 x 64 RGB: a textured background and one object from
-:data:`SHAPE_CLASSES` with a random position, scale, rotation, colour and texture.
-The object is always brighter than the background, so that small ViTs learn the task.
+- ``"shapes"`` (:class:`SyntheticShapes`): 64 x 64 RGB, a dark textured background and one bright
+  object from :data:`SHAPE_CLASSES` (8 classes). The object is always brighter than the background:
+  brightness alone finds it.
+- ``"textures"`` (:class:`SyntheticTextures`): 64 x 64 RGB, one object from :data:`TEXTURE_CLASSES`
+  (10 classes) defined by texture only: object and background have the same mean intensity (0.5,
+  then one tint for the whole image); the background is a smooth grating or band-pass noise at low
+  contrast (+-0.14), the object a texture of another kind at 4.5 x the frequency and more contrast
+  (+-0.3); one small distractor shape of another
+  class and one occluding bar of background texture across the image (the mask excludes the bar).
+  Finding the object needs grouping by texture (and the class, its outline).
+
 Image ``i`` of a split is a pure function of ``(seed, split, i)``, generated on the fly:
 nothing is stored, and any worker, process or machine renders the same pixels.
 
@@ -10,6 +18,7 @@ Example::
 
     ds = SyntheticShapes(1000, seed=0, split="val")
     pixels, label, mask = ds[3]   # (3, 64, 64) float in [0, 1], int, (64, 64) bool
+    ds = TASKS["textures"](1000, seed=0, split="val")
 """
 
 from __future__ import annotations
@@ -21,9 +30,12 @@ import torch
 
 from ._validation import FanlensError, check_choice, check_positive_int
 
-__all__ = ["SHAPE_CLASSES", "IMAGE_SIZE", "SPLITS", "SyntheticShapes", "render"]
+__all__ = ["SHAPE_CLASSES", "TEXTURE_CLASSES", "IMAGE_SIZE", "SPLITS", "TASKS", "SyntheticShapes", "SyntheticTextures",
+           "render", "render_textures"]
 
 SHAPE_CLASSES = ("disk", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent")
+TEXTURE_CLASSES = ("disk", "square", "triangle", "star", "cross", "ring", "crescent", "L", "T", "bar")
+TEXTURE_FINE = 4.5  # the object's texture frequency over the background's
 IMAGE_SIZE = 64
 SPLITS = ("train", "val", "test")
 _SPLIT_IDS = {s: i for i, s in enumerate(SPLITS)}
@@ -114,6 +126,74 @@ def render(rng: np.random.Generator, size: int = IMAGE_SIZE, label: int | None =
     return _Sample(np.clip(img, 0.0, 1.0).astype(np.float32), label, mask)
 
 
+def _outline(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The shapes of the textures task in unit coordinates (the shapes task's, an L, a T and a bar)."""
+    if name == "L":
+        return ((np.abs(u + 0.45) <= 0.3) & (np.abs(v) <= 1.0)) | ((np.abs(v - 0.7) <= 0.3) & (np.abs(u) <= 0.75))
+    if name == "T":
+        return ((np.abs(v + 0.7) <= 0.3) & (np.abs(u) <= 1.0)) | ((np.abs(u) <= 0.3) & (np.abs(v) <= 1.0))
+    if name == "bar":
+        return (np.abs(u) <= 1.0) & (np.abs(v) <= 0.35)
+    return _shape_mask(SHAPE_CLASSES.index(name), u, v)
+
+
+def _texture(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, kind: int | None,
+             fine: bool) -> tuple[np.ndarray, int]:
+    """A zero-mean texture in [-1, 1] over unit coordinates: 0 an oriented grating, 1 a checker, 2
+    band-pass noise (six gratings); ``fine``: :data:`TEXTURE_FINE` x the frequency."""
+    kind = int(rng.integers(3)) if kind is None else kind
+    a = rng.uniform(0, np.pi)
+    m = TEXTURE_FINE if fine else 1.0
+    if kind == 0:
+        f = rng.uniform(2.5, 4) * m
+        return np.sin(2 * np.pi * f * (np.cos(a) * x + np.sin(a) * y) + rng.uniform(0, 6.3)), kind
+    if kind == 1:
+        f = rng.uniform(1.5, 2.5) * m
+        u, v = np.cos(a) * x + np.sin(a) * y, -np.sin(a) * x + np.cos(a) * y
+        return 2.0 * ((np.floor(f * u) + np.floor(f * v)) % 2) - 1, kind
+    t = np.zeros_like(x)
+    for _ in range(6):
+        f, b = rng.uniform(2.5, 4) * m, rng.uniform(0, 2 * np.pi)
+        t += np.sin(2 * np.pi * f * (np.cos(b) * x + np.sin(b) * y) + rng.uniform(0, 6.3))
+    return np.clip(t / 2.5, -1, 1), kind
+
+
+def render_textures(rng: np.random.Generator, size: int = IMAGE_SIZE, label: int | None = None) -> _Sample:
+    """Render one image of the textures task (module docstring) from a random generator."""
+    if label is None:
+        label = int(rng.integers(len(TEXTURE_CLASSES)))
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    tint = rng.uniform(0.6, 1.0, size=3)
+    amp, amp_o = 0.14, 0.3  # textures: 0.5 +- amp (background, occluder), 0.5 +- amp_o (object, distractor)
+    bg, kb = _texture(rng, xx, yy, (0, 2)[int(rng.integers(2))], fine=False)  # smooth: grating or noise
+    ko = (1, 2 if kb == 0 else 0)[int(rng.integers(2))]  # the object: another kind, fine
+    ob, _ = _texture(rng, xx, yy, ko, fine=True)
+    img = 0.5 + amp * bg
+
+    def pose(smin: float, smax: float) -> tuple[np.ndarray, np.ndarray]:
+        s = rng.uniform(smin, smax) * size
+        cy, cx = rng.uniform(s * 0.8, size - s * 0.8, size=2)
+        rot = rng.uniform(0, 2 * np.pi)
+        dy, dx = (yy * size - cy) / s, (xx * size - cx) / s
+        return np.cos(rot) * dx + np.sin(rot) * dy, -np.sin(rot) * dx + np.cos(rot) * dy
+
+    k = int(rng.integers(len(TEXTURE_CLASSES) - 1))  # the distractor: a small shape of another class
+    k += k >= label
+    u, v = pose(0.08, 0.11)
+    dt, _ = _texture(rng, xx, yy, None, fine=True)
+    img = np.where(_outline(TEXTURE_CLASSES[k], u, v), 0.5 + amp_o * dt, img)
+    u, v = pose(0.28, 0.38)
+    mask = _outline(TEXTURE_CLASSES[label], u, v)
+    img = np.where(mask, 0.5 + amp_o * ob, img)
+    a, c, w = rng.uniform(0, np.pi), rng.uniform(0.3, 0.7), rng.uniform(0.02, 0.04)  # the occluding bar
+    bar = np.abs(np.cos(a) * (xx - c) + np.sin(a) * (yy - c)) < w
+    oc, _ = _texture(rng, xx, yy, kb, fine=False)
+    img = np.where(bar, 0.5 + amp * oc, img)
+    mask = mask & ~bar
+    img = img[..., None] * tint / tint.mean() + 0.03 * rng.standard_normal((size, size, 1))
+    return _Sample(np.clip(img, 0.0, 1.0).astype(np.float32), label, mask)
+
+
 class SyntheticShapes(torch.utils.data.Dataset):
     """``n`` procedural images of one split; item ``i`` is ``(pixels (3, H, W), label, mask (H, W))``.
 
@@ -129,7 +209,11 @@ class SyntheticShapes(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.split = check_choice("split", split, SPLITS)
         self.size = check_positive_int("size", size, minimum=16)
-        self.num_classes = len(SHAPE_CLASSES)
+        self.num_classes = len(self.classes)
+
+    classes = SHAPE_CLASSES
+    task = "shapes"
+    _render = staticmethod(render)
 
     def __len__(self) -> int:
         return self.n
@@ -138,7 +222,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         if not 0 <= i < self.n:
             raise FanlensError(f"index must be in [0, {self.n - 1}]. Got {i!r} instead.")
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], int(i)])
-        return render(rng, self.size)
+        return self._render(rng, self.size)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         s = self.sample(int(i))
@@ -152,3 +236,16 @@ class SyntheticShapes(torch.utils.data.Dataset):
             torch.tensor([y for _, y, _ in items]),
             torch.stack([m for _, _, m in items]),
         )
+
+
+class SyntheticTextures(SyntheticShapes):
+    """``n`` images of the textures task (objects defined by texture, module docstring); items as
+    :class:`SyntheticShapes`."""
+
+    classes = TEXTURE_CLASSES
+    task = "textures"
+    _render = staticmethod(render_textures)
+
+
+TASKS = {"shapes": SyntheticShapes, "textures": SyntheticTextures}
+"""The procedural tasks by name."""

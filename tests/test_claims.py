@@ -243,3 +243,63 @@ def test_null_control_false_holds_rate_of_the_image_level_statistics():
     assert c1 <= 0.05 and c2 <= 0.05, (c1, c2)
     # the across-block trend is what depth alone produces: it "holds" in nearly every null
     assert _null_rate("c1_spearman", c1_null, n_sims=40) >= 0.9
+
+
+def _arch_row(res, statistic, level="architecture"):
+    rows = [r for r in res.rows if r.statistic.startswith(statistic) and r.level == level]
+    assert len(rows) == 1, [(r.statistic, r.models, r.level) for r in res.rows if r.statistic.startswith(statistic)]
+    return rows[0]
+
+
+def _networks(arch, decay_ends, *, layout="NLC", n=N, seed=0):
+    """One Evidence per network of ``arch``: perturbation profiles from 1 to each of ``decay_ends``."""
+    rng = np.random.default_rng(seed)
+    return [_evidence(f"{arch}@{j}", _profile(np.linspace(9, 3, L), n=n, rng=rng),
+                      _profile(np.linspace(1.0, end, L), noise=0.02, n=n, rng=rng), layout=layout, architecture=arch)
+            for j, end in enumerate(decay_ends)]
+
+
+def test_networks_are_the_unit_an_architecture_row_pools_them_hierarchically():
+    vits = _networks("ViT", (0.2, 0.3, 0.4))
+    cnns = _networks("CNN", (0.9, 1.0, 1.1), layout="NCHW", seed=1)
+    res = claims.check(vits + cnns, n_boot=400, seed=0)
+    # per network: one row each; per architecture: the mean over its networks, n = networks x images
+    nets = [r for r in res.rows if r.statistic.startswith("c2_decay_ratio") and r.level == "network"]
+    assert [r.models for r in nets] == ["ViT@0", "ViT@1", "ViT@2", "CNN@0", "CNN@1", "CNN@2"]
+    vit = [r for r in res.rows if r.statistic.startswith("c2_decay_ratio") and r.models == "ViT (3 networks)"][0]
+    assert vit.n_networks == 3 and vit.n_images == N and vit.verdict == "holds"
+    assert vit.value == pytest.approx(np.mean([r.value for r in nets[:3]]))
+    # the interval carries the spread between networks (0.2-0.4), not only the images' (noise 0.02)
+    assert vit.ci_high - vit.ci_low > 0.1 > max(r.ci_high - r.ci_low for r in nets[:3])
+    diff = _arch_row(res, "c2_ratio_difference")
+    assert diff.models == "ViT (3 networks) - CNN (3 networks)" and diff.n_networks == 6
+    assert diff.value == pytest.approx(0.3 - 1.0, abs=0.02) and diff.verdict == "holds"
+    assert "3 networks x 48 images" in res.to_markdown()
+    assert res.parameters["models"][0]["architecture"] == "ViT"
+
+
+def test_an_architecture_verdict_needs_every_network_on_its_side_and_three_networks():
+    # two networks decay, the third grows: the pooled interval may exclude 1, the verdict may not
+    mixed = _networks("ViT", (0.2, 0.25, 1.6))
+    r = [r for r in claims.check(mixed, n_boot=300).rows if r.models == "ViT (3 networks)"
+         and r.statistic.startswith("c2_decay_ratio")][0]
+    assert r.verdict == "inconclusive" and ("networks disagree in sign" in r.note or r.ci_high > 1)
+    assert [x.verdict for x in claims.check(mixed, n_boot=300).rows if x.models == "ViT@2"
+            and x.statistic.startswith("c2_decay_ratio")] == ["contradicted"]
+    # every network agrees but only two of them: inconclusive, with the reason
+    two = _networks("ViT", (0.2, 0.25))
+    r = [r for r in claims.check(two, n_boot=300).rows if r.models == "ViT (2 networks)"
+         and r.statistic.startswith("c2_decay_ratio")][0]
+    assert r.verdict == "inconclusive" and "needs at least 3" in r.note and "the interval alone says holds" in r.note
+    # a network alone (no architecture) keeps its own verdict, as before
+    alone = claims.check([_evidence("M", _profile(np.linspace(9, 3, L)), _profile(np.linspace(1, 0.2, L), 0.02))],
+                         n_boot=200)
+    assert _row(alone, "c2_decay_ratio").verdict == "holds" and _row(alone, "c2_decay_ratio").level == "model"
+
+
+def test_sign_disagreement_is_named_even_when_the_interval_excludes_the_null():
+    nets = _networks("ViT", (0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 1.05))
+    r = [r for r in claims.check(nets, n_boot=300).rows if r.models == "ViT (10 networks)"
+         and r.statistic.startswith("c2_decay_ratio")][0]
+    assert r.ci_high < 1 and r.verdict == "inconclusive"
+    assert "networks disagree in sign (ViT@9 1.05" in r.note

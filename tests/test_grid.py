@@ -79,3 +79,40 @@ def test_evaluate_writes_one_row_per_cell_and_claim_with_the_dimensions(tmp_path
     header = (tmp_path / "claims.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["sigma", "space", "measure", "rule"]
     assert "| C1 | c1_within_block | M |" in (tmp_path / "claims.md").read_text()
+
+
+def test_damage_matched_sigma_interpolates_in_log_sigma_where_accuracy_halves():
+    acc = {0.05: 0.9, 0.1: 0.8, 0.2: 0.4, 0.5: 0.1}
+    # clean 0.9 -> target 0.45, crossed between 0.1 (0.8) and 0.2 (0.4): 0.1 * 2 ** ((0.8 - 0.45) / 0.4)
+    assert grid.damage_matched_sigma(acc, 0.9) == pytest.approx(float(f"{0.1 * 2 ** 0.875:.3g}"))
+    assert grid.damage_matched_sigma(acc, 0.9) == 0.183
+    # crossed before the smallest level: linear from (0, clean)
+    assert grid.damage_matched_sigma({0.05: 0.3, 0.1: 0.1}, 0.9) == pytest.approx(0.05 * 0.75)
+    # exactly on a level; the first crossing counts, not a later recovery
+    assert grid.damage_matched_sigma({0.1: 0.45, 1.0: 0.1}, 0.9) == 0.1
+    assert grid.damage_matched_sigma({0.1: 0.2, 0.2: 0.9, 0.4: 0.1}, 1.0) == pytest.approx(0.1 * 5 / 8)
+    # never halved, or nothing to halve
+    assert grid.damage_matched_sigma({0.1: 0.9, 1.0: 0.5}, 0.9) is None
+    assert grid.damage_matched_sigma({0.1: 0.0}, 0.0) is None
+    with pytest.raises(claims.FanlensError, match="accuracy must map positive noise levels"):
+        grid.damage_matched_sigma({0.0: 0.5}, 0.9)
+    with pytest.raises(claims.FanlensError, match="fraction must be in"):
+        grid.damage_matched_sigma({0.1: 0.5}, 0.9, fraction=1.5)
+
+
+def test_each_model_at_its_own_noise_level():
+    from test_claims import _evidence, _profile
+
+    flat, decaying = np.full(8, 1.0), np.linspace(1.0, 0.25, 8)
+    vit = _evidence("ViT", _profile(np.linspace(9, 3, 8)), _profile(decaying, noise=0.02), sigmas=(0.137,))
+    cnn = _evidence("CNN", _profile(np.linspace(9, 3, 8)), _profile(flat, noise=0.02), layout="NCHW", sigmas=(0.42,))
+    with pytest.raises(claims.FanlensError, match="sigma must be one of the probe's sigmas"):
+        claims.check([vit, cnn], n_boot=50)  # the first model's level is not the second's
+    res = claims.check([vit, cnn], sigma=claims.EACH_SIGMA, n_boot=200)
+    diff = [r for r in res.rows if r.statistic.startswith("c2_ratio_difference")][0]
+    assert diff.value == pytest.approx(0.25 - 1.0, abs=0.03) and res.parameters["sigma"] == "each"
+    two = _evidence("two", _profile(np.linspace(9, 3, 8)), _profile(flat), sigmas=(0.1, 0.2))
+    with pytest.raises(claims.FanlensError, match="one noise level each"):
+        claims.check([two], sigma=claims.EACH_SIGMA, n_boot=10)
+    with pytest.raises(claims.FanlensError, match="sigma must be a noise level, None or 'each'"):
+        claims.check([vit], sigma="own", n_boot=10)

@@ -96,6 +96,7 @@ def test_zoo_images_are_rejected_as_images_argument(tmp_path):
 @pytest.mark.skipif(set(zoo.available()) != set(zoo.ALL_NAMES), reason="zoo weights not installed")
 def test_zoo_path_writes_every_figure(tmp_path, monkeypatch):
     import fanlens.pipeline as pipeline
+    from fanlens import grid
     from fanlens.plotting import text_problems
 
     problems, drawn = {}, []
@@ -136,6 +137,22 @@ def test_zoo_path_writes_every_figure(tmp_path, monkeypatch):
     assert ("1", "pixel") in at_chance and ("0.05", "pixel") not in at_chance
     assert all(0 <= v <= 1 for r in res.runs if r.trained for v in r.noise_accuracy.values())
     assert res.runs[0].noise_accuracy[("pixel", 0.05)] >= res.runs[0].noise_accuracy[("pixel", 1.0)]
+    # the damage-matched level: each trained model at the sigma where its own accuracy halves, probed there
+    for r in [r for r in res.runs if r.trained] + res.heads_runs:
+        for space, d in r.damage.items():
+            curve = {sg: r.noise_accuracy[(space, sg)] for sg in pipeline.GRID_SIGMAS}
+            assert d["sigma"] == grid.damage_matched_sigma(curve, r.clean_accuracy)
+            below = [sg for sg in pipeline.GRID_SIGMAS if curve[sg] <= r.clean_accuracy / 2]
+            assert 0 < d["sigma"] <= below[0]
+            for measure in ("additive", "additive+layernorm"):
+                assert r.damage_probes[(space, measure)].sigmas == (d["sigma"],)
+    assert "pixel" in res.runs[0].damage
+    matched = [r for r in table if r["sigma"] == grid.DAMAGE_MATCHED]
+    assert {(r["space"], r["measure"]) for r in matched} == {(sp, m) for sp in ("pixel", "normalized")
+                                                            for m in ("additive", "additive+layernorm")}
+    assert all(r["note"].split("; ")[-1].startswith("damage-matched: ") or "damage-matched: " in r["note"]
+               for r in matched)
+    assert f"{res.runs[0].label} sigma {res.runs[0].damage['pixel']['sigma']:g} (accuracy" in " ".join(r["note"] for r in matched)
     heads = [r for r in table if r["claim"] == "C4"]
     assert heads and all(r["n_units"] == "4" for r in heads)  # vit-h1, vit-h2, vit (4 heads), vit-h8
     assert [r.heads for r in res.heads_runs] == [1, 2, 8] and res.runs[0].heads == 4

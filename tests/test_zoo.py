@@ -59,11 +59,11 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
     cards = []
     for run in ("a", "b"):
         cards.append(train("cnn", seed=5, steps=3, pool=64, val_size=32, out_dir=tmp_path / run, progress=False).card)
-    a = load_file(str(tmp_path / "a" / "cnn.safetensors"))
-    b = load_file(str(tmp_path / "b" / "cnn.safetensors"))
+    a = load_file(str(tmp_path / "a" / "cnn@5.safetensors"))  # a network with seed K > 0 is named NAME@K
+    b = load_file(str(tmp_path / "b" / "cnn@5.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    card = json.loads((tmp_path / "a" / "cnn.json").read_text())
-    assert card["training"]["steps"] == 3 and card["training"]["seed"] == 5
+    card = json.loads((tmp_path / "a" / "cnn@5.json").read_text())
+    assert card["training"]["steps"] == 3 and card["training"]["seed"] == 5 and card["name"] == "cnn@5"
     assert cards[0]["validation_accuracy"] == cards[1]["validation_accuracy"]
     assert all(v.dtype in (torch.float16, torch.int64) for v in a.values())
 
@@ -95,7 +95,7 @@ def test_snapshots_keep_the_weights_along_training(tmp_path):
     init = zoo.build("cnn", seed=1).state_dict()
     assert all(torch.equal(first[k], init[k].half()) for k in first if first[k].is_floating_point())
     last = load_file(str(tmp_path / "o" / snaps[-1]["file"]))
-    final = load_file(str(tmp_path / "o" / "cnn.safetensors"))
+    final = load_file(str(tmp_path / "o" / "cnn@1.safetensors"))
     assert all(torch.equal(last[k], final[k]) for k in final)
     # a snapshot loads like any checkpoint of the architecture
     lm = fanlens.build_model("zoo:cnn", checkpoint=str(tmp_path / "o" / snaps[1]["file"]))

@@ -17,6 +17,17 @@ HEAD_VARIANTS = tuple(n for n in HEADS if n not in ZOO_NAMES)
 ALL_NAMES = ZOO_NAMES + HEAD_VARIANTS
 WIDTH, DEPTH, PATCH = 128, 8, 8
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+TASKS = {
+    "shapes": dict(num_classes=8, weights=WEIGHTS_DIR, cnn_maxpool=True, dataset="SyntheticShapes"),
+    "textures": dict(num_classes=10, weights=WEIGHTS_DIR / "textures", cnn_maxpool=False,
+                     dataset="SyntheticTextures"),
+}
+"""The zoo's tasks (:mod:`fanlens.synthetic`): classes, where the weights live, and whether the CNN keeps
+timm's max-pool (the textures task drops it: stride 16, so the last stage is 4 x 4 = 16 tokens at 64 x 64)."""
+DEFAULT_TASK = "shapes"
+"""The task of the zoo that ``zoo:NAME`` and ``fanlens reproduce`` use."""
+SEEDS = (0, 1, 2)
+"""The training seeds of the zoo networks (init and data order): ``NAME`` is seed 0, ``NAME@1``, ``NAME@2``."""
 ZOO_DATA_CONFIG = {
     "input_size": (3, 64, 64),
     "mean": (0.5, 0.5, 0.5),
@@ -26,6 +37,38 @@ ZOO_DATA_CONFIG = {
     "interpolation": "bilinear",
     "num_classes": 8,
 }
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise FanlensError(f"task must be one of {tuple(TASKS)}. Got {task!r} instead.")
+    return task
+
+
+def data_config(task: str = DEFAULT_TASK) -> dict:
+    """The preprocessing config of the zoo models of ``task``."""
+    return dict(ZOO_DATA_CONFIG, num_classes=TASKS[check_task(task)]["num_classes"])
+
+
+def network_name(name: str, seed: int = 0) -> str:
+    """The file and spec name of a zoo network: ``vit`` for seed 0, ``vit@1`` for seed 1."""
+    return name if int(seed) == 0 else f"{name}@{int(seed)}"
+
+
+def parse_network(spec: str) -> tuple[str, str, int]:
+    """``"vit"``, ``"vit@2"``, ``"textures/vit@1"`` -> ``(task, name, seed)`` (task defaults to
+    :data:`DEFAULT_TASK`, seed to 0)."""
+    if not isinstance(spec, str):
+        raise FanlensError(f"zoo model must be a name such as 'vit', 'vit@1' or 'textures/vit@1'. Got {spec!r}.")
+    task, sep, rest = spec.rpartition("/")
+    task = task if sep else DEFAULT_TASK
+    name, at, seed_s = rest.partition("@")
+    check_task(task)
+    check_name(name)
+    if at and not (seed_s.isdigit() and seed_s.isascii()):
+        raise FanlensError(f"zoo model seed must be a non-negative integer after '@' (e.g. 'vit@1'). Got {spec!r} "
+                           f"instead.")
+    return task, name, int(seed_s) if at else 0
 
 
 def _conv_stem_embed(**kwargs: Any) -> nn.Module:
@@ -40,40 +83,57 @@ def _conv_stem_embed(**kwargs: Any) -> nn.Module:
     return embed
 
 
-def _vit(heads: int = 4) -> nn.Module:
+def _vit(heads: int = 4, num_classes: int = 8) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=64, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=heads,
-                             num_classes=8, class_token=False, global_pool="avg", embed_layer=_conv_stem_embed)
+                             num_classes=num_classes, class_token=False, global_pool="avg",
+                             embed_layer=_conv_stem_embed)
 
 
-def _fan() -> nn.Module:
+def _fan(num_classes: int = 8) -> nn.Module:
     from ..models.fan import FAN
 
     return FAN(img_size=64, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH, num_heads=4, mlp_ratio=3.0,
-               num_classes=8, tokens_norm=True, cls_attn_layers=1)
+               num_classes=num_classes, tokens_norm=True, cls_attn_layers=1)
 
 
-def _cnn() -> nn.Module:
+def _cnn(num_classes: int = 8, maxpool: bool = True) -> nn.Module:
     from timm.models.resnet import BasicBlock, ResNet
 
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=8, channels=(24, 48, 96, 192))
+    # zero_init_last=False: timm zeroes the last BatchNorm of every residual block by default, which makes a
+    # randomly initialised block the identity (the random-init twin's curves would be steps)
+    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, channels=(24, 48, 96, 192),
+                   zero_init_last=False)
+    if not maxpool:
+        model.maxpool = nn.Identity()
+    return model
 
 
-def _vit_card(heads: int) -> dict[str, Any]:
+def _vit_card(heads: int, num_classes: int) -> dict[str, Any]:
     return dict(cls="timm VisionTransformer", img_size=64, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH,
-                num_heads=heads, mlp_ratio=4.0, num_classes=8, class_token=False, global_pool="avg",
+                num_heads=heads, mlp_ratio=4.0, num_classes=num_classes, class_token=False, global_pool="avg",
                 patch_embed="convolutional stem (fanlens.models.fan.ConvPatchEmbed layout)")
 
 
-ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
-    **{name: ((lambda h=h: _vit(h)), _vit_card(h)) for name, h in HEADS.items()},
-    "fan": (_fan, dict(cls="fanlens.models.fan.FAN", img_size=64, patch_size=PATCH, embed_dim=WIDTH, depth=DEPTH,
-                       num_heads=4, mlp_ratio=3.0, num_classes=8, tokens_norm=True, cls_attn_layers=1,
-                       patch_embed="convolutional stem")),
-    "cnn": (_cnn, dict(cls="timm ResNet", block="BasicBlock", layers=[2, 2, 2, 2], channels=[24, 48, 96, 192],
-                       stem="timm's default: 7x7 conv with 64 channels, stride 2, max-pool", num_classes=8)),
-}
+def architecture(name: str, task: str = DEFAULT_TASK) -> tuple[Callable[[], nn.Module], dict[str, Any]]:
+    """``(constructor, card entry)`` of a zoo architecture for ``task``."""
+    check_name(name)
+    k = TASKS[check_task(task)]["num_classes"]
+    if name in HEADS:
+        h = HEADS[name]
+        return (lambda: _vit(h, k)), _vit_card(h, k)
+    if name == "fan":
+        return (lambda: _fan(k)), dict(cls="fanlens.models.fan.FAN", img_size=64, patch_size=PATCH, embed_dim=WIDTH,
+                                      depth=DEPTH, num_heads=4, mlp_ratio=3.0, num_classes=k, tokens_norm=True,
+                                      cls_attn_layers=1, patch_embed="convolutional stem")
+    pool = TASKS[task]["cnn_maxpool"]
+    stem = ("timm's default: 7x7 conv with 64 channels, stride 2, max-pool (last stage 2 x 2 at 64 x 64)" if pool
+            else "timm's 7x7 conv with 64 channels, stride 2, no max-pool (stride 16: last stage 4 x 4 = 16 tokens "
+                 "at 64 x 64)")
+    return (lambda: _cnn(k, pool)), dict(cls="timm ResNet", block="BasicBlock", layers=[2, 2, 2, 2],
+                                         channels=[24, 48, 96, 192], stem=stem, num_classes=k,
+                                         zero_init_last=False)
 
 
 def check_name(name: str) -> str:
@@ -82,11 +142,17 @@ def check_name(name: str) -> str:
     return name
 
 
-def build(name: str, *, seed: int = 0) -> nn.Module:
-    """A randomly initialised zoo architecture (seeded, the caller's RNG untouched), eval mode."""
-    check_name(name)
+def build(name: str, *, seed: int = 0, task: str = DEFAULT_TASK) -> nn.Module:
+    """A randomly initialised zoo architecture for ``task`` (seeded, the caller's RNG untouched), eval
+    mode. Every block is initialised non-trivially (no zero-initialised residual branch)."""
+    ctor = architecture(name, task)[0]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        model = ARCHITECTURES[name][0]()
-    model.pretrained_cfg = dict(ZOO_DATA_CONFIG, architecture=f"zoo:{name}")
+        model = ctor()
+    model.pretrained_cfg = dict(data_config(task), architecture=f"zoo:{name}")
     return model.eval()
+
+
+ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
+    name: architecture(name, DEFAULT_TASK) for name in (*HEADS, "fan", "cnn")}
+"""The architectures of the :data:`DEFAULT_TASK` zoo (:func:`architecture` for another task)."""

@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -36,8 +37,9 @@ from torch import nn
 
 from .._validation import FanlensError, check_nonneg_float, check_positive_int, check_seed
 from ..runner import OutputFolder
-from ..synthetic import SHAPE_CLASSES, SyntheticShapes
-from ._arch import ARCHITECTURES, WEIGHTS_DIR, ZOO_DATA_CONFIG, check_name, build
+from ..synthetic import TASKS as DATASETS
+from ..synthetic import SyntheticShapes
+from ._arch import DEFAULT_TASK, TASKS, ZOO_DATA_CONFIG, architecture, build, check_name, check_task, data_config, network_name
 
 __all__ = ["output_folder", "RECIPES", "STEPS", "DEFAULT_SNAPSHOTS", "TrainedModel", "train", "train_model", "write_trained",
            "evaluate", "parse_snapshots"]
@@ -131,18 +133,21 @@ def train(
     """
     out = None
     if out_dir is not None or into_package:
-        out = output_folder(out_dir, overwrite=overwrite, into_package=into_package)
+        out = output_folder(out_dir, overwrite=overwrite, into_package=into_package,
+                            task=kwargs.get("task", DEFAULT_TASK))
     trained = train_model(model, budget_s=budget_s, steps=steps, **kwargs)
     if out is not None:
         write_trained(out, [trained])
     return trained
 
 
-def output_folder(out_dir: Any, *, overwrite: bool, into_package: bool) -> OutputFolder:
+def output_folder(out_dir: Any, *, overwrite: bool, into_package: bool, task: str = DEFAULT_TASK) -> OutputFolder:
     if into_package:
         if out_dir is not None:
             raise FanlensError(f"out_dir and into_package exclude each other. Got out_dir={str(out_dir)!r} instead.")
-        return OutputFolder(WEIGHTS_DIR, overwrite=True, command="train-zoo", allow_package=True, marker=False)
+        folder = TASKS[check_task(task)]["weights"]
+        folder.mkdir(parents=True, exist_ok=True)
+        return OutputFolder(folder, overwrite=True, command="train-zoo", allow_package=True, marker=False)
     return OutputFolder(out_dir, overwrite=overwrite, command="train-zoo", param="out_dir")
 
 
@@ -188,16 +193,16 @@ def _state_bytes(model: nn.Module, name: str, extra: dict | None = None) -> byte
     return save(sd, metadata={"name": name, "format": "pt", **{k: str(v) for k, v in (extra or {}).items()}})
 
 
-def _check_module(model: nn.Module, x: torch.Tensor) -> None:
+def _check_module(model: nn.Module, x: torch.Tensor, classes: Sequence[str], task: str) -> None:
     with torch.no_grad():
         try:
             out = model.eval()(_normalize(x[:2].float() / 255))
         except Exception as e:  # the user's module: one line naming what failed
             raise FanlensError(f"model must take (B, 3, 64, 64) images; its forward raised "
                                f"{type(e).__name__}: {e}") from None
-    if not isinstance(out, torch.Tensor) or out.shape != (2, len(SHAPE_CLASSES)):
+    if not isinstance(out, torch.Tensor) or out.shape != (2, len(classes)):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise FanlensError(f"model must return {len(SHAPE_CLASSES)} logits per image for the shapes task. Got "
+        raise FanlensError(f"model must return {len(classes)} logits per image for the {task} task. Got "
                            f"output {shape} for 2 images instead.")
 
 
@@ -206,6 +211,7 @@ def train_model(
     *,
     seed: int = 0,
     data_seed: int = 0,
+    task: str = DEFAULT_TASK,
     steps: int | None = None,
     budget_s: float | None = None,
     batch_size: int = DEFAULT_BATCH,
@@ -221,12 +227,15 @@ def train_model(
 
     ``snapshots``: fractions of the steps (e.g. :data:`DEFAULT_SNAPSHOTS`) at which the weights
     and the validation accuracy are kept (0: before the first step; 1: the final weights).
-    ``lr``, ``weight_decay``, ``warmup`` override the recipe.
+    ``lr``, ``weight_decay``, ``warmup`` override the recipe. ``task``: ``"shapes"`` or ``"textures"``
+    (:mod:`fanlens.synthetic`); ``seed`` seeds the initialisation and the data order, and a zoo
+    network's files are named by it (``vit@1``; seed 0 is plain ``vit``).
     """
+    check_task(task)
     if isinstance(model, str):
         name = check_name(model)
         recipe = dict(RECIPES.get(name, DEFAULT_RECIPE))
-        arch = ARCHITECTURES[name][1]
+        arch = architecture(name, task)[1]
     elif isinstance(model, nn.Module):
         name = type(model).__name__
         recipe = dict(DEFAULT_RECIPE)
@@ -253,14 +262,16 @@ def train_model(
     fractions = parse_snapshots(snapshots)
     t_start = time.perf_counter()
     torch.manual_seed(seed)
+    dataset = DATASETS[task]
     if isinstance(model, str):
-        model = build(name, seed=seed)
-    xs, ys = _render(SyntheticShapes(pool, seed=data_seed, split="train"), progress, f"render train ({name})")
-    xv, yv = _render(SyntheticShapes(val_size, seed=data_seed, split="val"), progress, "render val")
+        model = build(name, seed=seed, task=task)
+        name = network_name(name, seed)
+    xs, ys = _render(dataset(pool, seed=data_seed, split="train"), progress, f"render train ({name})")
+    xv, yv = _render(dataset(val_size, seed=data_seed, split="val"), progress, "render val")
     if not isinstance(model, str):
-        _check_module(model, xv)
+        _check_module(model, xv, dataset.classes, task)
     if getattr(model, "pretrained_cfg", None) is None:
-        model.pretrained_cfg = dict(ZOO_DATA_CONFIG)
+        model.pretrained_cfg = data_config(task)
     model.train()
     t_data = time.perf_counter() - t_start
 
@@ -351,8 +362,9 @@ def train_model(
         "architecture": arch,
         "num_params": sum(p.numel() for p in model.parameters()),
         "data": {
-            "dataset": "fanlens.synthetic.SyntheticShapes",
-            "classes": list(SHAPE_CLASSES),
+            "task": task,
+            "dataset": f"fanlens.synthetic.{dataset.__name__}",
+            "classes": list(dataset.classes),
             "data_seed": data_seed,
             "train_pool": pool,
             "val_size": val_size,
@@ -362,6 +374,8 @@ def train_model(
         },
         "training": {
             "seed": seed,
+            "seed_use": "initialisation (torch.manual_seed before the model is built) and data order (batch "
+                        "indices and flips)",
             "steps": total,
             "budget": f"{total} steps x {batch_size} images" + (f" (from budget_s={budget_s:g})" if budget_s else ""),
             "batch_size": batch_size,
@@ -380,7 +394,8 @@ def train_model(
         "train_time_s": round(t_train, 1),
         "data_time_s": round(t_data, 1),
         "seconds_per_step": round(t_train / max(total, 1), 4),
-        "machine": {"device": "cpu", "cpus": torch.get_num_threads(), "platform": platform.platform(),
+        "machine": {"device": "cpu", "cpus": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
+                    "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
         "versions": {"fanlens": __version__, "torch": torch.__version__, "timm": timm.__version__},
     }

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Train the zoo networks of one task, one network at a time, into the package (maintainers): each is
+# written to a staging folder first and copied in when complete (the card last).
+# Resumable: a network whose weights and card are installed is skipped, so the queue can be
+# stopped and started again across sessions. Order: the C2 architectures first (vit, cnn, fan),
+# seed by seed, then the heads variants.
+#   nohup nice -n 19 bash benchmarks/train_zoo.sh textures > /tmp/zoo_train.log 2>&1 &
+# Threads: FANLENS_TRAIN_THREADS (default 2; torch's intra-op pool).
+set -u
+task="${1:-textures}"
+weights="$(python -c "from fanlens.zoo import TASKS; print(TASKS['$task']['weights'])")"
+stage="${FANLENS_TRAIN_STAGE:-/tmp/fanlens_zoo_stage}"  # each network is written here, then copied into the package
+for names in "vit cnn fan" "vit-h1 vit-h2 vit-h8"; do
+  for seed in 0 1 2; do
+    for name in $names; do
+      net="$name"; [ "$seed" != 0 ] && net="$name@$seed"
+      if [ -f "$weights/$net.safetensors" ] && [ -f "$weights/$net.json" ]; then
+        echo "skip $task/$net (installed)"; continue
+      fi
+      echo "$(date -u +%FT%TZ) train $task/$net"
+      OMP_NUM_THREADS="${FANLENS_TRAIN_THREADS:-2}" python -c "
+import torch, sys
+torch.set_num_threads(int('${FANLENS_TRAIN_THREADS:-2}'))
+from fanlens.cli import main
+sys.exit(main(['train-zoo', '$name', '--task', '$task', '--seed', '$seed', '--out', '$stage/$net', '--overwrite',
+               '--no-progress']))
+" || { echo "failed: $task/$net"; exit 1; }
+      mkdir -p "$weights"
+      cp "$stage/$net/$net.json" "$weights/.$net.json.part" && cp "$stage/$net/$net.safetensors" "$weights/$net.safetensors" \
+        && mv "$weights/.$net.json.part" "$weights/$net.json" && python -c "import json; print(json.load(open('$weights/$net.json'))['validation_accuracy'])"
+    done
+  done
+done
+echo "$(date -u +%FT%TZ) done"
