@@ -390,13 +390,13 @@ def check(
                   null: float, sign: int, note: Callable[[Evidence], str] | str = "") -> None:
         """A row per network, then one per architecture with several networks (hierarchical resampling)."""
         samples = {e.label: fn(e) for e in evs}
-        shared = {e.label for u in units.of(evs) if len(u.members) > 1 for e in u.members}
+        shared = {e.label for e in evs if e.architecture is not None}
         for e in evs:
             r = _row(claim, stat, scope, e.label, samples[e.label], null, sign, rs.n(e.label),
                      data[e.label]["pert"].shape[1], note(e) if callable(note) else note)
             rows.append(dataclasses.replace(r, level="network") if e.label in shared else r)
         for u in units.of(evs):
-            if len(u.members) > 1:
+            if u.members[0].architecture is not None:
                 first = u.members[0]
                 rows.append(units.row(u, [samples[e.label] for e in u.members], claim, stat, scope, null, sign,
                                       rs.n(first.label), data[first.label]["pert"].shape[1],
@@ -423,11 +423,20 @@ def check(
     with_ari = [e for e in single if "ari" in data[e.label]]
     per_model("C3", "c3_blocks (mask ARI vs -perturbation)", "blocks", with_ari,
               lambda e: spearman(rs.means(e.label, data[e.label]["ari"]), -rs.means(e.label, data[e.label]["pert"])),
-              0.0, +1)
-    for e in single:
-        if "ari" not in data[e.label]:
-            rows.append(_not_available("C3", "c3_blocks", "blocks", e.label, rs.n(e.label),
-                                       data[e.label]["count"].shape[1]))
+              0.0, +1, "trend across blocks: confounded by depth like c1_spearman; the C3 verdict of a model rests "
+              "on c3_within_block")
+    per_model("C3", "c3_within_block (mask ARI vs -perturbation)", "images", with_ari,
+              lambda e: rs.within_block(e.label, data[e.label]["ari"], -data[e.label]["pert"]), 0.0, +1,
+              "per block, Spearman rho across images of mask ARI and -perturbation; mean over blocks")
+    no_ari = [e for e in single if "ari" not in data[e.label]]
+    for e in no_ari:
+        r = _not_available("C3", "c3_within_block", "images", e.label, rs.n(e.label), data[e.label]["count"].shape[1])
+        rows.append(r if e.architecture is None else dataclasses.replace(r, level="network"))
+    for u in units.of(no_ari):
+        if u.members[0].architecture is not None:
+            r = _not_available("C3", "c3_within_block", "images", u.label, rs.n(u.members[0].label),
+                               data[u.members[0].label]["count"].shape[1])
+            rows.append(dataclasses.replace(r, level="architecture", n_networks=len(u.members)))
 
     # C2: decay ratio per model, and transformer minus CNN (per architecture)
     ratios = {}
@@ -529,7 +538,7 @@ class _Units:
 
     @staticmethod
     def name(u: _Unit) -> str:
-        return u.label if len(u.members) == 1 else f"{u.label} ({len(u.members)} networks)"
+        return u.label  # an architecture by its name (the networks: n_networks), a network alone by its label
 
     @staticmethod
     def combine(u: _Unit, samples: Sequence[np.ndarray]) -> np.ndarray:
@@ -553,9 +562,9 @@ class _Units:
         sign agreement over the replicates that take the j-th network of every architecture."""
         value = fn([self.combine(u, samples[u.label]) for u in us])
         r = _row(claim, stat, scope, models, value, null, sign, n_images, n_units, note)
-        k = max(len(u.members) for u in us)
-        if k == 1:
+        if all(u.members[0].architecture is None for u in us):
             return r
+        k = max(len(u.members) for u in us)
         reps = [float(fn([np.asarray(samples[u.label][min(j, len(u.members) - 1)][..., :1], dtype=np.float64)
                           for u in us])[0]) for j in range(k)]
         names = [f"replicate {j} ({', '.join(u.members[min(j, len(u.members) - 1)].label for u in us)})"

@@ -40,7 +40,7 @@ DAMAGE_FRACTION = 0.5
 DAMAGE_MATCHED = "half-accuracy"
 """The ``sigma`` of the damage-matched cells (each model at its own level, :func:`damage_matched_sigma`)."""
 HEADLINE_STATISTICS = {"C1": ("c1_within_block",), "C2": ("c2_decay_ratio", "c2_ratio_difference"),
-                       "C3": ("c3_blocks", "c3_models", "c3_training"), "C4": ("c4_heads",)}
+                       "C3": ("c3_within_block", "c3_models", "c3_training"), "C4": ("c4_heads",)}
 """Per claim, the statistics whose verdicts the headline is about (the others are descriptive)."""
 GRID_CSV_FIELDS = DIMENSIONS + cl.CSV_FIELDS
 HEADLINE_FIELDS = ("claim", "statistic", "models", "verdict", "cells", "holds", "contradicted", "inconclusive",

@@ -90,12 +90,14 @@ class ModelRun:
     clean_accuracy: float | None = None  # top-1 on the clean images (1.0 without labels: agreement with itself)
     damage: dict = field(default_factory=dict)  # space -> {"sigma", "accuracy"}: the damage-matched level
     damage_probes: dict = field(default_factory=dict)  # (space, measure) -> ProbeResult at damage[space]["sigma"]
+    architecture: str | None = None  # the unit of inference when an architecture has several networks (seeds)
 
     def evidence(self, series: str | None = None, probe: ProbeResult | None = None) -> claims.Evidence:
         """This run as input of :func:`fanlens.claims.check` (``probe``: another probe of the same
         images, e.g. one cell of the specification grid)."""
         return claims.Evidence(self.label, self.spectrum, self.probe if probe is None else probe, scores=self.scores,
-                               robustness=self.robustness, heads=self.heads, series=series)
+                               robustness=self.robustness, heads=self.heads, series=series,
+                               architecture=self.architecture)
 
     def rows(self) -> list[dict]:
         rows = self.spectrum.rows() + self.probe.rows()
@@ -117,6 +119,7 @@ class ReproduceResult:
     claims: claims.ClaimsResult | None = None
     heads_runs: list[ModelRun] = field(default_factory=list)
     grid: Any = None  # fanlens.grid.GridResult: the claims over the specification grid
+    network_runs: list[ModelRun] = field(default_factory=list)  # the zoo's further networks (seeds 1, 2, ...)
 
 
 def _zoo_images(n: int, seed: int, task: str | None = None):
@@ -302,20 +305,31 @@ def _chance_level(n_classes: int, n: int) -> float:
     return p + 1.96 * float(np.sqrt(p * (1 - p) / max(n, 1)))
 
 
-def _row_labels(models: str) -> set[str]:
-    """The model labels named in a claim row's ``models`` ("ViT", "ViT - CNN", "ViT-h1 (1), ViT-h2 (2)")."""
-    return {re.sub(r" \(\d+\)$", "", p.strip()) for part in models.split(", ") for p in part.split(" - ")}
+def _row_labels(models: str, members: dict[str, list[str]] | None = None) -> set[str]:
+    """The model labels named in a claim row's ``models`` ("ViT", "ViT - CNN", "ViT-h1 (1), ViT-h2 (2)"); an
+    architecture ("ViT") stands for its networks (``members``: architecture -> labels)."""
+    out = set()
+    for part in models.split(", "):
+        for p in part.split(" - "):
+            name = re.sub(r" \(\d+\)$", "", p.strip())
+            out |= set((members or {}).get(name, [name]))
+    return out
 
 
 def _chance_notes(runs: Sequence[ModelRun]):
     """The ``notes`` of :func:`fanlens.grid.evaluate`: the models of a row that are at chance accuracy
     under the cell's noise (their verdicts there say little about robustness)."""
+    members: dict[str, list[str]] = {}
+    for r in runs:
+        if r.architecture is not None:
+            members.setdefault(r.architecture, []).append(r.label)
+
     def note(cell, row) -> str:
         if cell.sigma == grid_mod.DAMAGE_MATCHED:
             levels = [f"{r.label} sigma {r.damage[cell.space]['sigma']:g} (accuracy {r.damage[cell.space]['accuracy']:.2f}"
                       f" of clean {r.clean_accuracy:.2f})" for r in runs
-                      if r.label in _row_labels(row.models) and cell.space in r.damage]
-            missing = [r.label for r in runs if r.label in _row_labels(row.models) and r.trained
+                      if r.label in _row_labels(row.models, members) and cell.space in r.damage]
+            missing = [r.label for r in runs if r.label in _row_labels(row.models, members) and r.trained
                        and cell.space not in r.damage]
             return "damage-matched: " + ", ".join(levels) + (
                 f"; no level for {', '.join(missing)} (accuracy above half at every sigma)" if missing else "")
@@ -323,8 +337,9 @@ def _chance_notes(runs: Sequence[ModelRun]):
             sg = float(cell.sigma)
         except ValueError:  # the pure-noise input: no accuracy to speak of
             return ""
+        named = _row_labels(row.models, members)
         low = [f"{r.label} {r.noise_accuracy[(cell.space, sg)]:.2f}" for r in runs
-               if r.label in _row_labels(row.models) and r.chance is not None and (cell.space, sg) in r.noise_accuracy
+               if r.label in named and r.chance is not None and (cell.space, sg) in r.noise_accuracy
                and r.noise_accuracy[(cell.space, sg)] <= r.chance]
         return f"at chance accuracy at this sigma ({', '.join(low)})" if low else ""
 
@@ -473,12 +488,15 @@ def _figures(runs: list[ModelRun], out: Path, sigmas: Sequence[float], heads_run
 
 def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], models, pretrained: bool, checkpoints,
                    image_names, imgs, n_images: int | None, seed: int, checked: claims.ClaimsResult | None,
-                   heads_runs: list[ModelRun], skip: Sequence[str] = (), spec_grid: Any = None) -> None:
+                   heads_runs: list[ModelRun], skip: Sequence[str] = (), spec_grid: Any = None,
+                   network_runs: Sequence[ModelRun] = ()) -> None:
     """Figures, ``results.csv``, ``claims.*`` and ``manifest.json`` of a reproduce run, into ``out``
-    (a staging folder)."""
-    _figures(runs, out, sigmas, heads_runs)
+    (a staging folder). The figures show each architecture's seed-0 network (and its twin); the further
+    networks enter the tables and the claims."""
+    _figures(runs, out, sigmas, [r for r in heads_runs if "@" not in r.label])
     # tables and provenance
-    write_atomic(out / "results.csv", rows_to_csv([row for r in runs + heads_runs for row in r.rows()]).encode())
+    write_atomic(out / "results.csv", rows_to_csv([row for r in list(runs) + list(network_runs) + heads_runs
+                                                   for row in r.rows()]).encode())
     if checked is not None:
         checked.write_files(out)
         write_atomic(out / "claims_default.md", checked.to_markdown().encode())
@@ -508,6 +526,7 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
                 "label": r.label,
                 "trained": r.trained,
                 "heads": r.heads,
+                "architecture": r.architecture,
                 **({"caveat": "no weights: analysed as a random-init model only (no twin, no claims)"}
                    if r.alone else {}),
                 "spectrum": r.spectrum.manifest(),
@@ -520,9 +539,14 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
             for r in runs
         ],
         "heads_runs": [
-            {"label": r.label, "heads": r.heads, "spectrum": r.spectrum.manifest(), "probe": r.probe.manifest(),
-             **({"robustness": r.robustness.manifest()} if r.robustness is not None else {})}
+            {"label": r.label, "heads": r.heads, "architecture": r.architecture, "spectrum": r.spectrum.manifest(),
+             "probe": r.probe.manifest(), **({"robustness": r.robustness.manifest()} if r.robustness is not None else {})}
             for r in heads_runs
+        ],
+        "network_runs": [
+            {"label": r.label, "heads": r.heads, "architecture": r.architecture, "spectrum": r.spectrum.manifest(),
+             "probe": r.probe.manifest(), **({"robustness": r.robustness.manifest()} if r.robustness is not None else {})}
+            for r in network_runs
         ],
         "claims": checked.parameters if checked is not None else None,
         "claims_grid": spec_grid.parameters if spec_grid is not None else None,
@@ -615,34 +639,59 @@ def reproduce(
             if alone:
                 break
     heads_runs: list[ModelRun] = []
+    network_runs: list[ModelRun] = []
     if not models:
         from . import zoo
 
         for r in runs:
             r.heads = zoo.HEADS.get(_ZOO_SHORT.get(r.short, ""))
+        for name in zoo.ZOO_NAMES:  # the further networks of each architecture (seed 0 ran above, with its twin)
+            for k in zoo.networks(name)[1:]:
+                lm = zoo.load(zoo.network_name(name, k))
+                say(f"analysing {lm.name}")
+                run = _run_one(lm, lm.name, ZOO_LABELS[name], True, imgs, masks, sigmas, seed, device, batch_size,
+                               progress, labels, figures=False, skip=skip)
+                run.heads = zoo.HEADS.get(name)
+                network_runs.append(run)
         for name in (n for n in zoo.HEAD_VARIANTS if n in zoo.available()):
-            lm = zoo.load(name)
-            say(f"analysing {lm.name} (heads, claim C4)")
-            # C4 reads the perturbation and the corruption error: no groups needed
-            run = _run_one(lm, lm.name, name, True, imgs, None, sigmas, seed, device, batch_size, progress, labels,
-                           figures=False, skip=skip)
-            run.heads = zoo.HEADS[name]
-            heads_runs.append(run)
-    _normalise_errors(runs + heads_runs)
-    evidence = [r.evidence() for r in runs if r.trained] + [r.evidence(claims.HEADS_SERIES) for r in heads_runs]
+            for k in zoo.networks(name):
+                lm = zoo.load(zoo.network_name(name, k))
+                say(f"analysing {lm.name} (heads, claim C4)")
+                # C4 reads the perturbation and the corruption error: no groups needed
+                run = _run_one(lm, lm.name, name, True, imgs, None, sigmas, seed, device, batch_size, progress,
+                               labels, figures=False, skip=skip)
+                run.heads = zoo.HEADS[name]
+                heads_runs.append(run)
+        _set_architectures([r for r in runs if r.trained] + network_runs + heads_runs)
+    _normalise_errors(runs + network_runs + heads_runs)
+    evidence = ([r.evidence() for r in runs + network_runs if r.trained]
+                + [r.evidence(claims.HEADS_SERIES) for r in heads_runs])
     checked = spec_grid = None
     if evidence:
         say("checking the claims (bootstrap over images)")
         checked = claims.check(evidence, sigma=0.1 if 0.1 in sigmas else None, seed=seed)
         say("checking the claims over the specification grid")
-        spec_grid = grid_mod.evaluate(_grid_cells(runs, heads_runs), seed=seed,
-                                      notes=_chance_notes([r for r in runs + heads_runs if r.trained]))
+        spec_grid = grid_mod.evaluate(_grid_cells(runs + network_runs, heads_runs), seed=seed,
+                                      notes=_chance_notes([r for r in runs + network_runs + heads_runs if r.trained]))
     else:
         say("no model with weights: no claims are checked")
     with folder.staging() as out:
         _write_outputs(runs, out, sigmas, models, pretrained, checkpoints, image_names, imgs, n_images, seed,
-                       checked, heads_runs, skip, spec_grid)
-    return ReproduceResult(runs, folder.written, time.perf_counter() - t0, checked, heads_runs, spec_grid)
+                       checked, heads_runs, skip, spec_grid, network_runs)
+    return ReproduceResult(runs, folder.written, time.perf_counter() - t0, checked, heads_runs, spec_grid,
+                           network_runs)
+
+
+def _set_architectures(runs: Sequence[ModelRun]) -> None:
+    """The zoo architectures with several networks become units of inference (``ModelRun.architecture``:
+    ``ViT``, ``FAN``, ``CNN``, ``vit-h1``, ...); an architecture with one network stays a model of its own."""
+    by: dict[str, list[ModelRun]] = {}
+    for r in runs:
+        by.setdefault(r.short, []).append(r)
+    for short, members in by.items():
+        if len(members) > 1:
+            for r in members:
+                r.architecture = short
 
 
 # --------------------------------------------------------------------------- several models, a few lines

@@ -70,7 +70,7 @@ def test_monotone_profiles_give_rho_one_and_hold():
     assert drop.ci_high < 0 and drop.verdict == "holds"
     assert _row(res, "c1_perturbation_drop").verdict == "holds"
     # without masks C3 has no grouping score of its own (the count would repeat C1)
-    assert _row(res, "c3_blocks").value is None
+    assert _row(res, "c3_within_block").value is None
     assert _row(res, "c2_decay_ratio").value == pytest.approx(
         ev.probe.per_image[:, -1, 0].mean() / ev.probe.per_image[:, 0, 0].mean())
 
@@ -209,9 +209,9 @@ def test_c1_within_block_coupling_is_not_the_depth_trend():
 def test_c3_without_masks_is_not_available_and_never_repeats_c1():
     ev = _evidence("M", _profile(np.linspace(8, 4, L)), _profile(np.linspace(1, 0.3, L)))
     res = claims.check([ev], n_boot=100)
-    c3 = _row(res, "c3_blocks")
+    c3 = _row(res, "c3_within_block")
     assert c3.value is None and c3.verdict == "inconclusive" and c3.note == claims.C3_NOT_AVAILABLE
-    assert "| C3 | c3_blocks | M | undefined |" in res.to_markdown()
+    assert "| C3 | c3_within_block | M | undefined |" in res.to_markdown()
 
 
 def _null_rate(statistic: str, make, n_sims: int = 200, n_boot: int = 200) -> float:
@@ -266,13 +266,13 @@ def test_networks_are_the_unit_an_architecture_row_pools_them_hierarchically():
     # per network: one row each; per architecture: the mean over its networks, n = networks x images
     nets = [r for r in res.rows if r.statistic.startswith("c2_decay_ratio") and r.level == "network"]
     assert [r.models for r in nets] == ["ViT@0", "ViT@1", "ViT@2", "CNN@0", "CNN@1", "CNN@2"]
-    vit = [r for r in res.rows if r.statistic.startswith("c2_decay_ratio") and r.models == "ViT (3 networks)"][0]
+    vit = [r for r in res.rows if r.statistic.startswith("c2_decay_ratio") and r.models == "ViT"][0]
     assert vit.n_networks == 3 and vit.n_images == N and vit.verdict == "holds"
     assert vit.value == pytest.approx(np.mean([r.value for r in nets[:3]]))
     # the interval carries the spread between networks (0.2-0.4), not only the images' (noise 0.02)
     assert vit.ci_high - vit.ci_low > 0.1 > max(r.ci_high - r.ci_low for r in nets[:3])
     diff = _arch_row(res, "c2_ratio_difference")
-    assert diff.models == "ViT (3 networks) - CNN (3 networks)" and diff.n_networks == 6
+    assert diff.models == "ViT - CNN" and diff.n_networks == 6
     assert diff.value == pytest.approx(0.3 - 1.0, abs=0.02) and diff.verdict == "holds"
     assert "3 networks x 48 images" in res.to_markdown()
     assert res.parameters["models"][0]["architecture"] == "ViT"
@@ -281,14 +281,14 @@ def test_networks_are_the_unit_an_architecture_row_pools_them_hierarchically():
 def test_an_architecture_verdict_needs_every_network_on_its_side_and_three_networks():
     # two networks decay, the third grows: the pooled interval may exclude 1, the verdict may not
     mixed = _networks("ViT", (0.2, 0.25, 1.6))
-    r = [r for r in claims.check(mixed, n_boot=300).rows if r.models == "ViT (3 networks)"
+    r = [r for r in claims.check(mixed, n_boot=300).rows if r.models == "ViT"
          and r.statistic.startswith("c2_decay_ratio")][0]
     assert r.verdict == "inconclusive" and ("networks disagree in sign" in r.note or r.ci_high > 1)
     assert [x.verdict for x in claims.check(mixed, n_boot=300).rows if x.models == "ViT@2"
             and x.statistic.startswith("c2_decay_ratio")] == ["contradicted"]
     # every network agrees but only two of them: inconclusive, with the reason
     two = _networks("ViT", (0.2, 0.25))
-    r = [r for r in claims.check(two, n_boot=300).rows if r.models == "ViT (2 networks)"
+    r = [r for r in claims.check(two, n_boot=300).rows if r.models == "ViT"
          and r.statistic.startswith("c2_decay_ratio")][0]
     assert r.verdict == "inconclusive" and "needs at least 3" in r.note and "the interval alone says holds" in r.note
     # a network alone (no architecture) keeps its own verdict, as before
@@ -299,7 +299,7 @@ def test_an_architecture_verdict_needs_every_network_on_its_side_and_three_netwo
 
 def test_sign_disagreement_is_named_even_when_the_interval_excludes_the_null():
     nets = _networks("ViT", (0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 1.05))
-    r = [r for r in claims.check(nets, n_boot=300).rows if r.models == "ViT (10 networks)"
+    r = [r for r in claims.check(nets, n_boot=300).rows if r.models == "ViT"
          and r.statistic.startswith("c2_decay_ratio")][0]
     assert r.ci_high < 1 and r.verdict == "inconclusive"
     assert "networks disagree in sign (ViT@9 1.05" in r.note

@@ -51,7 +51,7 @@ def test_the_dimension_that_flips_a_verdict_is_named():
 
 def test_no_significant_cell_is_inconclusive_and_no_defined_cell_is_not_available():
     assert grid.headline(_cells({s: "inconclusive" for s in SIGMAS}))[0].verdict == "inconclusive"
-    rows = [GridRow(Cell(s, "pixel", "additive", "rel_threshold"), _row("inconclusive", None, "c3_blocks", "C3"))
+    rows = [GridRow(Cell(s, "pixel", "additive", "rel_threshold"), _row("inconclusive", None, "c3_within_block", "C3"))
             for s in SIGMAS]
     (h,) = grid.headline(rows)
     assert h.verdict == "not available" and h.cells == 0

@@ -73,7 +73,7 @@ def test_real_model_path_with_checkpoints_and_their_random_init_twins(tmp_path, 
     table = list(csv.DictReader(open(out / "claims.csv")))
     stats = {(r["statistic"], r["models"]) for r in table}
     assert ("c2_ratio_difference (transformer - CNN)", f"{TINY} - resnet18") in stats
-    assert ("c3_blocks", "resnet18") in stats  # no masks: C3 is reported as not available
+    assert ("c3_within_block", "resnet18") in stats  # no masks: C3 is reported as not available
     assert all(r["value"] == "" and r["note"].startswith("not available") for r in table if r["claim"] == "C3")
     assert all(r["n_images"] == str(len(list(image_dir.iterdir()))) for r in table)
     assert "| C1 | c1_within_block |" in captured.out  # the headline table over the grid is printed too
@@ -386,3 +386,46 @@ def test_reproduce_skips_parts_and_takes_the_first_images(tmp_path, image_dir, l
     assert legible == {}  # one sigma panel with long model specs in its legend
     with pytest.raises(FanlensError, match=r"skip must name parts among \('groups', 'robustness'\). Got 'spectrum'"):
         reproduce([TINY], images=image_dir, out=tmp_path / "s", skip="spectrum")
+
+
+def test_zoo_networks_of_one_architecture_are_one_unit(tmp_path, monkeypatch):
+    """Three networks (seeds) per architecture: the claims pool them (architecture rows, hierarchical
+    intervals), list each network's own values, and the headline names the architectures."""
+    from fanlens.zoo.training import train, write_trained
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("vit", "cnn"):
+        for k in (0, 1, 2):
+            t = train(name, seed=k, steps=2, pool=32, val_size=16, progress=False)
+            for fname, data in t.files.items():
+                (weights / fname).write_bytes(data)
+    monkeypatch.setitem(zoo.TASKS["shapes"], "weights", weights)
+    monkeypatch.setattr(zoo, "ZOO_NAMES", ("vit", "cnn"))
+    monkeypatch.setattr(zoo, "HEAD_VARIANTS", ())
+    assert zoo.networks("vit") == [0, 1, 2] and zoo.available() == ["vit", "cnn"]
+    res = reproduce(None, out=tmp_path / "out", n_images=4, sigmas=(0.1,), progress=False,
+                    skip="groups,robustness")
+    assert [r.label for r in res.network_runs] == ["zoo:vit@1", "zoo:vit@2", "zoo:cnn@1", "zoo:cnn@2"]
+    assert [r.label for r in res.runs] == ["zoo:vit", "zoo:vit@random-init", "zoo:cnn", "zoo:cnn@random-init"]
+    assert {r.architecture for r in res.network_runs} == {"ViT", "CNN"} and res.runs[1].architecture is None
+    default = list(csv.DictReader(open(tmp_path / "out" / "claims_default.md".replace(".md", ".csv").replace(
+        "claims_default", "claims"))))
+    rows = [r for r in res.claims.rows if r.statistic.startswith("c2_decay_ratio")]
+    nets = {r.models: r.value for r in rows if r.level == "network"}
+    assert set(nets) == {"zoo:vit", "zoo:vit@1", "zoo:vit@2", "zoo:cnn", "zoo:cnn@1", "zoo:cnn@2"}
+    vit = [r for r in rows if r.models == "ViT"][0]
+    assert vit.level == "architecture" and vit.n_networks == 3
+    assert vit.value == pytest.approx(np.mean([nets["zoo:vit"], nets["zoo:vit@1"], nets["zoo:vit@2"]]))
+    diff = [r for r in res.claims.rows if r.statistic.startswith("c2_ratio_difference")]
+    assert [(d.models, d.n_networks) for d in diff] == [("ViT - CNN", 6)]
+    # the grid's headline is about the architectures; claims.csv keeps every network's row per cell
+    heads = {(h.statistic, h.models) for h in res.grid.headline}
+    assert ("c1_within_block", "ViT") in heads and not any("@" in m for _s, m in heads)
+    assert {"zoo:vit@2", "ViT"} <= {r["models"] for r in default}
+    assert {r["level"] for r in default} == {"network", "architecture"}
+    md = (tmp_path / "out" / "claims.md").read_text()
+    assert "| C1 | c1_within_block | ViT |" in md
+    assert "3 networks x 4 images" in (tmp_path / "out" / "claims_default.md").read_text()
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [r["label"] for r in man["network_runs"]] == ["zoo:vit@1", "zoo:vit@2", "zoo:cnn@1", "zoo:cnn@2"]
