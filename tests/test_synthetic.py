@@ -64,3 +64,23 @@ def test_bad_arguments():
         SyntheticShapes(3, split="holdout")
     with pytest.raises(FanlensError, match="index must be in"):
         SyntheticShapes(3)[3]
+
+
+def test_textures_task_cannot_be_solved_by_brightness():
+    from fanlens.synthetic import TASKS, TEXTURE_CLASSES, SyntheticTextures
+
+    assert TASKS["textures"] is SyntheticTextures and len(TEXTURE_CLASSES) == 10
+    ds = SyntheticTextures(120, seed=0, split="test")
+    x, y, m = ds.batch(range(120))
+    assert x.shape == (120, 3, 64, 64) and ds.num_classes == 10 and set(y.tolist()) == set(range(10))
+    grey = x.mean(1)
+    inside, outside = float(grey[m].mean()), float(grey[~m].mean())
+    assert abs(inside - outside) < 0.01  # the same mean intensity inside and outside the objects
+    # per image, the object's texture has more local contrast than the background: that is the cue
+    hp = (grey[:, 1:, :] - grey[:, :-1, :]).abs()
+    mm = m[:, 1:, :] & m[:, :-1, :]
+    assert float(hp[mm].mean()) > 2 * float(hp[~(m[:, 1:, :] | m[:, :-1, :])].mean())
+    assert all(0 < int(m[i].sum()) < 64 * 64 // 2 for i in range(120))
+    again = SyntheticTextures(120, seed=0, split="test").batch([7])[0]
+    assert torch.equal(again[0], x[7])  # a pure function of (seed, split, index)
+    assert not torch.equal(SyntheticTextures(8, seed=0, split="val").batch([7])[0][0], x[7])

@@ -122,3 +122,38 @@ def test_train_a_module_of_your_own_within_a_budget():
         fanlens.zoo.train(model, steps=2, budget_s=1.0, progress=False)
     with pytest.raises(FanlensError, match="budget_s must be a positive"):
         fanlens.zoo.train(model, budget_s=0, progress=False)
+
+
+def test_network_names_seeds_and_tasks():
+    assert zoo.parse_network("vit") == (zoo.DEFAULT_TASK, "vit", 0)
+    assert zoo.parse_network("vit@2") == (zoo.DEFAULT_TASK, "vit", 2)
+    assert zoo.parse_network("textures/vit-h8@1") == ("textures", "vit-h8", 1)
+    assert zoo.network_name("cnn", 0) == "cnn" and zoo.network_name("cnn", 3) == "cnn@3"
+    for bad, msg in (("vit@x", "seed must be a non-negative integer"), ("vit@-1", "seed must be"),
+                     ("imagenet/vit", "task must be one of"), ("resnet@1", "zoo model must be one of")):
+        with pytest.raises(FanlensError, match=msg):
+            zoo.parse_network(bad)
+    with pytest.raises(FanlensError, match=r"run `fanlens train-zoo vit --task textures --seed 7`"):
+        zoo.load("textures/vit@7")
+    # the random-init twin of a network is its own initial weights (its training seed)
+    a = zoo.load("vit@3", random_init=True).model.state_dict()
+    b = zoo.build("vit", seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_textures_cnn_has_sixteen_tokens_and_no_identity_blocks():
+    cnn = zoo.build("cnn", task="textures")
+    assert cnn.fc.out_features == 10 and zoo.architecture("cnn", "textures")[1]["zero_init_last"] is False
+    x = torch.rand(2, 3, 64, 64)
+    assert tuple(cnn.layer4(cnn.layer3(cnn.layer2(cnn.layer1(cnn.maxpool(cnn.act1(cnn.bn1(cnn.conv1(x))))))))
+                 .shape[-2:]) == (4, 4)  # 16 tokens in the last stage (max-pool dropped)
+    # no zero-initialised residual branch: a random-init block changes its input
+    for name in ("cnn",):
+        for task in zoo.TASKS:
+            m = zoo.build(name, task=task)
+            blk = m.layer2[1]
+            h = torch.randn(2, 48, 8, 8).relu()
+            with torch.no_grad():
+                assert float((blk(h) - h.relu()).abs().mean()) > 1e-3
+                assert float(blk.bn2.weight.abs().min()) > 0
+    assert tuple(zoo.build("cnn", task="shapes").forward_features(x).shape[-2:]) == (2, 2)
