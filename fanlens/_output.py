@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 RUN_MARKER = ".fanlens-run.json"
+LOCK_NAME = ".fanlens.lock"
+"""The pid of the run that holds a folder's lock (a ``flock`` on the folder); removed with the lock."""
 STATE_DIRNAME = ".fanlens-state"
 _STAGING_PREFIX = ".fanlens-staging-"
 _OLD_PREFIX = ".fanlens-old-"
@@ -181,7 +183,54 @@ class OutputFolder:
             raise FanlensError(
                 f"{param} must be a folder fanlens can write to. Got {str(self.path)!r}: {_short_oserror(e)}."
             ) from None
-        self._check_conflicts()
+        self._lock_fd: int | None = None
+        self._lock()
+        try:
+            self._check_conflicts()
+        except BaseException:
+            self.release()
+            raise
+
+    # ------------------------------------------------------------------ the run's lock
+    def _lock(self) -> None:
+        """Hold an exclusive ``flock`` on the folder itself while this run owns it (released when the run
+        ends or its process dies): a second run into the same folder stops before any work. The holder's
+        pid is written to ``LOCK_NAME`` for the message, and removed with the lock."""
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: no lock (documented)
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise FanlensError(f"{self.param} {str(self.path)!r} could not be opened to lock it "
+                               f"({_short_oserror(e)}).") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            try:
+                holder = (self.path / LOCK_NAME).read_text()[:32].strip()
+            except (OSError, UnicodeDecodeError):
+                holder = ""
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise FanlensError(f"{self.param} {str(self.path)!r} is in use by another fanlens run{who}; wait for it "
+                               f"to finish, or choose another --out.") from None
+        self._lock_fd = fd
+        with contextlib.suppress(OSError):
+            (self.path / LOCK_NAME).write_text(str(os.getpid()))
+
+    def release(self) -> None:
+        """Let other runs use the folder (after the files are in place, or when this run gives up)."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                (self.path / LOCK_NAME).unlink()
+            with contextlib.suppress(OSError):
+                os.close(fd)  # closing the descriptor releases the flock
+
+    def __del__(self) -> None:
+        self.release()
 
     # ------------------------------------------------------------------ checks
     def _visible(self) -> list[str]:
@@ -212,6 +261,7 @@ class OutputFolder:
 
     def abandon(self) -> None:
         """The run failed before writing: remove the folder if this run created it and it is empty."""
+        self.release()
         if self._created and self.path.is_dir() and not any(self.path.iterdir()):
             self._cleanup_created()
 
@@ -279,6 +329,7 @@ class OutputFolder:
         shutil.rmtree(self.state_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             (self.path / STATE_DIRNAME).rmdir()
+        self.release()
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -16,7 +16,9 @@ Accepted ``images``:
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -36,6 +38,8 @@ __all__ = [
     "resolve_images",
     "load_sample",
 ]
+
+_log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 SAMPLE_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "china", "flower")
@@ -253,6 +257,14 @@ Larger files (or decompression bombs) are refused with a message instead of PIL'
 set ``fanlens.data.MAX_IMAGE_PIXELS`` to change it."""
 
 
+def _regular_file(p: Path) -> bool:
+    """A regular file (or a link to one), found without opening it (a FIFO would block)."""
+    try:
+        return stat.S_ISREG(os.stat(p).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def _list_folder(folder: Path) -> list[Path]:
     """Image files under ``folder``, sorted; output folders of fanlens runs and hidden folders are skipped."""
     from ._output import RUN_MARKER
@@ -262,7 +274,14 @@ def _list_folder(folder: Path) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (Path(root) / d / RUN_MARKER).is_file())
         if RUN_MARKER in names and Path(root) != folder:
             continue
-        files += [Path(root) / n for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+        for n in names:
+            if Path(n).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            f = Path(root) / n
+            if _regular_file(f):
+                files.append(f)
+            else:  # a FIFO, socket or device named like an image would block or fail when opened
+                _log.warning("skipping %s: not a regular file (fanlens opens regular image files only)", f)
     files.sort()
     if not files:
         raise FanlensError(
@@ -302,11 +321,14 @@ def _check_image_file(path: Path) -> None:
     try:
         with _open_image(path) as im:
             mode = im.mode
+            frames = int(getattr(im, "n_frames", 1) or 1)
             im.verify()
     except FanlensError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise FanlensError(f"image {str(path)!r} cannot be read: {e}") from None
+    if frames > 1:
+        _log.warning("image %s has %d frames (pages); fanlens analyses the first one only", path, frames)
     if mode not in ("RGB", "P") and not (mode == "CMYK" or mode.startswith("YCbCr")):
         raise FanlensError(
             f"image {str(path)!r} must be an RGB image. Got mode {mode!r} instead "
@@ -362,6 +384,9 @@ def resolve_images(
             files = _list_folder(p)
         elif p.is_file():
             files = [p]
+        elif os.path.lexists(p):
+            raise FanlensError(f"images must be a folder or a regular image file. Got {str(images)!r}, which is "
+                               f"neither (a FIFO, socket, device or broken link).")
         else:
             raise FanlensError(
                 f"images must be a folder, an image file, a tensor or 'samples'. Got {str(images)!r}, "
@@ -375,6 +400,9 @@ def resolve_images(
                 files.extend(_list_folder(p))
             elif p.is_file():
                 files.append(p)
+            elif os.path.lexists(p):
+                raise FanlensError(f"images must name regular image files. Got {str(i)!r}, which is not one (a "
+                                   f"FIFO, socket, device or broken link).")
             else:
                 raise FanlensError(f"images must name existing files. Got {str(i)!r}, which does not exist.")
     elif isinstance(images, Iterable) and not isinstance(images, (str, bytes, list, tuple)):

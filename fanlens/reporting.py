@@ -17,6 +17,8 @@ import csv
 import html
 import io
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,21 @@ def report(directory: str | Path, *, out: str | Path | None = None, overwrite: b
     d = Path(directory)
     if not (d / "manifest.json").is_file():
         raise FanlensError(f"directory must be a fanlens output folder (with manifest.json). Got {str(d)!r} instead.")
+    if not _readable(d / "manifest.json", d):
+        raise FanlensError(f"directory {str(d)!r}: manifest.json must be a regular file inside the folder (not a "
+                           f"link or a special file).")
     target = Path(out) if out is not None else d / REPORT_NAME
     from ._output import inside, package_dir
 
     if inside(target.resolve(), package_dir()):
         raise FanlensError(f"out must be outside the installed fanlens package. Got {str(target)!r} instead.")
+    if target.is_dir():
+        raise FanlensError(f"out must be a file path, not a folder. Got {str(target)!r} instead.")
+    own = target.resolve()
+    if (os.path.lexists(target) and inside(own, d.resolve()) and own != (d / REPORT_NAME).resolve()) or \
+            target.is_symlink():
+        raise FanlensError(f"out must not replace a file of the folder it reports on (or a link): {str(target)!r}. "
+                           f"A command never writes over its own inputs; choose another path.")
     if target.exists() and not overwrite:
         raise FanlensError(f"{str(target)!r} exists; pass overwrite=True (--overwrite) to replace it.")
     if not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 1:
@@ -117,6 +129,26 @@ def _version(manifest: dict) -> str:
     return "?"
 
 
+def _readable(p: Path, root: Path) -> bool:
+    """``p`` is a regular file (not a link, FIFO, socket or device: nothing is opened to find out) whose
+    real path lies inside ``root``: the only files a report reads and embeds."""
+    from ._output import inside
+
+    try:
+        if not stat.S_ISREG(os.lstat(p).st_mode):
+            return False
+        return inside(p.resolve(), root.resolve())
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def _script_json(data: Any) -> str:
+    """JSON for an inline ``<script type='application/json'>``: ``<``, ``>`` and ``&`` as ``\\u`` escapes,
+    so that no string from the outside world (file or model names) can end the block or open a comment."""
+    return (json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
 def _e(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
@@ -127,6 +159,7 @@ def _png_uri(data: bytes) -> str:
 
 def _figures_section(d: Path) -> str:
     pngs = sorted(d.glob("*.png")) + sorted(p for p in d.glob("*/*.png") if p.parent.name != "viewer")
+    pngs = [p for p in pngs if _readable(p, d)]  # no link to a file elsewhere, no FIFO named *.png
     if not pngs:
         return ""
     items = []
@@ -149,7 +182,7 @@ def _tables_section(d: Path) -> str:
     """Per model and metric: one row per series (rule, sigma, corruption), one column per block,
     the mean over images."""
     path = d / "results.csv"
-    if not path.is_file():
+    if not _readable(path, d):
         return ""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -166,7 +199,10 @@ def _tables_section(d: Path) -> str:
         series = r.get("rule") or (f"sigma={r['sigma']}" if r.get("sigma") else "")
         if r.get("corruption"):
             series = f"{r['corruption']} s{r.get('severity', '')}"
-        bi = int(r["block_index"])
+        try:
+            bi = int(r["block_index"])
+        except (TypeError, ValueError):
+            continue  # not a row fanlens wrote
         tables.setdefault(key, {}).setdefault(series or "value", {})[bi] = r["value"]
         blocks.setdefault(key, {})[bi] = r.get("block", str(bi))
     out = ["<section id='tables'><h2>Per-block tables</h2><p>Mean over images per block (the CSV holds "
@@ -190,7 +226,7 @@ def _tables_section(d: Path) -> str:
 
 def _claims_section(d: Path) -> str:
     path = d / "claims.csv"
-    if not path.is_file():
+    if not _readable(path, d):
         return ""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -199,7 +235,7 @@ def _claims_section(d: Path) -> str:
     cols = list(rows[0].keys())
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(
-        f"<td class='{_e(r[c]) if c == 'verdict' else ''}'>{_fmt(r[c])}</td>"
+        f"<td class='{_e(r.get(c) or '') if c == 'verdict' else ''}'>{_fmt(r.get(c) or '')}</td>"
         for c in cols) + "</tr>" for r in rows)
     return (f"<section id='claims'><h2>Claims</h2><div class='scroll'><table class='claims'><tr>{head}</tr>{body}"
             f"</table></div></section>")
@@ -243,7 +279,7 @@ def _viewer_sources(d: Path) -> list[Path]:
     out = []
     for folder in [d] + sorted(p for p in (d / "viewer").glob("*") if p.is_dir()):
         man = folder / "manifest.json"
-        if man.is_file() and (folder / "arrays.npz").is_file():
+        if _readable(man, d) and _readable(folder / "arrays.npz", d):
             try:
                 if json.loads(man.read_text()).get("kind") == "groups":
                     out.append(folder)
@@ -289,7 +325,7 @@ def _viewer_section(d: Path, max_images: int) -> str:
     for folder in sources:
         g = load(folder)
         colours = None
-        if (folder / "colours.npz").is_file():
+        if _readable(folder / "colours.npz", d):
             with np.load(folder / "colours.npz", allow_pickle=False) as z:
                 colours = [z[f"colours_{i}"] for i in range(len(g.blocks)) if f"colours_{i}" in z.files]
             if len(colours) != len(g.blocks):
@@ -309,7 +345,7 @@ def _viewer_section(d: Path, max_images: int) -> str:
                                                  scale=scale) for li in range(len(g.blocks))]
             model["images"].append(entry)
         data.append(model)
-    payload = json.dumps(data).replace("</", "<\\/")
+    payload = _script_json(data)
     return (
         "<section id='viewer'><h2>Block viewer</h2>"
         "<p>Token groups (spectral clustering) and, where computed, spectral colours of one image, block by "

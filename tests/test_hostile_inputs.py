@@ -365,3 +365,38 @@ def test_hostile_input(case: Case, results):
     assert case.param in lines[0], lines[0]
     assert r["after"] == r["before"]  # earlier files byte-identical, no leftovers
     assert "pickled code ran" not in r["stdout"]
+
+
+def test_non_regular_files_named_like_images_are_skipped_or_refused(tmp_path, caplog):
+    """A FIFO (or socket) named *.png in an image folder is skipped with a warning, never opened (it would
+    block); named explicitly it is refused in one line. A multi-frame image says that its first frame is used."""
+    import logging
+    import os
+    import socket
+
+    from PIL import Image
+
+    from fanlens import FanlensError
+    from fanlens.data import DataConfig, resolve_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "a.png")
+    os.mkfifo(folder / "b.png")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "c.png"))
+    cfg = DataConfig((32, 32), (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0, "center")
+    with caplog.at_level(logging.WARNING, logger="fanlens.data"):
+        ims = resolve_images(str(folder), cfg)
+    assert [os.path.basename(n) for n in ims.names] == ["a.png"]
+    assert sum("not a regular file" in r.message for r in caplog.records) == 2
+    for bad in (folder / "b.png", [str(folder / "a.png"), str(folder / "c.png")]):
+        with pytest.raises(FanlensError, match="regular image file"):
+            resolve_images(str(bad) if not isinstance(bad, list) else bad, cfg)
+    sock.close()
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fanlens.data"):
+        resolve_images(str(tmp_path / "anim.gif"), cfg)
+    assert any("has 3 frames (pages); fanlens analyses the first one only" in r.message for r in caplog.records)

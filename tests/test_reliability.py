@@ -330,3 +330,42 @@ def test_captum_analyses_refuse_non_finite_outputs():
             fanlens.attribute(nan, x, method=method, n_steps=4, progress=False)
     with pytest.raises(FanlensError, match=r"the model's output holds non-finite values .* for images \[0\]"):
         fanlens.min_flip_sigma(nan, x, max_sigma=0.1, step=0.05, progress=False)
+
+
+def test_a_second_run_into_the_same_folder_stops_and_the_first_keeps_its_files(tmp_path, capsys):
+    """Two runs into one --out at the same time: the second ends with exit 2 naming the folder and
+    the holder's pid; the first run's files are complete. A dead holder leaves no stale lock."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from fanlens._output import LOCK_NAME, OutputFolder
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from fanlens._output import OutputFolder
+        f = OutputFolder({str(out)!r}, command="first")
+        print("locked", flush=True)
+        time.sleep(4)
+        with f.staging() as tmp:
+            (tmp / "first.txt").write_text("complete")
+        """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(FanlensError, match=rf"is in use by another fanlens run \(pid {holder.pid}\)"):
+        OutputFolder(out, overwrite=True, command="second")
+    code = cli.main(["spectrum", "--model", "zoo:vit", "--images", "samples", "--out", str(out), "--overwrite",
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: out {str(out)!r} is in use by another fanlens run (pid {holder.pid})" in err
+    assert holder.wait(30) == 0
+    assert (out / "first.txt").read_text() == "complete"
+    # the holder is gone: its lock went with it
+    f = OutputFolder(out, overwrite=True, command="third")
+    with f.staging() as tmp:
+        (tmp / "third.txt").write_text("x")
+    assert not (out / LOCK_NAME).exists() and f._lock_fd is None
+    killed = subprocess.Popen([sys.executable, "-c", f"from fanlens._output import OutputFolder; import os; "
+                                                    f"f = OutputFolder({str(out)!r}, overwrite=True); os._exit(9)"])
+    assert killed.wait(30) == 9
+    OutputFolder(out, overwrite=True).release()  # no stale lock after a process that died holding it

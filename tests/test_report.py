@@ -178,3 +178,70 @@ def test_report_title_lists_every_model_and_images_go_by_their_file_names(tmp_pa
     (tmp_path / "manifest.json").write_text(json.dumps(man))
     title = build_html(tmp_path).split("</h1>")[0]
     assert all(m in title for m in ("zoo:vit,", "zoo:vit@random-init", "zoo:vit-h1", "zoo:vit-h8"))
+
+
+def test_report_embeds_only_regular_files_of_the_run(groups_folder, tmp_path):
+    """A link named *.png pointing anywhere, or a FIFO named *.png, is never read into the page."""
+    import os
+    import threading
+
+    out, _res = groups_folder
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"TOP-SECRET-CONTENT-1234")
+    (out / "leak.png").symlink_to(secret)
+    (out / "sub").mkdir()
+    (out / "sub" / "also.png").symlink_to(secret)
+    os.mkfifo(out / "fifo.png")
+    (out / "viewer").symlink_to(tmp_path / "spec", target_is_directory=True)  # a linked folder: not read
+    done = []
+    t = threading.Thread(target=lambda: done.append(fanlens.report(out)), daemon=True)
+    t.start()
+    t.join(60)
+    assert done, "report hung on a FIFO named *.png"
+    page = done[0].read_text()
+    leaked = base64.b64encode(secret.read_bytes()).decode()
+    assert leaked[:16] not in page and "leak.png" not in page and "fifo.png" not in page and "also.png" not in page
+    # the run's own files are there
+    assert len(_viewer_data(page)) == 1
+
+
+def test_outside_strings_cannot_change_the_page_structure(tmp_path, tiny_vit):
+    from fanlens.reporting import _script_json
+
+    names = ["a<!--<script>x.png", "b&amp;<b>.png", "c\u2028'\"`.png"]
+    paths = write_images(tmp_path / "imgs", 3, size=(64, 64))
+    renamed = []
+    for p, n in zip(paths, names):
+        q = p.with_name(n)
+        p.rename(q)
+        renamed.append(str(q))
+    out = tmp_path / "run"
+    fanlens.group_tokens(tiny_vit, renamed, n_clusters=2, progress=False).save(out)
+    page = fanlens.report(out).read_text()
+    assert page.count("<script") == 2 and page.count("</script>") == 2  # the data block and the viewer's code
+    assert "<!--" not in page
+    assert [im["name"] for im in _viewer_data(page)[0]["images"]] == names
+    for hostile in ("</script><script>alert(1)</script>", "<!--", "]]>", "\u2028"):
+        s = _script_json({"name": hostile})
+        assert "<" not in s and ">" not in s and json.loads(s)["name"] == hostile
+
+
+def test_report_never_writes_over_its_own_inputs(groups_folder, tmp_path, capsys):
+    from fanlens import cli
+
+    out, _res = groups_folder
+    before = (out / "manifest.json").read_bytes()
+    for target in ("manifest.json", "arrays.npz", "results.csv"):
+        with pytest.raises(FanlensError, match="must not replace a file of the folder it reports on"):
+            fanlens.report(out, out=out / target, overwrite=True)
+        assert cli.main(["report", str(out), "--out", str(out / target), "--overwrite"]) == 2
+        assert "must not replace a file of the folder" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
+    link = tmp_path / "link.html"
+    link.symlink_to(tmp_path / "elsewhere.html")
+    with pytest.raises(FanlensError, match="or a link"):
+        fanlens.report(out, out=link, overwrite=True)
+    with pytest.raises(FanlensError, match="must be a file path, not a folder"):
+        fanlens.report(out, out=tmp_path, overwrite=True)
+    assert fanlens.report(out, out=out / "report.html").is_file()  # its own report: allowed
+    assert fanlens.report(out, overwrite=True).is_file()
