@@ -50,7 +50,7 @@ from ._validation import FanlensError, check_positive_int, check_seed
 from .results import ProbeResult, RobustnessResult, SpectrumResult, rows_to_csv, versions, write_atomic
 
 __all__ = ["Evidence", "ClaimRow", "ClaimsResult", "check", "spearman", "bootstrap_weights", "VERDICTS", "C3_NOT_AVAILABLE",
-           "EACH_SIGMA", "MIN_NETWORKS",
+           "EACH_SIGMA", "MIN_NETWORKS", "MIN_IMAGES", "MIN_BLOCKS", "MIN_RESAMPLES",
            "DEFAULT_N_BOOT", "MID_DEPTH", "CSV_FIELDS", "HEADS_SERIES"]
 
 VERDICTS = ("holds", "contradicted", "inconclusive")
@@ -62,6 +62,12 @@ CSV_FIELDS = ("claim", "statistic", "scope", "models", "value", "ci_low", "ci_hi
               "n_networks", "n_images", "n_units", "level", "note")
 MIN_NETWORKS = 3
 """An architecture-level verdict needs at least this many networks (independent training seeds)."""
+MIN_IMAGES = 8
+"""A verdict needs at least this many images (fewer: *inconclusive*, the reason in ``note``)."""
+MIN_BLOCKS = 3
+"""A verdict about a depth profile needs at least this many blocks."""
+MIN_RESAMPLES = 200
+"""A verdict needs at least this many bootstrap resamples (5 in each tail of the 95 % interval)."""
 
 
 @dataclass(frozen=True)
@@ -276,8 +282,25 @@ def _row(claim: str, statistic: str, scope: str, models: str, samples: np.ndarra
     lo, hi = (float(q) for q in np.percentile(finite, [100 * (1 - LEVEL) / 2, 100 * (1 + LEVEL) / 2]))
     if finite.size < boot.size:
         note = (note + "; " if note else "") + f"{boot.size - finite.size} resamples undefined"
-    return ClaimRow(claim, statistic, scope, models, point, lo, hi, null, expected, _verdict(lo, hi, null, sign),
-                    n_images, n_units, note)
+    r = ClaimRow(claim, statistic, scope, models, point, lo, hi, null, expected, _verdict(lo, hi, null, sign),
+                 n_images, n_units, note)
+    short = ([f"{n_images} images (a verdict needs at least {MIN_IMAGES})"] if n_images < MIN_IMAGES else []) + (
+        [f"{boot.size} bootstrap resamples (a verdict needs at least {MIN_RESAMPLES})"]
+        if boot.size < MIN_RESAMPLES else [])
+    return _below_minimum(r, short)
+
+
+def _below_minimum(r: ClaimRow, reasons: Sequence[str]) -> ClaimRow:
+    """``r`` with its verdict made *inconclusive* when the data are below a documented minimum."""
+    if not reasons or r.verdict not in ("holds", "contradicted"):
+        return r
+    note = "; ".join(reasons) + f" (the interval alone says {r.verdict})"
+    return dataclasses.replace(r, verdict="inconclusive", note=(r.note + "; " if r.note else "") + note)
+
+
+def _few_blocks(n_blocks: int) -> list[str]:
+    return [f"{n_blocks} blocks (a verdict about a depth profile needs at least {MIN_BLOCKS})"] \
+        if n_blocks < MIN_BLOCKS else []
 
 
 def _column(res: ProbeResult, sigma: float | None) -> int:
@@ -394,13 +417,15 @@ def check(
         for e in evs:
             r = _row(claim, stat, scope, e.label, samples[e.label], null, sign, rs.n(e.label),
                      data[e.label]["pert"].shape[1], note(e) if callable(note) else note)
+            r = _below_minimum(r, _few_blocks(data[e.label]["pert"].shape[1]))
             rows.append(dataclasses.replace(r, level="network") if e.label in shared else r)
         for u in units.of(evs):
             if u.members[0].architecture is not None:
                 first = u.members[0]
-                rows.append(units.row(u, [samples[e.label] for e in u.members], claim, stat, scope, null, sign,
-                                      rs.n(first.label), data[first.label]["pert"].shape[1],
-                                      note(first) if callable(note) else note))
+                r = units.row(u, [samples[e.label] for e in u.members], claim, stat, scope, null, sign,
+                              rs.n(first.label), data[first.label]["pert"].shape[1],
+                              note(first) if callable(note) else note)
+                rows.append(_below_minimum(r, _few_blocks(min(data[e.label]["pert"].shape[1] for e in u.members))))
 
     # C1 and C3 across blocks, per model
     mids = {}
@@ -455,6 +480,8 @@ def check(
                 "C2", "c2_ratio_difference (transformer - CNN)", "images", f"{units.name(t)} - {units.name(c)}", 0.0,
                 -1, min(rs.n(t.members[0].label), rs.n(c.members[0].label)), 2,
                 "" if paired else "independent resamples (different images)"))
+            rows[-1] = _below_minimum(rows[-1], _few_blocks(min(data[e.label]["pert"].shape[1]
+                                                                for e in t.members + c.members)))
 
     # C3 across models
     rows += _across("C3", "c3_models", "models", single, data, rs, units)

@@ -303,3 +303,19 @@ def test_sign_disagreement_is_named_even_when_the_interval_excludes_the_null():
          and r.statistic.startswith("c2_decay_ratio")][0]
     assert r.ci_high < 1 and r.verdict == "inconclusive"
     assert "networks disagree in sign (ViT@9 1.05" in r.note
+
+
+def test_below_the_documented_minima_a_verdict_is_inconclusive_with_the_reason():
+    strong = dict(count=np.linspace(9, 3, 6), pert=np.linspace(1.0, 0.2, 6))
+    rng = np.random.default_rng(3)
+    few_images = _evidence("M", _profile(strong["count"], n=5, rng=rng), _profile(strong["pert"], 0.01, n=5, rng=rng))
+    r = _row(claims.check([few_images], n_boot=300), "c2_decay_ratio")
+    assert r.verdict == "inconclusive" and f"5 images (a verdict needs at least {claims.MIN_IMAGES})" in r.note
+    assert "the interval alone says holds" in r.note and r.ci_high < 1
+    two_blocks = _evidence("M", _profile(np.array([9.0, 3.0])), _profile(np.array([1.0, 0.2]), 0.01))
+    r = _row(claims.check([two_blocks], n_boot=300), "c2_decay_ratio")
+    assert r.verdict == "inconclusive" and "2 blocks (a verdict about a depth profile needs at least 3)" in r.note
+    ok = _evidence("M", _profile(strong["count"]), _profile(strong["pert"], 0.01))
+    r = _row(claims.check([ok], n_boot=1), "c2_decay_ratio")
+    assert r.verdict == "inconclusive" and f"1 bootstrap resamples (a verdict needs at least {claims.MIN_RESAMPLES})" in r.note
+    assert _row(claims.check([ok], n_boot=claims.MIN_RESAMPLES), "c2_decay_ratio").verdict == "holds"
