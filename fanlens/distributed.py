@@ -94,17 +94,70 @@ def is_main() -> bool:
     return rank_and_world()[0] == 0
 
 
+RENDEZVOUS_TIMEOUT_S = 120.0
+"""How long a process waits for its peers to join (``FANLENS_RENDEZVOUS_TIMEOUT`` in seconds overrides)."""
+
+
+def _env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw.strip())
+    except ValueError:
+        raise FanlensError(f"environment variable {name} must be an integer. Got {raw!r} instead.") from None
+    if v < minimum:
+        raise FanlensError(f"environment variable {name} must be at least {minimum}. Got {raw!r} instead.")
+    return v
+
+
+def rendezvous_timeout() -> float:
+    raw = os.environ.get("FANLENS_RENDEZVOUS_TIMEOUT")
+    if raw is None or raw == "":
+        return RENDEZVOUS_TIMEOUT_S
+    try:
+        v = float(raw)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and v < 1e7):
+        raise FanlensError(f"environment variable FANLENS_RENDEZVOUS_TIMEOUT must be a positive number of seconds. "
+                           f"Got {raw!r} instead.")
+    return v
+
+
 def init_from_env(device: str | torch.device = "cpu") -> bool:
-    """Join the process group described by the environment; ``False`` when not launched that way."""
+    """Join the process group described by the environment; ``False`` when not launched that way.
+
+    The launcher's variables are checked first (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``: integers,
+    ``0 <= RANK < WORLD_SIZE``); peers that do not arrive within :func:`rendezvous_timeout` seconds end
+    the run with one line instead of a wait without end."""
+    import datetime
+
     import torch.distributed as dist
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+    world = _env_int("WORLD_SIZE", 1, minimum=1)
+    if world <= 1 or not dist.is_available():
         return False
+    rank = _env_int("RANK", 0)
+    if rank >= world:
+        raise FanlensError(f"environment variable RANK must be below WORLD_SIZE ({world}). Got {rank} instead.")
+    local = _env_int("LOCAL_RANK", 0)
     if not dist.is_initialized():
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                raise FanlensError(f"WORLD_SIZE={world} asks for several processes, but {name} is not set: launch "
+                                   f"with torchrun (which sets it), or unset WORLD_SIZE.")
+        _env_int("MASTER_PORT", 0)
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        timeout = rendezvous_timeout()
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+        except (RuntimeError, ValueError, OSError) as e:  # the launcher's rendezvous: one line, not a trace
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise FanlensError(f"the process group of {world} processes could not be joined within {timeout:g} s "
+                               f"(rank {rank}; FANLENS_RENDEZVOUS_TIMEOUT sets the wait): {first}") from None
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local)
     return True
 
 

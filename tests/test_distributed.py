@@ -106,3 +106,41 @@ def _torchrun_startup(tmp_path: Path, env: dict) -> float:
         capture_output=True, text=True, timeout=300, env=env,
     )
     return time.monotonic() - t0
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "abc"}, "environment variable WORLD_SIZE must be an integer. Got 'abc' instead."),
+    ({"WORLD_SIZE": "0"}, "environment variable WORLD_SIZE must be at least 1. Got '0' instead."),
+    ({"WORLD_SIZE": "2", "RANK": "5"}, "environment variable RANK must be below WORLD_SIZE (2). Got 5 instead."),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "environment variable RANK must be at least 0. Got '-1' instead."),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "but MASTER_ADDR is not set: launch with torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "x"},
+     "environment variable MASTER_PORT must be an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571",
+      "FANLENS_RENDEZVOUS_TIMEOUT": "soon"}, "FANLENS_RENDEZVOUS_TIMEOUT must be a positive number of seconds"),
+])
+def test_a_broken_launcher_environment_is_one_line(monkeypatch, env, message):
+    from fanlens import FanlensError
+    from fanlens.distributed import init_from_env
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "FANLENS_RENDEZVOUS_TIMEOUT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(FanlensError) as e:
+        init_from_env("cpu")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_peers_that_never_arrive_end_the_run_within_the_rendezvous_timeout(tmp_path):
+    """WORLD_SIZE=2 with one process: exit 2 and one line after FANLENS_RENDEZVOUS_TIMEOUT, no output folder."""
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29573",
+               FANLENS_RENDEZVOUS_TIMEOUT="2")
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "fanlens.cli", "spectrum", "--model", TINY, "--images", "samples", "--out",
+                        str(tmp_path / "out"), "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+    took = time.perf_counter() - t0
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr
+    assert "could not be joined within 2 s" in lines[0] and "1/2 clients joined" in lines[0]
+    assert took < 60 and not (tmp_path / "out").exists()
