@@ -18,8 +18,10 @@ grid (for example the zoo CNN).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -36,6 +38,8 @@ from .distributed import merge_stats
 from .results import ProbeResult, RobustnessResult
 from .runner import (AccState, Part, Setup, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup,
                      state_key, stream_parts)
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "robustness", "robustness_part", "check_baseline", "corruption_errors", "load_labels"]
 
@@ -71,6 +75,18 @@ def load_labels(labels: Any, names: Sequence[str], class_index: Any = None) -> n
     """
     if labels is None:
         return None
+    dupes = sorted({n for n in names if list(names).count(n) > 1}) if len(set(names)) != len(names) else []
+    if dupes:
+        _log.warning("the same image appears more than once (%s): each copy counts as an image", ", ".join(
+            map(str, dupes[:3])) + (" ..." if len(dupes) > 3 else ""))
+    out = _load_labels(labels, names, class_index)
+    if out is not None and out.size and int(out.min()) < 0:
+        bad = [str(names[i]) for i in np.flatnonzero(out < 0)[:3]]
+        raise FanlensError(f"labels must be class indices >= 0. Got {int(out.min())} (for {', '.join(bad)}) instead.")
+    return out
+
+
+def _load_labels(labels: Any, names: Sequence[str], class_index: Any) -> np.ndarray | None:
     if isinstance(labels, torch.Tensor):
         labels = labels.tolist()
     if isinstance(labels, np.ndarray):
@@ -83,19 +99,41 @@ def load_labels(labels: Any, names: Sequence[str], class_index: Any = None) -> n
         return np.asarray(out, dtype=np.int64)
     if isinstance(labels, str) and labels == "folders":
         folders = [Path(n).parent.name for n in names]
-        if mapping is None:
-            mapping = {f: i for i, f in enumerate(sorted(set(folders)))}
+        if mapping is None:  # every class folder of the root, with images or not, so that indices do not shift
+            roots = {Path(n).parent.parent for n in names}
+            classes = set(folders)
+            for root in roots:
+                with contextlib.suppress(OSError):
+                    classes |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+            empty = sorted(classes - set(folders))
+            if empty:
+                _log.warning("class folders without images: %s (numbered all the same, so that the other classes "
+                             "keep their indices)", ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
+            mapping = {f: i for i, f in enumerate(sorted(classes))}
         missing = sorted(set(folders) - set(mapping))
         if missing:
             raise FanlensError(f"class_index must name every class folder. Got none for {missing[:5]}.")
         return np.asarray([mapping[f] for f in folders], dtype=np.int64)
     if isinstance(labels, (str, os.PathLike)) and Path(labels).is_file():
         table: dict[str, Any] = {}
-        with open(labels, newline="") as f:
-            for row in csv.reader(f):
-                if len(row) < 2 or row[0].strip().lower() in ("file", "filename", "path", "image"):
-                    continue
-                table[row[0].strip()] = row[1].strip()
+        repeated = []
+        try:
+            with open(labels, newline="") as f:
+                for row in csv.reader(f):
+                    if len(row) < 2 or row[0].strip().lower() in ("file", "filename", "path", "image"):
+                        continue
+                    key, val = row[0].strip(), row[1].strip()
+                    if key in table and table[key] != val:
+                        raise FanlensError(f"labels {str(labels)!r} gives {key!r} two classes ({table[key]!r} and "
+                                           f"{val!r}); one row per image.")
+                    if key in table:
+                        repeated.append(key)
+                    table[key] = val
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise FanlensError(f"labels must be a readable CSV file (file,label). Got {str(labels)!r}: {e}") from None
+        if repeated:
+            _log.warning("labels %s repeats rows for %s (the same class each time)", labels,
+                         ", ".join(repeated[:3]) + (" ..." if len(repeated) > 3 else ""))
         out = []
         for n in names:
             key = n if n in table else Path(n).name

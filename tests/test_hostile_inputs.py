@@ -400,3 +400,36 @@ def test_non_regular_files_named_like_images_are_skipped_or_refused(tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="fanlens.data"):
         resolve_images(str(tmp_path / "anim.gif"), cfg)
     assert any("has 3 frames (pages); fanlens analyses the first one only" in r.message for r in caplog.records)
+
+
+def test_labels_that_would_give_a_quiet_wrong_number(tmp_path, caplog):
+    """Negative labels, two classes for one image, repeated rows, the same image twice and an empty
+    class folder: each an error or an explicit warning."""
+    import logging
+
+    from fanlens import FanlensError
+    from fanlens.robustness import load_labels
+
+    names = [str(tmp_path / c / f"{c}{i}.png") for c in ("cat", "eel") for i in range(2)]
+    with pytest.raises(FanlensError, match=r"labels must be class indices >= 0. Got -1"):
+        load_labels([0, -1, 2, 3], names)
+    csvf = tmp_path / "labels.csv"
+    csvf.write_text("file,label\ncat0.png,1\ncat0.png,2\n")
+    with pytest.raises(FanlensError, match="gives 'cat0.png' two classes"):
+        load_labels(str(csvf), names)
+    csvf.write_text("file,label\ncat0.png,1\ncat0.png,1\ncat1.png,1\neel0.png,0\neel1.png,0\n")
+    with caplog.at_level(logging.WARNING, logger="fanlens.robustness"):
+        assert load_labels(str(csvf), names).tolist() == [1, 1, 0, 0]
+    assert any("repeats rows for cat0.png" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fanlens.robustness"):
+        load_labels([0, 0, 1], names[:2] + names[:1])
+    assert any("the same image appears more than once" in r.message for r in caplog.records)
+    # class folders: an empty one keeps its index, so that the others do not shift
+    for c in ("ant", "bee", "cat"):
+        (tmp_path / "root" / c).mkdir(parents=True)
+    files = [str(tmp_path / "root" / "ant" / "a.png"), str(tmp_path / "root" / "cat" / "c.png")]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fanlens.robustness"):
+        assert load_labels("folders", files).tolist() == [0, 2]
+    assert any("class folders without images: bee" in r.message for r in caplog.records)
