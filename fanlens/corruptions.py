@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ._threads import split_rows
 from ._validation import FanlensError, check_choice, check_seed
 
-__all__ = ["NAMES", "BENCHMARK", "HELD_OUT", "FAMILIES", "SEVERITIES", "DEVIATIONS", "corrupt"]
+__all__ = ["NAMES", "BENCHMARK", "HELD_OUT", "FAMILIES", "SEVERITIES", "DEVIATIONS", "MIN_SIDE", "corrupt"]
 
 BENCHMARK = (
     "gaussian_noise", "shot_noise", "impulse_noise",
@@ -654,6 +654,10 @@ _FUNCS: dict[str, Callable] = {
 }
 
 
+MIN_SIDE = 2
+"""The smallest image side every corruption accepts (a 1-pixel side has no neighbourhood: frost's
+film would have no spread, spatter's filters no support)."""
+
 def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
             indices: Sequence[int] | None = None) -> torch.Tensor:
     """Corrupt a batch of images with ImageNet-C corruption ``name`` at ``severity``.
@@ -687,11 +691,18 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
 
     check_pixels(images, "images")
     b = images.shape[0]
+    if b and min(images.shape[-2:]) < MIN_SIDE:
+        raise FanlensError(f"images must be at least {MIN_SIDE} x {MIN_SIDE} pixels for {name!r} (every corruption "
+                           f"states this minimum). Got {tuple(images.shape[-2:])} instead.")
+    if indices is not None and any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in indices):
+        raise FanlensError(f"indices must be ints (the images' dataset indices). Got {list(indices)[:8]} instead.")
     idx = list(range(b)) if indices is None else [int(i) for i in indices]
     if len(idx) != b:
         raise FanlensError(f"indices must hold one index per image ({b}). Got {len(idx)} instead.")
     if any(i < 0 for i in idx):
         raise FanlensError(f"indices must be non-negative dataset indices. Got {idx[:8]} instead.")
+    if b == 0:  # nothing to corrupt
+        return images.clone()
     gens = _generators(seed, idx, name)
     x = images.float()
 

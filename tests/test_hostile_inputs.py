@@ -433,3 +433,25 @@ def test_labels_that_would_give_a_quiet_wrong_number(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fanlens.robustness"):
         assert load_labels("folders", files).tolist() == [0, 2]
     assert any("class folders without images: bee" in r.message for r in caplog.records)
+
+
+def test_corruptions_state_their_minimum_size_and_never_return_nan():
+    import torch
+
+    from fanlens import FanlensError
+    from fanlens import corruptions as cc
+
+    for name in cc.NAMES:
+        for shape in ((1, 3, 1, 1), (1, 3, 1, 64), (2, 3, 64, 1)):
+            with pytest.raises(FanlensError, match=rf"at least {cc.MIN_SIDE} x {cc.MIN_SIDE} pixels for '{name}'"):
+                cc.corrupt(torch.rand(*shape), name, 3)
+        for shape in ((1, 3, 2, 2), (1, 3, 3, 200), (1, 3, 200, 3)):
+            y = cc.corrupt(torch.rand(*shape), name, 5, seed=1)
+            assert y.shape == shape and bool(torch.isfinite(y).all()), (name, shape)
+        empty = cc.corrupt(torch.rand(0, 3, 32, 32), name, 2)
+        assert empty.shape == (0, 3, 32, 32)
+    for bad in (1.5, "3", True):
+        with pytest.raises(FanlensError, match="indices must be ints"):
+            cc.corrupt(torch.rand(1, 3, 8, 8), "gaussian_noise", 3, indices=[bad])
+    with pytest.raises(FanlensError, match="severity must be an int in 1..5. Got 2.7"):
+        cc.corrupt(torch.rand(1, 3, 8, 8), "gaussian_noise", 2.7)
