@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -661,13 +662,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fanlens`` console script; returns the exit code."""
     from .runner import Interrupted
 
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot print sigma or an accented file name
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fanlens: %(message)s")
     try:
         written = _run(args)
+        for p in sorted(written):
+            print(f"wrote {p}")
+        sys.stdout.flush()
     except FanlensError as e:
         _fail(e)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `fanlens ... | head`: the reader left; the conventional exit, no trace
+        _leave_process_group()
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+    except OSError as e:  # the machine refused (permission, missing file, full disk): one line
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        _fail(FanlensError(f"{where}{e.strerror or e}"))
         return EXIT_USAGE
     except Interrupted as e:
         _leave_process_group()
@@ -678,8 +694,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fanlens: interrupted", file=sys.stderr)
         return 130
     _leave_process_group()
-    for p in sorted(written):
-        print(f"wrote {p}")
     return 0
 
 

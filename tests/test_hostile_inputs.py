@@ -455,3 +455,32 @@ def test_corruptions_state_their_minimum_size_and_never_return_nan():
             cc.corrupt(torch.rand(1, 3, 8, 8), "gaussian_noise", 3, indices=[bad])
     with pytest.raises(FanlensError, match="severity must be an int in 1..5. Got 2.7"):
         cc.corrupt(torch.rand(1, 3, 8, 8), "gaussian_noise", 2.7)
+
+
+def test_a_terminal_without_unicode_and_a_reader_that_leaves_end_quietly(tmp_path):
+    """PYTHONIOENCODING=ascii must not crash a run that succeeded (accented names, sigma); `fanlens ... |
+    head -1` ends with the broken-pipe exit (141) and no trace."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import TINY
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, n in enumerate(("café.png", "naïve_σ.png")):
+        Image.new("RGB", (48, 48), (40 * i, 90, 200)).save(folder / n)
+    out = tmp_path / "résultat_σ"
+    env = dict(os.environ, PYTHONIOENCODING="ascii", LANG="C", LC_ALL="C")
+    p = subprocess.run([sys.executable, "-m", "fanlens.cli", "spectrum", "--model", TINY, "--images", str(folder),
+                        "--out", str(out), "--no-progress"], env=env, capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr.decode("ascii", "replace")
+    assert b"Traceback" not in p.stderr and b"wrote " in p.stdout and b"r\\xe9sultat" in p.stdout
+    proc = subprocess.Popen([sys.executable, "-m", "fanlens.cli", "spectrum", "--model", TINY, "--images",
+                             str(folder), "--out", str(tmp_path / "again"), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
