@@ -343,6 +343,18 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+def _integrity(meta: dict, arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over a checkpoint's metadata (the run key and counters included, ``integrity`` left out) and
+    every array's name, dtype, shape and bytes: an edited or damaged checkpoint does not verify."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "integrity"}, sort_keys=True,
+                                  default=str).encode())
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 class RunState:
     """Checkpoint file of one process of a streaming analysis.
 
@@ -383,13 +395,24 @@ class RunState:
                     f"{str(self.path.parent)!r}, but this run is rank {rank} of {world}."
                 )
 
+    def _start_over(self) -> str:
+        return (f"remove {str(self.path.parent)!r} (or run again with --overwrite instead of --resume) to start "
+                f"over")
+
     def _read(self) -> dict:
+        import zipfile
+        import zlib
+
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["__meta__"]).decode())
                 arrays = {k: z[k] for k in z.files if k != "__meta__"}
-        except (OSError, ValueError, KeyError) as e:
-            raise FanlensError(f"checkpoint {str(self.path)!r} cannot be read ({e}); remove it to start over.") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError) as e:
+            raise FanlensError(f"checkpoint {str(self.path)!r} cannot be read ({type(e).__name__}); "
+                               f"{self._start_over()}.") from None
+        if not isinstance(meta, dict) or meta.get("integrity") != _integrity(meta, arrays):
+            raise FanlensError(f"checkpoint {str(self.path)!r} does not verify (its content or run key was edited or "
+                               f"damaged); {self._start_over()}.")
         if meta.get("digest") != self.digest:
             old = meta.get("key", {})
             diff = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k))
@@ -405,8 +428,15 @@ class RunState:
         if self._restored is None:
             return 0
         meta, arrays = self._restored["meta"], self._restored["arrays"]
-        for i, acc in enumerate(accs):
-            acc.load_state(meta["accs"][i], {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")})
+        try:
+            if len(meta["accs"]) != len(accs):
+                raise ValueError("accumulator count")
+            for i, acc in enumerate(accs):
+                acc.load_state(meta["accs"][i], {k.split("/", 1)[1]: v for k, v in arrays.items()
+                                                 if k.startswith(f"{i}/")})
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise FanlensError(f"checkpoint {str(self.path)!r} does not fit this run ({type(e).__name__}: {e}); "
+                               f"{self._start_over()}.") from None
         return self.batches_done
 
     def save(self, accs: Sequence[Any], batches_done: int) -> None:
@@ -420,6 +450,7 @@ class RunState:
             arrays.update({f"{i}/{k}": v for k, v in arr.items()})
         meta = {"format": STATE_FORMAT, "digest": self.digest, "key": self.key, "batches_done": int(batches_done),
                 "accs": metas}
+        meta["integrity"] = _integrity(meta, arrays)
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)

@@ -143,3 +143,64 @@ def test_api_resume_and_refusals(tmp_path):
         fanlens.spectrum(model, x, resume=True, progress=False)
     with pytest.raises(FanlensError, match="checkpoint_every must be an int >= 1"):
         fanlens.spectrum(model, x, state_dir=tmp_path / "s2", checkpoint_every=0, progress=False)
+
+
+class _Acc:
+    def __init__(self):
+        self.total = np.zeros(4)
+
+    def state(self):
+        return {"n": 3}, {"total": self.total}
+
+    def load_state(self, meta, arrays):
+        self.n = meta["n"]
+        self.total = arrays["total"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "flip_byte", "empty", "garbage", "counter", "array",
+                                    "key", "drop_array"])
+def test_a_damaged_or_edited_checkpoint_is_refused_in_one_line(tmp_path, damage):
+    import io
+    import json
+
+    from fanlens import FanlensError
+    from fanlens._output import RunState
+
+    key = {"model": "m", "images": ["a", "b"]}
+    st = RunState(tmp_path, key)
+    acc = _Acc()
+    acc.total += [1, 2, 3, 4]
+    st.save([acc], 5)
+    path = tmp_path / "rank0-of-1.npz"
+    data = path.read_bytes()
+    if damage in ("counter", "array", "key", "drop_array"):  # edited with numpy: a well-formed npz
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(bytes(arrays["__meta__"]).decode())
+        if damage == "counter":
+            meta["batches_done"] = 9
+        elif damage == "key":
+            meta["key"]["images"] = ["a", "c"]
+        elif damage == "array":
+            arrays["0/total"] = arrays["0/total"] * 2
+        else:
+            del arrays["0/total"]
+        arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        path.write_bytes(buf.getvalue())
+    else:
+        at = data.index(np.array([1.0, 2.0, 3.0, 4.0]).tobytes()) + 7  # inside the stored array
+        path.write_bytes({"truncate": data[: len(data) // 2], "zero": bytes(len(data)), "empty": b"",
+                          "garbage": b"PK\x03\x04" + b"x" * 200,
+                          "flip_byte": data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]}[damage])
+    with pytest.raises(FanlensError) as e:
+        RunState(tmp_path, key, resume=True).restore([_Acc()])
+    msg = str(e.value)
+    assert "\n" not in msg and "to start over" in msg and ("does not verify" in msg or "cannot be read" in msg), msg
+    # intact, it resumes where it stopped
+    st2 = RunState(tmp_path / "ok", key)
+    st2.save([acc], 5)
+    fresh = _Acc()
+    assert RunState(tmp_path / "ok", key, resume=True).restore([fresh]) == 5
+    assert fresh.total.tolist() == [1, 2, 3, 4]
