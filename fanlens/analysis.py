@@ -398,6 +398,9 @@ def parse_corruptions(corruption: Any, severity: Any) -> list[tuple[str, int]]:
     return cells
 
 
+MAX_N_NOISE = 1_000_000
+"""The most pure-noise inputs a probe takes."""
+
 def parse_sigmas(sigmas: Any) -> tuple[float, ...]:
     if isinstance(sigmas, (int, float)):
         sigmas = (sigmas,)
@@ -652,6 +655,10 @@ def pure_noise_probe(s: Setup, *, n_noise: int, seed: int, batch_size: int, shar
     ``n_noise`` N(0, 1) inputs (this process's share of ``shard``) and returns the
     :class:`~fanlens.results.ProbeResult`. No image is read."""
     check_positive_int("n_noise", n_noise)
+    if n_noise > MAX_N_NOISE:
+        raise FanlensError(f"n_noise must be at most {MAX_N_NOISE:,} (fanlens.analysis.MAX_N_NOISE): the mean over "
+                           f"pure-noise inputs is settled after a few hundred, and {n_noise:,} forward passes would "
+                           f"take days. Got {n_noise} instead.")
     rank, world = shard
     acc = _ProbeAcc("pure", (1.0,))
     params = _probe_params("pure", (1.0,), "normalized", (), n_noise, batch_size, world)

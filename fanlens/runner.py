@@ -105,6 +105,7 @@ def setup(
     else:
         lm = build_model(model, pretrained=pretrained, checkpoint=checkpoint, seed=seed)
     cfg = data_config(lm.model, input_size=input_size)
+    check_input_fits(cfg.input_size, lm.model)
     fit_input_size(lm.model, cfg.input_size, lm.owned)
     imgs = resolve_images(images, cfg) if need_images else None
     if imgs is not None and len(imgs) == 0:
@@ -117,6 +118,56 @@ def setup(
     if check_blocks:  # validate the block selection before any image is read
         TokenCapture(lm.model, **ck)
     return Setup(lm, cfg, imgs, dev, ck)
+
+
+MAX_INPUT_SIDE = 8192
+"""The largest input side fanlens resizes to (a ViT-16 at 8,192² has 262,144 tokens per block; PIL refuses larger
+resizes as decompression bombs)."""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new work (Linux ``MemAvailable``), or ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+ACTIVATION_FACTOR = 16
+"""A forward pass is assumed to need at least this many times one image's pixels (a CNN's first stage has 64
+channels at a quarter of the pixels: 16 x 3 channels' worth)."""
+
+
+def check_input_fits(input_size: tuple[int, int], model: Any = None) -> None:
+    """Refuse an input size that cannot be analysed here, before any work: above :data:`MAX_INPUT_SIDE`; one
+    image whose forward pass needs more than the available memory (:data:`ACTIVATION_FACTOR` x its pixels);
+    or, for a model with a patch embedding, one attention map of its tokens (N x N) larger than half of it."""
+    h, w = (int(v) for v in input_size)
+    if max(h, w) > MAX_INPUT_SIDE:
+        raise FanlensError(f"input_size must be at most {MAX_INPUT_SIDE} pixels a side (fanlens.runner.MAX_INPUT_SIDE). "
+                           f"Got {h} x {w} instead.")
+    avail = available_memory()
+    if avail is None:
+        return
+    need = 3 * h * w * 4 * ACTIVATION_FACTOR
+    if need > avail:
+        raise FanlensError(f"input_size {h} x {w} needs about {need / 2**30:.1f} GiB per image for a forward pass; "
+                           f"{avail / 2**30:.1f} GiB are available here. Choose a smaller --input-size.")
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None:
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)[:2]
+        n = max(h // max(int(ph), 1), 1) * max(w // max(int(pw), 1), 1)
+        heads = int(getattr(getattr(getattr(model, "blocks", [None])[0] if hasattr(model, "blocks") else None,
+                                    "attn", None), "num_heads", 1) or 1)
+        att = n * n * 4 * heads
+        if att * 2 > avail:
+            raise FanlensError(f"input_size {h} x {w} gives {n:,} tokens per image: one block's attention maps "
+                               f"({heads} heads of {n:,} x {n:,}) need {att / 2**30:.1f} GiB; {avail / 2**30:.1f} GiB "
+                               f"are available here. Choose a smaller --input-size.")
 
 
 def check_device(device: Any) -> torch.device:

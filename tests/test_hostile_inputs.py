@@ -484,3 +484,23 @@ def test_a_terminal_without_unicode_and_a_reader_that_leaves_end_quietly(tmp_pat
     proc.stdout.close()  # the reader is gone before the first line
     _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
+
+
+def test_absurd_sizes_are_refused_before_any_work(monkeypatch):
+    import fanlens
+    from fanlens import FanlensError, runner
+    from fanlens.analysis import MAX_N_NOISE
+
+    with pytest.raises(FanlensError, match=r"n_noise must be at most 1,000,000 .*Got 1000000000"):
+        fanlens.noise_probe("zoo:vit", mode="pure", n_noise=10**9, progress=False)
+    assert MAX_N_NOISE == 1_000_000
+    with pytest.raises(FanlensError, match=r"input_size must be at most 8192 pixels a side.*Got 100000 x 100000"):
+        fanlens.spectrum("zoo:vit", "samples", input_size=100_000, progress=False)
+    monkeypatch.setattr(runner, "available_memory", lambda: 8 * 2**30)  # 8 GiB free
+    # 2048 x 2048 through a patch-8 ViT: 65,536 tokens, 4 heads of 65,536^2 floats = 64 GiB per block
+    with pytest.raises(FanlensError, match=r"65,536 tokens per image: one block's attention maps \(4 heads of "
+                                           r"65,536 x 65,536\) need 64.0 GiB; 8.0 GiB are available"):
+        fanlens.spectrum("zoo:vit", "samples", input_size=2048, progress=False)
+    # a CNN has no attention map: its forward pass is bounded by the pixels (16 x 3 x 4 bytes each)
+    with pytest.raises(FanlensError, match=r"input_size 8000 x 8000 needs about 11.4 GiB per image"):
+        fanlens.spectrum("zoo:cnn", "samples", input_size=8000, progress=False)
