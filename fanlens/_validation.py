@@ -44,9 +44,12 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
-def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
+def check_positive_int(name: str, value: Any, *, minimum: int = 1, maximum: int | None = None,
+                       why: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise FanlensError(_fmt(name, f"an int >= {minimum}", value))
+    if maximum is not None and value > maximum:
+        raise FanlensError(_fmt(name, f"an int <= {maximum:,}" + (f" ({why})" if why else ""), value))
     return value
 
 

@@ -97,8 +97,9 @@ def _check_spectral_args(rules, thresholds, affinity, token_budget, n_eig) -> tu
     for k, v in thresholds.items():
         check_choice("thresholds key", k, tuple(sp.DEFAULT_THRESHOLDS))
         check_fraction(f"thresholds[{k!r}]", v)
-    check_positive_int("token_budget", token_budget, minimum=2)
-    check_positive_int("n_eig", n_eig, minimum=0)
+    check_positive_int("token_budget", token_budget, minimum=2, maximum=MAX_TOKEN_BUDGET,
+                       why="the affinity matrix of that many tokens is its square")
+    check_positive_int("n_eig", n_eig, minimum=0, maximum=token_budget, why="no more eigenvalues than tokens")
     return rules, thresholds
 
 
@@ -398,6 +399,8 @@ def parse_corruptions(corruption: Any, severity: Any) -> list[tuple[str, int]]:
     return cells
 
 
+MAX_TOKEN_BUDGET = 16384
+"""The most tokens per block the spectral step takes (a 16,384^2 float32 affinity is 1 GiB)."""
 MAX_N_NOISE = 1_000_000
 """The most pure-noise inputs a probe takes."""
 
@@ -906,7 +909,7 @@ def groups_part(s: Setup, *, n_clusters: int | None, seed: int, batch_size: int,
     ``finish()`` returns the :class:`~fanlens.results.GroupsResult`."""
     check_choice("affinity", affinity, sp.AFFINITIES)
     if n_clusters is not None:
-        check_positive_int("n_clusters", n_clusters)
+        check_positive_int("n_clusters", n_clusters, maximum=1024)
     check_positive_int("token_budget", token_budget, minimum=2)
     check_positive_int("n_init", n_init)
     if n_images is not None:

@@ -246,7 +246,7 @@ def attribute(
 
     check_choice("method", method, ATTRIBUTION_METHODS)
     check_choice("baseline", baseline, IG_BASELINES)
-    check_positive_int("n_steps", n_steps, minimum=2)
+    check_positive_int("n_steps", n_steps, minimum=2, maximum=10_000, why="each step is a forward and a backward pass")
     check_positive_int("batch_size", batch_size)
     if internal_batch_size is not None:
         check_positive_int("internal_batch_size", internal_batch_size)

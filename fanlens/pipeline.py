@@ -392,8 +392,13 @@ def _check_skip(skip: Sequence[str] | str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+MAX_ZOO_IMAGES = 100_000
+"""The most procedural images a zoo run renders (kept in memory, 48 KiB each as float pixels)."""
+
+
 def _check_run_args(n_images: Any, seed: Any, batch_size: Any, sigmas: Any) -> tuple[float, ...]:
-    check_positive_int("n_images", n_images)
+    check_positive_int("n_images", n_images, maximum=MAX_ZOO_IMAGES,
+                       why="procedural images are rendered into memory, 48 KiB each")
     check_seed(seed)
     check_positive_int("batch_size", batch_size)
     return analysis.parse_sigmas(sigmas)

@@ -82,8 +82,18 @@ def rows_to_csv(rows, columns: Sequence[str] = CSV_COLUMNS) -> str:
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: r.get(k, "") for k in columns})
+        w.writerow({k: _finite_or_empty(r.get(k, "")) for k in columns})
     return buf.getvalue()
+
+
+def _finite_or_empty(v: Any) -> Any:
+    """An undefined number (NaN, inf: e.g. the spread of one image) is written as an empty cell, never as a
+    value."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return ""
+    if isinstance(v, str) and v.strip().lower() in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity"):
+        return ""
+    return v
 
 
 def save_png(fig, path: str | Path, *, dpi: int = 130, close: bool = True) -> None:

@@ -302,7 +302,7 @@ def robustness(
         from .synthetic import TASKS
         from .zoo import DEFAULT_TASK
 
-        check_positive_int("n_images", n_images)
+        check_positive_int("n_images", n_images, maximum=100_000, why="procedural images are rendered into memory")
         if labels is not None:
             raise FanlensError("labels must be left out with images='synthetic' (the shapes carry their own).")
         x, y, _ = TASKS[DEFAULT_TASK](n_images, seed=seed, split="test").batch(range(n_images))

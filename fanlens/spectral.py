@@ -149,7 +149,7 @@ def affinity(
     sim = xn @ xn.transpose(1, 2)
     if kind == "cosine":
         return sim.clamp_min(0.0)
-    check_positive_int("knn", knn)
+    check_positive_int("knn", knn, maximum=16384, why="no more neighbours than tokens")
     if knn > n:
         raise FanlensError(f"knn must be <= the number of tokens ({n}). Got {knn} instead.")
     # the token itself is always its own nearest neighbour
@@ -621,7 +621,7 @@ def spectral_clustering(
     check_shape("a", a, ["B", "N", "N"])
     b, n, _ = a.shape
     if n_clusters is not None:
-        check_positive_int("n_clusters", n_clusters)
+        check_positive_int("n_clusters", n_clusters, maximum=1024)
         if n_clusters > n:
             raise FanlensError(
                 f"n_clusters must be <= the number of tokens ({n}). Got {n_clusters} instead."

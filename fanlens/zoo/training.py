@@ -58,6 +58,7 @@ DEFAULT_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup=100)  # the heads varia
 DEFAULT_SNAPSHOTS = (0.0, 0.05, 0.2, 0.5, 1.0)
 DEFAULT_BATCH = 64
 DEFAULT_POOL = 12000
+MAX_POOL = 500_000
 DEFAULT_VAL = 1000
 LABEL_SMOOTHING = 0.1
 
@@ -250,15 +251,15 @@ def train_model(
         check_nonneg_float("budget_s", budget_s)
         if not budget_s > 0:
             raise FanlensError(f"budget_s must be a positive number of seconds. Got {budget_s!r} instead.")
-    total = STEPS if steps is None else check_positive_int("steps", steps)
+    total = STEPS if steps is None else check_positive_int("steps", steps, maximum=10_000_000)
     for key, val in (("lr", lr), ("weight_decay", weight_decay)):
         if val is not None:
             recipe[key] = check_nonneg_float(key, val)
     if warmup is not None:
         recipe["warmup"] = check_positive_int("warmup", warmup, minimum=0)
     check_positive_int("batch_size", batch_size)
-    check_positive_int("pool", pool)
-    check_positive_int("val_size", val_size)
+    check_positive_int("pool", pool, maximum=MAX_POOL, why="rendered images are kept in memory, 12 KiB each")
+    check_positive_int("val_size", val_size, maximum=MAX_POOL, why="rendered images are kept in memory, 12 KiB each")
     fractions = parse_snapshots(snapshots)
     t_start = time.perf_counter()
     torch.manual_seed(seed)
