@@ -292,11 +292,16 @@ def test_one_pass_per_model_equals_the_separate_analyses_and_forwards_nothing_tw
     finally:
         h.remove()
     # clean + 5 noisy (the grid's sigmas, 0.05 and 0.1 among them) + 5 normalised-space copies + 1 pure N(0, 1)
-    # input + 15 probe copies (severity 3) in the pass, then the 15 severity-1 copies: 6 x 42
+    # input + 15 probe copies (severity 3) in the pass, then the 15 severity-1 copies: 6 x 42; then the
+    # damage-matched pass: the clean images again (known waste: 1 forward per image) and one copy per space
+    from collections import Counter
+
     from fanlens.pipeline import GRID_SIGMAS
 
-    assert len(seen) == n * (1 + len(GRID_SIGMAS) + len(GRID_SIGMAS) + 1 + 15 + 15)
-    assert len(set(seen)) == len(seen)
+    assert set(run.damage) == {"pixel", "normalized"}
+    assert len(seen) == n * (1 + len(GRID_SIGMAS) + len(GRID_SIGMAS) + 1 + 15 + 15 + 3)
+    twice = [k for k, c in Counter(seen).items() if c > 1]
+    assert len(twice) == n and all(c <= 2 for c in Counter(seen).values())  # only the clean images, once more
     kw = dict(seed=0, batch_size=bs, progress=False)
     spec, probe, groups = fanlens.analyze(lm, x, sigmas=sig, groups=MASK_CLUSTERS, **kw)
     np.testing.assert_array_equal(run.spectrum.per_image, spec.per_image)
