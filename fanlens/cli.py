@@ -256,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .zoo.training import DEFAULT_POOL, DEFAULT_VAL, STEPS
 
     tp.add_argument("--steps", type=int, default=None, help=f"optimisation steps (default: {STEPS}, every model)")
+    tp.add_argument("--stop-at", default=None, metavar="ACC",
+                    help="end training at the first validation check (every 50 steps) at or above this accuracy, "
+                         "or 'none' (default: the task's rule, "
+                         + ", ".join(f"{t} {'none' if v['stop_at'] is None else v['stop_at']}" for t, v in TASKS.items())
+                         + "; none with --snapshots)")
     tp.add_argument("--snapshots", default=None, metavar="PCTS",
                     help="also keep the weights at these percentages of the steps, e.g. 0,5,20,50,100 "
                          "(written to NAME-snapshots/; analysed by `fanlens training-dynamics`)")
@@ -354,15 +359,34 @@ def _run_train(args: argparse.Namespace) -> list[Path]:
     snapshots = parse_snapshots(args.snapshots, "--snapshots")
     if snapshots and args.into_package:
         raise FanlensError("--snapshots goes with --out: snapshot weights are not shipped inside the package.")
+    stop_at = _stop_at(args.stop_at, args.task, snapshots)
     out = output_folder(None if args.into_package else _out_path(args), overwrite=args.overwrite,
                          into_package=args.into_package, task=args.task)
     trained = []
     for name in args.names:
         m = train_model(name, seed=args.seed, data_seed=args.data_seed, task=args.task, steps=args.steps,
-                        pool=args.pool, val_size=args.val_size, snapshots=snapshots, progress=not args.no_progress)
+                        pool=args.pool, val_size=args.val_size, snapshots=snapshots, stop_at=stop_at,
+                        progress=not args.no_progress)
         print(f"{m.name}: validation accuracy {m.card['validation_accuracy']:.3f}, {m.card['wall_time_s']:.0f} s")
         trained.append(m)
     return write_trained(out, trained)
+
+
+def _stop_at(value: str | None, task: str, snapshots) -> float | None:
+    """``--stop-at``: an accuracy, 'none', or (absent) the task's rule (none when snapshots are kept)."""
+    from .zoo import TASKS
+
+    if value is None:
+        return None if snapshots else TASKS[task]["stop_at"]
+    if value.strip().lower() == "none":
+        return None
+    try:
+        acc = float(value)
+    except ValueError:
+        raise FanlensError(f"--stop-at must be an accuracy in (0, 1] or 'none'. Got {value!r} instead.") from None
+    if not 0 < acc <= 1:
+        raise FanlensError(f"--stop-at must be an accuracy in (0, 1] or 'none'. Got {value!r} instead.")
+    return acc
 
 
 def _model_options(args: argparse.Namespace) -> tuple[tuple[int, int] | None, bool]:

@@ -86,6 +86,44 @@ def test_the_zoo_is_worth_testing_on():
     assert sum(p.stat().st_size for p in zoo.WEIGHTS_DIR.glob("*.safetensors")) <= 25 * 1024**2
 
 
+def test_training_stops_at_the_first_check_that_reaches_the_target(monkeypatch, capsys, tmp_path):
+    """stop_at: the run ends at the first validation check (every CHECK_EVERY steps after the warm-up)
+    at or above the target; an unreachable target trains the planned steps; the card says which."""
+    import fanlens.zoo.training as tr
+
+    seen = []
+    real = tr.evaluate
+
+    def counting(model, xs, ys, batch_size=250):
+        acc = real(model, xs, ys, batch_size)
+        seen.append(acc)
+        return acc
+
+    monkeypatch.setattr(tr, "evaluate", counting)
+    monkeypatch.setattr(tr, "CHECK_EVERY", 2)
+    # warm-up 4: checks after steps 4, 6, 8; a target of 0 is met at the first one
+    card = tr.train_model("cnn", seed=3, steps=12, pool=64, val_size=32, warmup=4, stop_at=1e-9, progress=False).card
+    assert card["training"]["steps"] == 4 and card["training"]["stopped_at_step"] == 4
+    assert card["training"]["planned_steps"] == 12 and ">= 1e-09" in card["training"]["stop_rule"]
+    assert card["validation_accuracy"] == seen[0]  # the final evaluation is the weights the check saw
+    seen.clear()
+    card = tr.train_model("cnn", seed=3, steps=9, pool=64, val_size=32, warmup=4, stop_at=1.0, progress=False).card
+    assert max(seen[:-1]) < 1.0  # 32 images after 8 steps: never all right
+    assert card["training"]["steps"] == 9 and card["training"]["stopped_at_step"] is None
+    assert len(seen) == 3 + 1  # checks after steps 4, 6, 8 and the final evaluation
+    with pytest.raises(FanlensError, match=r"stop_at must be a validation accuracy in \(0, 1\]"):
+        tr.train_model("cnn", steps=2, pool=16, val_size=8, stop_at=1.5, progress=False)
+    with pytest.raises(FanlensError, match="stop_at and snapshots exclude each other"):
+        tr.train_model("cnn", steps=2, pool=16, val_size=8, stop_at=0.9, snapshots=(0, 1), progress=False)
+    assert zoo.TASKS["textures"]["stop_at"] == 0.92 and zoo.TASKS["shapes"]["stop_at"] is None
+    from fanlens.cli import main
+
+    for bad in ("1.5", "0", "abc", "nan"):
+        assert main(["train-zoo", "cnn", "--stop-at", bad, "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+        assert f"--stop-at must be an accuracy in (0, 1] or 'none'. Got {bad!r}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before the output folder is made
+
+
 def test_snapshots_keep_the_weights_along_training(tmp_path):
     trained = train("cnn", seed=1, steps=10, pool=64, val_size=32, snapshots=(0, 0.2, 1.0), out_dir=tmp_path / "o",
                     progress=False)

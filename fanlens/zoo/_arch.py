@@ -18,12 +18,14 @@ ALL_NAMES = ZOO_NAMES + HEAD_VARIANTS
 WIDTH, DEPTH, PATCH = 128, 8, 8
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TASKS = {
-    "shapes": dict(num_classes=8, weights=WEIGHTS_DIR, cnn_maxpool=True, dataset="SyntheticShapes"),
+    "shapes": dict(num_classes=8, weights=WEIGHTS_DIR, cnn_maxpool=True, dataset="SyntheticShapes", stop_at=None),
     "textures": dict(num_classes=10, weights=WEIGHTS_DIR / "textures", cnn_maxpool=False,
-                     dataset="SyntheticTextures"),
+                     dataset="SyntheticTextures", stop_at=0.92),
 }
-"""The zoo's tasks (:mod:`fanlens.synthetic`): classes, where the weights live, and whether the CNN keeps
-timm's max-pool (the textures task drops it: stride 16, so the last stage is 4 x 4 = 16 tokens at 64 x 64)."""
+"""The zoo's tasks (:mod:`fanlens.synthetic`): classes, where the weights live, whether the CNN keeps
+timm's max-pool (the textures task drops it: stride 16, so the last stage is 4 x 4 = 16 tokens at 64 x 64),
+and the zoo networks' stopping rule (``stop_at``: training ends at the first validation check at or above
+this accuracy, so that no network sits at the ceiling; see :func:`fanlens.zoo.training.train_model`)."""
 DEFAULT_TASK = "shapes"
 """The task of the zoo that ``zoo:NAME`` and ``fanlens reproduce`` use."""
 SEEDS = (0, 1, 2)

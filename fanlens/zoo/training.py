@@ -61,6 +61,8 @@ DEFAULT_POOL = 12000
 MAX_POOL = 500_000
 DEFAULT_VAL = 1000
 LABEL_SMOOTHING = 0.1
+CHECK_EVERY = 50
+"""With ``stop_at``: steps between validation checks (the first check comes after the warm-up)."""
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +224,7 @@ def train_model(
     lr: float | None = None,
     weight_decay: float | None = None,
     warmup: int | None = None,
+    stop_at: float | None = None,
     progress: bool = True,
 ) -> TrainedModel:
     """Train in memory (nothing is written); see :func:`train` for the arguments and to write files.
@@ -231,6 +234,13 @@ def train_model(
     ``lr``, ``weight_decay``, ``warmup`` override the recipe. ``task``: ``"shapes"`` or ``"textures"``
     (:mod:`fanlens.synthetic`); ``seed`` seeds the initialisation and the data order, and a zoo
     network's files are named by it (``vit@1``; seed 0 is plain ``vit``).
+
+    ``stop_at``: a validation accuracy in (0, 1]; every :data:`CHECK_EVERY` steps after the warm-up the
+    model is evaluated on the validation split and training ends at the first check at or above it
+    (the schedule stays the one planned for ``steps``, so a stopped network is exactly the first steps
+    of the full run). The zoo's tasks name their rule (``TASKS[task]["stop_at"]``: 0.92 for textures,
+    where the CNN and the FAN otherwise end at 99 %); the card records the step it stopped at.
+    Excludes ``snapshots`` (their fractions refer to the planned steps).
     """
     check_task(task)
     if isinstance(model, str):
@@ -261,6 +271,13 @@ def train_model(
     check_positive_int("pool", pool, maximum=MAX_POOL, why="rendered images are kept in memory, 12 KiB each")
     check_positive_int("val_size", val_size, maximum=MAX_POOL, why="rendered images are kept in memory, 12 KiB each")
     fractions = parse_snapshots(snapshots)
+    if stop_at is not None:
+        stop_at = check_nonneg_float("stop_at", stop_at)
+        if not 0 < stop_at <= 1:
+            raise FanlensError(f"stop_at must be a validation accuracy in (0, 1]. Got {stop_at!r} instead.")
+        if fractions:
+            raise FanlensError("stop_at and snapshots exclude each other: snapshots are fractions of the planned "
+                               "steps, which a stopped run does not reach.")
     t_start = time.perf_counter()
     torch.manual_seed(seed)
     dataset = DATASETS[task]
@@ -314,6 +331,7 @@ def train_model(
     t_train = time.perf_counter()
     at = snapshot_steps()
     step = 0
+    stopped = None  # (step, validation accuracy) where stop_at ended the run
     while step < total:
         if step in at:
             take_snapshot(step, at.pop(step))
@@ -344,6 +362,12 @@ def train_model(
             bar.update(1)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if stop_at is not None and step >= warm and step % CHECK_EVERY == 0 and step < total:
+            acc = evaluate(model, xv, yv)
+            model.train()
+            if acc >= stop_at:
+                stopped = (step, acc)
+                break
     if bar is not None:
         bar.close()
     t_train = time.perf_counter() - t_train
@@ -377,24 +401,29 @@ def train_model(
             "seed": seed,
             "seed_use": "initialisation (torch.manual_seed before the model is built) and data order (batch "
                         "indices and flips)",
-            "steps": total,
+            "steps": step,
+            "planned_steps": total,
             "budget": f"{total} steps x {batch_size} images" + (f" (from budget_s={budget_s:g})" if budget_s else ""),
+            "stop_rule": (None if stop_at is None else
+                          f"stop at the first validation check (every {CHECK_EVERY} steps after the warm-up) with "
+                          f"accuracy >= {stop_at:g}"),
+            "stopped_at_step": None if stopped is None else stopped[0],
             "batch_size": batch_size,
             "optimizer": "AdamW",
-            "schedule": f"linear warm-up {warm} steps, cosine to 0",
+            "schedule": f"linear warm-up {warm} steps, cosine to 0 over {total} steps",
             "label_smoothing": LABEL_SMOOTHING,
             "grad_clip": 1.0,
             "precision": "float32 (weights stored as fp16)",
             "lr": recipe["lr"],
             "weight_decay": recipe["weight_decay"],
-            "final_train_loss": float(np.mean(losses[-50:])),
+            "final_train_loss": float(np.mean(losses[-50:])) if losses else None,
         },
         "validation_accuracy": val_acc,
         "snapshots": sorted(snaps, key=lambda s: s["step"]),
         "wall_time_s": round(wall, 1),
         "train_time_s": round(t_train, 1),
         "data_time_s": round(t_data, 1),
-        "seconds_per_step": round(t_train / max(total, 1), 4),
+        "seconds_per_step": round(t_train / max(step, 1), 4),
         "machine": {"device": "cpu", "cpus": torch.get_num_threads(), "logical_cpus": os.cpu_count(),
                     "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
