@@ -6,6 +6,10 @@ like. Works on timm models, fanlens' FAN, and any ``nn.Module``.
 """
 
 from ._version import __version__
+from .execution import _prepare_command_line
+
+_prepare_command_line()  # the `fanlens` command: OpenMP's wait policy, which it reads once, as torch loads
+
 
 import warnings as _warnings
 
@@ -20,7 +24,7 @@ with _warnings.catch_warnings():
     import timm as _timm  # noqa: F401
 
 from ._validation import FanlensError
-from . import corruptions, zoo  # zoo registers the "zoo:" model specs
+from . import corruptions, execution, zoo  # zoo registers the "zoo:" model specs
 from .analysis import analyze, group_tokens, make_noise, noise_probe, spectrum
 from .attention import AttentionMaps, attention_maps
 from .colouring import SpectralColours, spectral_colouring
@@ -69,4 +73,5 @@ __all__ = [
     "robustness",
     "RobustnessResult",
     "corruptions",
+    "execution",
 ]

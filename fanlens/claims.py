@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ._validation import FanlensError, check_positive_int, check_seed
+from .execution import record as execution_record
 from .results import ProbeResult, RobustnessResult, SpectrumResult, rows_to_csv, versions, write_atomic
 
 __all__ = ["Evidence", "ClaimRow", "ClaimsResult", "check", "spearman", "bootstrap_weights", "VERDICTS", "C3_NOT_AVAILABLE",
@@ -178,7 +179,8 @@ class ClaimsResult:
         d = Path(directory)
         out = []
         for name, data in (("claims.csv", self.to_csv()), ("claims.md", self.to_markdown()),
-                           ("claims.json", json.dumps({"parameters": self.parameters, "versions": versions()},
+                           ("claims.json", json.dumps({"parameters": self.parameters, "versions": versions(),
+                                                       "execution": execution_record()},
                                                       indent=2) + "\n")):
             write_atomic(d / name, data.encode())
             out.append(d / name)

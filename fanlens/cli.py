@@ -272,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="maintainers only: replace the weights shipped inside the installed package "
                          "(the embedded default); excludes --out")
     tp.add_argument("--no-progress", action="store_true")
+    from .execution import ENV_THREADS
+
+    for command in sub.choices.values():
+        command.add_argument("--threads", default=None, metavar="N",
+                             help=f"threads for torch, BLAS and OpenMP (default: ${ENV_THREADS}, else 'auto': the "
+                                  f"cores this process may use that other processes leave free; see "
+                                  f"fanlens.execution)")
     return parser
 
 
@@ -693,7 +700,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fanlens: %(message)s")
     try:
-        written = _run(args)
+        from .execution import policy
+
+        with policy(args.threads, param="--threads"):  # one execution policy for the whole command
+            written = _run(args)
         for p in sorted(written):
             print(f"wrote {p}")
         sys.stdout.flush()

@@ -464,6 +464,7 @@ class Lens:
         """Write every result of this lens (``results.csv``, one figure per analysis,
         ``manifest.json``) into the folder ``path`` and its ``report.html``; returns the page's path."""
         from .reporting import REPORT_NAME, report
+        from .execution import record as execution_record
         from .results import rows_to_csv, save_png, versions
         from .runner import OutputFolder
 
@@ -483,6 +484,7 @@ class Lens:
             if "claims" in self.results:
                 self.results["claims"].write_files(tmp)
             manifest = dict(kind="lens", runs=[dict(label=self.loaded.name)], versions=versions(),
+                            execution=execution_record(),
                             provenance=dict(model=self.loaded.name, weights=self.loaded.weights,
                                             weights_sha256=self.loaded.weights_sha256,
                                             lens_options=self.options.to_dict()),

@@ -31,6 +31,7 @@ from .grouping import GroupingScores, mask_scores
 from .models import LoadedModel, build_model
 from .corruptions import BENCHMARK
 from .data import data_config, resolve_images
+from .execution import record as execution_record
 from .results import (GroupsResult, ProbeResult, RobustnessResult, SpectrumResult, rows_to_csv, save_png, versions,
                       write_atomic)
 from . import runner
@@ -526,6 +527,7 @@ def _write_outputs(runs: list[ModelRun], out: Path, sigmas: Sequence[float], mod
                            "corruption_probe_severity": CORRUPTION_PROBE_SEVERITY},
         },
         "versions": versions(),
+        "execution": execution_record(),
         "runs": [
             {
                 "label": r.label,
@@ -924,6 +926,7 @@ def training_dynamics(
                            "robustness": {"corruptions": list(BENCHMARK), "severities": list(severities)}},
             "cards": cards,
             "versions": versions(),
+            "execution": execution_record(),
             "runs": [{"label": r.label, "step": st, "spectrum": r.spectrum.manifest(), "probe": r.probe.manifest(),
                       **({"robustness": r.robustness.manifest()} if r.robustness is not None else {})}
                      for by_step in runs.values() for st, r in by_step.items()],

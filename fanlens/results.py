@@ -57,6 +57,12 @@ HTML_MAX_ROWS = 16  # rows of a result's table in Jupyter (first and last halves
 HTML_MAX_COLUMNS = 8
 
 
+def _execution_record() -> dict:
+    from .execution import record
+
+    return record()
+
+
 def versions() -> dict[str, str]:
     """Versions of fanlens and the packages that shape its numbers."""
     import numpy
@@ -159,6 +165,8 @@ class Provenance:
     images: list[str]
     versions: dict = field(default_factory=versions)
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    execution: dict = field(default_factory=_execution_record)
+    """The thread counts the result was computed with (:mod:`fanlens.execution`)."""
 
     def to_dict(self) -> dict:
         return {
@@ -170,13 +178,14 @@ class Provenance:
             "images": list(self.images),
             "versions": self.versions,
             "created": self.created,
+            "execution": self.execution,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Provenance":
         return cls(
             d["model"], d["weights"], d["weights_sha256"], int(d["seed"]), d["params"], list(d["images"]),
-            d["versions"], d["created"],
+            d["versions"], d["created"], dict(d.get("execution") or {}),
         )
 
 

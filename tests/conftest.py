@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -13,6 +14,10 @@ from PIL import Image
 from torch import nn
 
 import fanlens  # noqa: F401  (registers models)
+
+# the CLI's execution policy: the tests run with torch's thread count as found, not with one sampled from
+# the machine's load (tests/test_execution.py covers the sampling)
+os.environ.setdefault("FANLENS_THREADS", str(torch.get_num_threads()))
 
 TINY = f"{Path(__file__).parent / 'tiny_models.py'}:tiny_vit"  # a factory spec for the CLI
 
