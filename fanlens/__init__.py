@@ -6,9 +6,9 @@ like. Works on timm models, fanlens' FAN, and any ``nn.Module``.
 """
 
 from ._version import __version__
-from .execution import _prepare_command_line
+from . import execution as _execution
 
-_prepare_command_line()  # the `fanlens` command: OpenMP's wait policy, which it reads once, as torch loads
+_execution.prepare_command_line()  # the `fanlens` command: OpenMP's wait policy, which it reads once, as torch loads
 
 
 import warnings as _warnings

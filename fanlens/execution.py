@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["ENV_THREADS", "MAX_THREADS", "SAMPLE_S", "ExecutionPolicy", "available_cores", "busy_elsewhere",
-           "decide", "policy", "record"]
+           "decide", "policy", "prepare_command_line", "record"]
 
 ENV_THREADS = "FANLENS_THREADS"
 """The environment variable that sets the threads (an integer, or ``auto``); ``--threads`` overrides it."""
@@ -275,7 +275,7 @@ def _launched_as_command() -> bool:
     return any(a in ("-mfanlens", "-mfanlens.cli") for a in argv)
 
 
-def _prepare_command_line() -> None:
+def prepare_command_line() -> None:
     """Before torch loads, in the ``fanlens`` command only: OpenMP's threads sleep while they wait
     (``OMP_WAIT_POLICY=PASSIVE``) unless the environment chose otherwise."""
     if "torch" in sys.modules or not _launched_as_command():
