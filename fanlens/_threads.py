@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["one_thread", "split_rows"]
+__all__ = ["one_thread", "split_rows", "for_chunks"]
 
 # the thread count the outermost one_thread found: what split_rows may use
 _CALLER_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("fanlens_caller_threads", default=None)
@@ -111,3 +111,17 @@ def split_rows(fn: Callable[..., torch.Tensor | tuple], *rows: torch.Tensor,
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)
+
+
+def for_chunks(fn: Callable[[int, int], None], n: int, device: torch.device | str = "cpu") -> None:
+    """``fn(start, stop)`` over ``range(n)`` in one contiguous chunk per caller thread, each on a
+    worker thread with one intra-op thread; ``fn`` writes its results itself (into slices of an
+    output the caller allocated: no concatenation). Off the CPU, or for one row or one thread,
+    ``fn(0, n)`` is called as is."""
+    with one_thread():
+        k = min(_CALLER_THREADS.get() or 1, n)
+        if k <= 1 or torch.device(device).type != "cpu":
+            fn(0, n)
+            return
+        bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+        list(_pool(k).map(lambda b: fn(*b), bounds))

@@ -26,7 +26,6 @@ with the image (elastic displacement fields) fanlens scales the same way.
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Callable, Sequence
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._threads import split_rows
+from ._threads import for_chunks
 from ._validation import FanlensError, check_choice, check_seed
 
 __all__ = ["NAMES", "BENCHMARK", "HELD_OUT", "FAMILIES", "SEVERITIES", "DEVIATIONS", "MIN_SIDE", "corrupt"]
@@ -362,37 +361,51 @@ def _zoom_blur(x, s, gens):
     return out / (len(zooms) + 1)
 
 
-def _plasma_fractal(mapsize: int, wibbledecay: float, g: torch.Generator) -> torch.Tensor:
-    """Diamond-square height map in [0, 1] (the reference's ``plasma_fractal``), from one generator."""
-    m = torch.zeros((mapsize, mapsize), dtype=torch.float64)
-    step, wibble = mapsize, 100.0
+def _plasma_fractals(mapsize: int, wibbledecay: float, gens: list[torch.Generator]) -> torch.Tensor:
+    """Diamond-square height maps in [0, 1] (the reference's ``plasma_fractal``), one per generator,
+    computed on the batch at once: each image's uniform draws are made in one call (the same numbers,
+    in the same order, as drawing level by level), then the diamond-square steps run on all maps
+    together."""
+    sizes = []
+    step = mapsize
+    while step >= 2:
+        sizes.append(mapsize // step)
+        step //= 2
+    r = torch.stack([torch.rand(3 * sum(n * n for n in sizes), generator=g, dtype=torch.float64) for g in gens])
+    b = len(gens)
+    m = torch.zeros((b, mapsize, mapsize), dtype=torch.float64)
+    step, wibble, at = mapsize, 100.0, 0
 
     def wibbled(a):
-        return a / 4 + wibble * (torch.rand(a.shape, generator=g, dtype=torch.float64) * 2 * wibble - wibble)
+        nonlocal at
+        n = a.shape[-1]
+        u = r[:, at : at + n * n].view(b, n, n)
+        at += n * n
+        return a / 4 + wibble * (u * 2 * wibble - wibble)
 
     while step >= 2:
         half = step // 2
-        corner = m[0:mapsize:step, 0:mapsize:step]
-        sq = corner + torch.roll(corner, -1, 0)
-        sq = sq + torch.roll(sq, -1, 1)
-        m[half:mapsize:step, half:mapsize:step] = wibbled(sq)
-        dr = m[half:mapsize:step, half:mapsize:step]
-        ul = m[0:mapsize:step, 0:mapsize:step]
-        lt = dr + torch.roll(dr, 1, 0) + ul + torch.roll(ul, -1, 1)
-        m[0:mapsize:step, half:mapsize:step] = wibbled(lt)
-        tt = dr + torch.roll(dr, 1, 1) + ul + torch.roll(ul, -1, 0)
-        m[half:mapsize:step, 0:mapsize:step] = wibbled(tt)
+        corner = m[:, 0:mapsize:step, 0:mapsize:step]
+        sq = corner + torch.roll(corner, -1, 1)
+        sq = sq + torch.roll(sq, -1, 2)
+        m[:, half:mapsize:step, half:mapsize:step] = wibbled(sq)
+        dr = m[:, half:mapsize:step, half:mapsize:step]
+        ul = m[:, 0:mapsize:step, 0:mapsize:step]
+        lt = dr + torch.roll(dr, 1, 1) + ul + torch.roll(ul, -1, 2)
+        m[:, 0:mapsize:step, half:mapsize:step] = wibbled(lt)
+        tt = dr + torch.roll(dr, 1, 2) + ul + torch.roll(ul, -1, 1)
+        m[:, half:mapsize:step, 0:mapsize:step] = wibbled(tt)
         step //= 2
         wibble /= wibbledecay
-    m = m - m.min()
-    return (m / m.max()).float()
+    m = m - m.amin(dim=(1, 2), keepdim=True)
+    return (m / m.amax(dim=(1, 2), keepdim=True)).float()
 
 
 def _fog(x, s, gens):
     c0, c1 = [(1.5, 2), (2.0, 2), (2.5, 1.7), (2.5, 1.5), (3.0, 1.4)][s - 1]
     h, w = x.shape[-2:]
     size = 1 << (max(h, w, 3) - 1).bit_length()
-    fog = torch.stack([_plasma_fractal(size, c1, g)[:h, :w] for g in gens]).to(x)[:, None]
+    fog = _plasma_fractals(size, c1, gens)[:, None, :h, :w].to(x)
     mx = x.amax(dim=(1, 2, 3), keepdim=True)
     return (x + c0 * fog) * mx / (mx + c0)
 
@@ -610,38 +623,94 @@ def _reflect_coord(v: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _pixelate(x, s, gens):
+    """Pillow's BOX down to ``c`` of the size, then NEAREST back up (the reference), on the whole batch:
+    each output row (then column) of the box filter sums its window's rows, selected with
+    ``index_select``; the nearest upsampling is torch's ``nearest-exact`` interpolation where its source
+    indices equal Pillow's (checked for the sizes at hand), else two index selections."""
     c = [0.6, 0.5, 0.4, 0.3, 0.25][s - 1]
     h, w = x.shape[-2:]
     oh, ow = max(int(h * c), 1), max(int(w * c), 1)
-    down = _box_matrix(h, oh, x) @ x @ _box_matrix(w, ow, x).T  # Pillow's BOX filter
-    iy = torch.floor((torch.arange(h, device=x.device) + 0.5) * oh / h).long().clamp_max(oh - 1)
-    ix = torch.floor((torch.arange(w, device=x.device) + 0.5) * ow / w).long().clamp_max(ow - 1)
-    return down[..., iy, :][..., ix]  # Pillow's NEAREST
+    iy, cy = _box_windows(h, oh, x.device)
+    ix, cx = _box_windows(w, ow, x.device)
+    rows = _window_sums(x, iy)  # (B, 3, oh, w)
+    down = _window_sums(rows.transpose(-1, -2), ix).transpose(-1, -2)  # (B, 3, oh, ow)
+    down = down / (cy.to(x)[:, None] * cx.to(x)[None, :])
+    my, mx = _nearest_map(h, oh), _nearest_map(w, ow)
+    if torch.equal(_torch_nearest_map(h, oh), my) and torch.equal(_torch_nearest_map(w, ow), mx):
+        return F.interpolate(down, size=(h, w), mode="nearest-exact")
+    return down.index_select(-2, my.to(x.device)).index_select(-1, mx.to(x.device))
 
 
-def _box_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
-    """Pillow's BOX resampling as an (n_out, n_in) matrix: input pixel j counts for output i when
-    its centre lies in [centre_i - scale/2, centre_i + scale/2)."""
+def _box_windows(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pillow's BOX resampling as windows: input pixel j counts for output i when its centre lies in
+    [centre_i - scale/2, centre_i + scale/2). Returns the windows' indices ``(n_out, k)`` (``n_in``
+    where a window is shorter than ``k``: a zero row) and their lengths."""
     scale = n_in / n_out
     centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale
     pos = torch.arange(n_in, dtype=torch.float64) + 0.5
-    m = ((pos[None] >= centre[:, None] - scale / 2) & (pos[None] < centre[:, None] + scale / 2)).double()
-    return (m / m.sum(1, keepdim=True).clamp_min(1)).to(like)
+    m = (pos[None] >= centre[:, None] - scale / 2) & (pos[None] < centre[:, None] + scale / 2)
+    count = m.sum(1)
+    k = max(int(count.max()), 1)
+    idx = m.to(torch.uint8).argmax(1)[:, None] + torch.arange(k)[None]
+    idx = torch.where(torch.arange(k)[None] < count[:, None], idx, n_in)
+    return idx.to(device), count.clamp_min(1).to(device)
+
+
+def _window_sums(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Along dim -2 of ``t``: the sum of the rows of each window of ``idx`` (index ``len`` = zero)."""
+    n = t.shape[-2]
+    src = F.pad(t, (0, 0, 0, 1)) if bool((idx == n).any()) else t
+    acc = src.index_select(-2, idx[:, 0])
+    for j in range(1, idx.shape[1]):
+        acc += src.index_select(-2, idx[:, j])
+    return acc
+
+
+def _nearest_map(n_out: int, n_in: int) -> torch.Tensor:
+    """Pillow's NEAREST source index of each output pixel: floor((i + 0.5) * n_in / n_out)."""
+    return (torch.arange(n_out) * 2 + 1).mul(n_in).div(2 * n_out, rounding_mode="floor").clamp_max(n_in - 1)
+
+
+def _torch_nearest_map(n_out: int, n_in: int) -> torch.Tensor:
+    """The source index torch's ``nearest-exact`` interpolation takes for each output pixel."""
+    probe = torch.arange(n_in, dtype=torch.float32)[None, None]
+    return F.interpolate(probe, size=n_out, mode="nearest-exact")[0, 0].round().long()
 
 
 def _jpeg_compression(x, s, gens):
-    from PIL import Image
+    """JPEG at the reference's quality, through torchvision's libjpeg calls on the batch (one encode and
+    one decode per image, no file objects): the same bytes and pixels as the reference's Pillow round
+    trip (tested). torchvision marks these calls deprecated (0.29); where they are gone, Pillow does
+    the same round trip image by image (:func:`_jpeg_pil`, also tested equal)."""
+    import warnings
 
     q = [25, 18, 15, 10, 7][s - 1]
-    arr = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    x8 = x.detach().cpu().mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+        except ImportError:
+            out = _jpeg_pil(x8, q)
+        else:
+            out = torch.stack(decode_jpeg(encode_jpeg(list(x8), quality=q), mode=ImageReadMode.RGB))
+    return out.to(x.device, x.dtype).div_(255)
+
+
+def _jpeg_pil(x8: torch.Tensor, quality: int) -> torch.Tensor:
+    """Pillow's JPEG round trip of uint8 images ``(B, 3, H, W)``, image by image (the reference's way)."""
+    import io
+
+    from PIL import Image
+
     out = []
-    for a in arr:
+    for a in x8.permute(0, 2, 3, 1).numpy():
         buf = io.BytesIO()
-        Image.fromarray(a).save(buf, "JPEG", quality=q)
+        Image.fromarray(np.ascontiguousarray(a)).save(buf, "JPEG", quality=quality)
         buf.seek(0)
         with Image.open(buf) as im:
             out.append(np.asarray(im.convert("RGB")))
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
 _FUNCS: dict[str, Callable] = {
@@ -653,6 +722,10 @@ _FUNCS: dict[str, Callable] = {
     "speckle_noise": _speckle_noise, "gaussian_blur": _gaussian_blur, "spatter": _spatter, "saturate": _saturate,
 }
 
+
+_DETERMINISTIC = frozenset({"gaussian_blur", "defocus_blur", "zoom_blur", "brightness", "saturate", "contrast",
+                            "pixelate", "jpeg_compression"})
+"""The corruptions that draw nothing (no generators are made for them)."""
 
 MIN_SIDE = 2
 """The smallest image side every corruption accepts (a 1-pixel side has no neighbourhood: frost's
@@ -674,7 +747,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
         ``(B, 3, H, W)`` corrupted pixels in [0, 1], on the input's device and dtype.
 
     On the CPU the images are split over the caller's torch threads, one worker thread each
-    (:func:`fanlens._threads.split_rows`): the same pixels on any thread count, except float32
+    (:func:`fanlens._threads.for_chunks`): the same pixels on any thread count, except float32
     rounding (below 5e-7) in motion blur and frost, whose batched filters depend on the batch's
     size (so does snow's motion-blurred layer, after which its 1/255 quantisation can flip).
     """
@@ -703,14 +776,16 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
         raise FanlensError(f"indices must be non-negative dataset indices. Got {idx[:8]} instead.")
     if b == 0:  # nothing to corrupt
         return images.clone()
-    gens = _generators(seed, idx, name)
+    gens = _generators(seed, idx, name) if name not in _DETERMINISTIC else [None] * b
     x = images.float()
+    out = torch.empty_like(x)
 
-    def run(xs: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def run(start: int, stop: int) -> None:
         with torch.no_grad():
-            return _FUNCS[name](xs, int(severity), [gens[i] for i in pos.tolist()]).clamp(0, 1)
+            torch.clamp(_FUNCS[name](x[start:stop], int(severity), gens[start:stop]), 0, 1, out=out[start:stop])
 
-    # image by image: the batch split over the caller's cores, one intra-op thread each (fanlens._threads);
-    # one chunk per thread, as before: motion blur's and frost's float32 rounding depends on the chunk
-    out = split_rows(run, x, torch.arange(b), bounded=False)
+    # image by image: the batch split over the caller's cores, one intra-op thread each (fanlens._threads),
+    # each chunk written into its rows of the output; one chunk per thread, as before: motion blur's and
+    # frost's float32 rounding depends on the chunk
+    for_chunks(run, b, x.device)
     return out.to(images.dtype)

@@ -17,6 +17,7 @@ Accepted ``images``:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -241,10 +242,10 @@ def check_pixels(x: torch.Tensor, what: str = "images") -> None:
     Values in 0..255 or already normalised values would silently give other numbers."""
     if x.numel() == 0:
         return
-    if not all_finite(x):
+    lo, hi = (float(v) for v in torch.aminmax(x))  # one pass: NaN and inf propagate into the extremes
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(x)).sum())
         raise FanlensError(f"{what} must hold finite pixel values. Got {bad} NaN or infinite value(s) instead.")
-    lo, hi = float(x.min()), float(x.max())
     if lo < -PIXEL_TOLERANCE or hi > 1 + PIXEL_TOLERANCE:
         hint = " (divide 0..255 values by 255)" if hi > 1 + PIXEL_TOLERANCE and hi <= 255 and lo >= 0 else (
             " (pass pixels before normalisation: fanlens applies the model's mean/std itself)" if lo < 0 else "")

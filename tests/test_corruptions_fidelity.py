@@ -166,3 +166,12 @@ def test_fog_matches_the_reference_statistically(images):
         z = (o.mean() - r.mean()) / np.sqrt(o.var(ddof=1) / len(o) + r.var(ddof=1) / len(r))
         print(f"fog s{s}: per-image residual mean {o.mean():.4f} vs {r.mean():.4f}, z = {z:.2f}")
         assert abs(z) < 3.0, (s, z)
+
+
+def test_jpeg_is_the_reference_byte_for_byte_on_either_path(images):
+    """torchvision's batched libjpeg calls and the Pillow fallback give the reference's pixels exactly."""
+    x8 = torch.from_numpy(images[:8].copy()).permute(0, 3, 1, 2).contiguous()
+    for s, q in zip(C.SEVERITIES, (25, 18, 15, 10, 7)):
+        ours = _ours(images[:8], "jpeg_compression", s)
+        assert np.array_equal(ours, _ref(images[:8], "jpeg_compression", s))
+        assert np.array_equal(C._jpeg_pil(x8, q).permute(0, 2, 3, 1).numpy(), ours.astype(np.uint8))
