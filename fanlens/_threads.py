@@ -107,7 +107,13 @@ def split_rows(fn: Callable[..., torch.Tensor | tuple], *rows: torch.Tensor,
         if k <= 1:
             return fn(*rows)
         chunks = [r.tensor_split(k) for r in rows]
-        parts = list(_pool(n).map(fn, *chunks)) if n > 1 else [fn(*c) for c in zip(*chunks)]
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def work(*c: torch.Tensor):  # the caller's autograd modes (thread-local), as in for_chunks
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return fn(*c)
+
+        parts = list(_pool(n).map(work, *chunks)) if n > 1 else [fn(*c) for c in zip(*chunks)]
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)
@@ -124,4 +130,12 @@ def for_chunks(fn: Callable[[int, int], None], n: int, device: torch.device | st
             fn(0, n)
             return
         bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
-        list(_pool(k).map(lambda b: fn(*b), bounds))
+        # autograd's modes are thread-local: the workers take the caller's (an output made under
+        # inference mode can only be written to under it)
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def work(b: tuple[int, int]) -> None:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                fn(*b)
+
+        list(_pool(k).map(work, bounds))

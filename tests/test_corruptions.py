@@ -172,7 +172,7 @@ def test_cuda_matches_cpu():  # pragma: no cover - needs a GPU
 
 
 def test_split_over_worker_threads_changes_at_most_rounding():
-    """corrupt() hands the images of a batch to the caller's cores (fanlens._threads.split_rows):
+    """corrupt() hands the images of a batch to the caller's cores (fanlens._threads.for_chunks):
     the same pixels on 1 and 2 threads, except float32 rounding in motion blur and the procedural
     frost, whose batched filters sum in an order that depends on the batch (an ulp or two)."""
     x = torch.nn.functional.interpolate(torch.rand(5, 3, 12, 12, generator=torch.Generator().manual_seed(0)),
@@ -191,3 +191,23 @@ def test_split_over_worker_threads_changes_at_most_rounding():
         torch.set_num_threads(before)
     assert worst.pop("frost") <= 5e-7 and worst.pop("motion_blur") <= 5e-7
     assert all(v == 0.0 for v in worst.values()), {k: v for k, v in worst.items() if v}
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+def test_worker_threads_take_the_callers_autograd_mode(mode):
+    """The output is written by worker threads; autograd's modes are thread-local, so the workers
+    must run in the caller's: under inference mode, a batch on 2 threads gives an inference tensor
+    with the pixels of 1 thread (it used to fail: an in-place write to an inference tensor)."""
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    ctx = torch.inference_mode if mode == "inference" else torch.no_grad
+    try:
+        torch.set_num_threads(1)
+        ref = C.corrupt(x, "impulse_noise", 3, seed=2)
+        torch.set_num_threads(2)
+        with ctx():
+            y = C.corrupt(x, "impulse_noise", 3, seed=2)
+    finally:
+        torch.set_num_threads(before)
+    assert y.is_inference() == (mode == "inference")
+    assert torch.equal(y, ref)
