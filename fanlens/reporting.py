@@ -157,6 +157,41 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
+def _uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+SHOWN_WIDTH = 1200
+"""The widest a figure is shown on the page (its column): wider figures are stored at this width."""
+
+
+def _figure_uri(path: Path) -> str:
+    """A figure as it is shown: at most :data:`SHOWN_WIDTH` pixels wide, as WebP (the smaller of
+    lossless and quality 90), or the PNG as it is where Pillow cannot write WebP or the file is no
+    image Pillow reads."""
+    from PIL import Image
+
+    raw = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()
+            img = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):  # not an image Pillow decodes: as it is
+        return _png_uri(raw)
+    if img.width > SHOWN_WIDTH:
+        img = img.resize((SHOWN_WIDTH, max(1, round(img.height * SHOWN_WIDTH / img.width))), Image.LANCZOS)
+    best, mime = raw, "image/png"
+    for kw in ({"lossless": True}, {"quality": 90}):
+        buf = io.BytesIO()
+        try:
+            img.save(buf, format="WEBP", method=4, **kw)
+        except (OSError, KeyError, ValueError):  # Pillow built without WebP
+            break
+        if len(buf.getvalue()) < len(best):
+            best, mime = buf.getvalue(), "image/webp"
+    return _uri(best, mime)
+
+
 def _figures_section(d: Path) -> str:
     pngs = sorted(d.glob("*.png")) + sorted(p for p in d.glob("*/*.png") if p.parent.name != "viewer")
     pngs = [p for p in pngs if _readable(p, d)]  # no link to a file elsewhere, no FIFO named *.png
@@ -165,7 +200,7 @@ def _figures_section(d: Path) -> str:
     items = []
     for p in pngs:
         rel = p.relative_to(d).as_posix()
-        items.append(f"<figure><img alt='{_e(rel)}' src='{_png_uri(p.read_bytes())}'>"
+        items.append(f"<figure><img alt='{_e(rel)}' loading='lazy' decoding='async' src='{_figure_uri(p)}'>"
                      f"<figcaption>{_e(rel)}</figcaption></figure>")
     return "<section id='figures'><h2>Figures</h2>" + "".join(items) + "</section>"
 
@@ -212,33 +247,67 @@ def _tables_section(d: Path) -> str:
         head = "".join(f"<th>{_e(blocks[(model, metric)][c])}</th>" for c in cols)
         body = "".join(f"<tr><th>{_e(s)}</th>" + "".join(f"<td>{_fmt(v.get(c, ''))}</td>" for c in cols) + "</tr>"
                        for s, v in series.items())
-        out.append(f"<h3>{_e(model)}: {_e(metric)}</h3><div class='scroll'><table><tr><th></th>{head}</tr>"
-                   f"{body}</table></div>")
+        table = f"<div class='scroll'><table><tr><th></th>{head}</tr>{body}</table></div>"
+        if len(series) > LONG_TABLE:
+            table = f"<details><summary>{len(series)} rows</summary>{table}</details>"
+        out.append(f"<h3>{_e(model)}: {_e(metric)}</h3>{table}")
     if scalars:
         body = "".join(f"<tr><td>{_e(r.get('model', ''))}</td><td>{_e(r.get('metric', ''))}</td>"
                        f"<td>{_e(r.get('corruption') or r.get('rule') or '')}</td><td>{_e(r.get('severity', ''))}</td>"
                        f"<td>{_fmt(r['value'])}</td></tr>" for r in scalars)
-        out.append("<h3>Whole-model values</h3><div class='scroll'><table><tr><th>model</th><th>metric</th>"
-                   f"<th>series</th><th>severity</th><th>mean</th></tr>{body}</table></div>")
+        table = ("<div class='scroll'><table><tr><th>model</th><th>metric</th><th>series</th><th>severity</th>"
+                 f"<th>mean</th></tr>{body}</table></div>")
+        if len(scalars) > LONG_TABLE:
+            table = f"<details><summary>{len(scalars)} rows</summary>{table}</details>"
+        out.append(f"<h3>Whole-model values</h3>{table}")
     out.append("</section>")
     return "".join(out) if tables or scalars else ""
 
 
-def _claims_section(d: Path) -> str:
-    path = d / "claims.csv"
-    if not _readable(path, d):
-        return ""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return ""
+LONG_TABLE = 12
+"""Tables with more rows than this are collapsed (a click opens them)."""
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return list(csv.DictReader(f))
+
+
+def _html_table(rows: list[dict], cls: str = "") -> str:
     cols = list(rows[0].keys())
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(
         f"<td class='{_e(r.get(c) or '') if c == 'verdict' else ''}'>{_fmt(r.get(c) or '')}</td>"
         for c in cols) + "</tr>" for r in rows)
-    return (f"<section id='claims'><h2>Claims</h2><div class='scroll'><table class='claims'><tr>{head}</tr>{body}"
-            f"</table></div></section>")
+    return f"<div class='scroll'><table class='{cls}'><tr>{head}</tr>{body}</table></div>"
+
+
+def _claims_section(d: Path) -> str:
+    """The headline verdicts (``claims_headline.csv``) as a table; every row of ``claims.csv`` (one per
+    claim, model and grid cell: thousands) in a collapsed table the page builds when it is opened,
+    from compact data (the columns once, then each row's values)."""
+    path = d / "claims.csv"
+    if not _readable(path, d):
+        return ""
+    rows = _csv_rows(path)
+    if not rows:
+        return ""
+    out = ["<section id='claims'><h2>Claims</h2>"]
+    headline = d / "claims_headline.csv"
+    head_rows = _csv_rows(headline) if _readable(headline, d) else []
+    if head_rows:
+        out.append("<p>Headline verdicts over the specification grid (<code>claims_headline.csv</code>):</p>"
+                   + _html_table(head_rows, "claims"))
+    if len(rows) <= LONG_TABLE and not head_rows:
+        out.append(_html_table(rows, "claims"))
+    else:
+        cols = list(rows[0].keys())
+        payload = _script_json({"columns": cols, "rows": [[r.get(c) or "" for c in cols] for r in rows]})
+        out.append(f"<details id='claims-all'><summary>every row of <code>claims.csv</code> ({len(rows)} rows: claim "
+                   f"&times; model &times; grid cell)</summary><div class='scroll' id='claims-all-table'></div></details>"
+                   f"<script id='claims-data' type='application/json'>{payload}</script>")
+    out.append("</section>")
+    return "".join(out)
 
 
 def _short_json(v: Any, limit: int = 12) -> Any:
@@ -288,19 +357,33 @@ def _viewer_sources(d: Path) -> list[Path]:
     return out
 
 
-def _overlay_png(pixels: np.ndarray, layer: np.ndarray, *, alpha: float, scale: int) -> str:
-    """``layer`` (h, w, 3) uint8 blended over ``pixels`` (H, W, 3) by nearest upsampling, as PNG."""
-    from PIL import Image
-
-    h, w = pixels.shape[:2]
-    big = np.asarray(Image.fromarray(layer).resize((w, h), Image.NEAREST), dtype=np.float32)
-    out = (1 - alpha) * pixels.astype(np.float32) + alpha * big
-    img = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
-    if scale > 1:
-        img = img.resize((w * scale, h * scale), Image.NEAREST)
+def _png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
-    return _png_uri(buf.getvalue())
+    return buf.getvalue()
+
+
+def _image_png(pixels: np.ndarray) -> str:
+    """An image ``(H, W, 3)`` uint8 as PNG, at its own size (the page scales it up)."""
+    from PIL import Image
+
+    return _png_uri(_png_bytes(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))))
+
+
+def _labels_png(labels: np.ndarray, palette: np.ndarray) -> str:
+    """A token grid of group labels ``(h, w)`` as an 8-bit palette PNG at the grid's size."""
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(np.asarray(labels) % len(palette), dtype=np.uint8), mode="P")
+    img.putpalette(palette.astype(np.uint8).reshape(-1).tolist())
+    return _png_uri(_png_bytes(img))
+
+
+def _colours_png(colours: np.ndarray) -> str:
+    """Spectral colours of a token grid ``(h, w, 3)`` in [0, 1] as an RGB PNG at the grid's size."""
+    from PIL import Image
+
+    return _png_uri(_png_bytes(Image.fromarray((np.asarray(colours) * 255).round().clip(0, 255).astype(np.uint8))))
 
 
 def display_name(name: str) -> str:
@@ -333,16 +416,17 @@ def _viewer_section(d: Path, max_images: int) -> str:
         n = min(len(g.images), max_images)
         side = max(g.pixels.shape[1:3])
         scale = max(1, 256 // max(side, 1))
-        model = {"model": g.provenance.model, "blocks": [b.name for b in g.blocks], "images": []}
+        # each image once, at its own size; the groups and colours once per block, at the token grid's
+        # size (palette PNGs for the groups): the page lays them over the image, scaled up without
+        # smoothing, at the opacity the frames had when they were blended here (0.55 and 0.8)
+        model = {"model": g.provenance.model, "blocks": [b.name for b in g.blocks], "images": [],
+                 "width": int(g.pixels.shape[2]) * scale, "height": int(g.pixels.shape[1]) * scale}
         for i in range(n):
-            px = g.pixels[i]
-            groups = [_overlay_png(px, pal[np.asarray(g.labels[li][i]) % len(pal)], alpha=0.55, scale=scale)
-                      for li in range(len(g.blocks))]
             entry = {"name": display_name(g.images[i]), "k": [int(g.n_clusters[li, i]) for li in range(len(g.blocks))],
-                     "groups": groups}
+                     "image": _image_png(g.pixels[i]),
+                     "groups": [_labels_png(g.labels[li][i], pal) for li in range(len(g.blocks))]}
             if colours is not None and i < colours[0].shape[0]:
-                entry["colours"] = [_overlay_png(px, (colours[li][i] * 255).round().astype(np.uint8), alpha=0.8,
-                                                 scale=scale) for li in range(len(g.blocks))]
+                entry["colours"] = [_colours_png(colours[li][i]) for li in range(len(g.blocks))]
             model["images"].append(entry)
         data.append(model)
     payload = _script_json(data)
@@ -356,9 +440,11 @@ def _viewer_section(d: Path, max_images: int) -> str:
         "<input id='viewer-slider' type='range' min='0' max='0' value='0'> "
         "<button id='viewer-next' type='button'>next &#9654;</button> "
         "<span id='viewer-block'></span></div>"
-        "<div class='panels'><figure><img id='viewer-groups' alt='groups'><figcaption id='viewer-k'>groups"
-        "</figcaption></figure><figure id='viewer-colours-fig'><img id='viewer-colours' alt='spectral colours'>"
-        "<figcaption>spectral colours</figcaption></figure></div>"
+        "<div class='panels'><figure><div class='stack'><img class='viewer-base' alt='image'>"
+        "<img id='viewer-groups' class='layer' style='opacity:.55' alt='groups'></div>"
+        "<figcaption id='viewer-k'>groups</figcaption></figure><figure id='viewer-colours-fig'><div class='stack'>"
+        "<img class='viewer-base' alt='image'><img id='viewer-colours' class='layer' style='opacity:.8' "
+        "alt='spectral colours'></div><figcaption>spectral colours</figcaption></figure></div>"
         f"<script id='viewer-data' type='application/json'>{payload}</script></section>"
     )
 
@@ -375,10 +461,34 @@ td.holds{background:#d9f0e3}td.contradicted{background:#f8dcd3}td.inconclusive{b
 figure{display:inline-block;margin:.5em;vertical-align:top;text-align:center}
 #figures img{max-width:100%;border:1px solid #eee}figcaption{font-size:.8em;color:#555}
 .controls{margin:.5em 0}.controls>*{margin-right:.4em}#viewer-block{font-weight:bold}
-.panels img{image-rendering:pixelated;border:1px solid #ccc;max-width:45vw}pre{font-size:.75em;overflow-x:auto}
+.stack{position:relative;display:inline-block;border:1px solid #ccc;max-width:45vw;line-height:0}
+.stack img{display:block;image-rendering:pixelated;max-width:100%}
+.stack .layer{position:absolute;left:0;top:0;width:100%;height:100%}
+details>summary{cursor:pointer;color:#0072B2;margin:.4em 0}pre{font-size:.75em;overflow-x:auto}
 """
 
 _JS = r"""
+(function () {
+  var holder = document.getElementById('claims-all'), src = document.getElementById('claims-data');
+  if (!holder || !src) { return; }
+  holder.addEventListener('toggle', function () {
+    var box = document.getElementById('claims-all-table');
+    if (!holder.open || box.firstChild) { return; }
+    var d = JSON.parse(src.textContent), t = document.createElement('table'), tr = t.insertRow();
+    t.className = 'claims';
+    d.columns.forEach(function (c) { var th = document.createElement('th'); th.textContent = c; tr.appendChild(th); });
+    var vi = d.columns.indexOf('verdict');
+    d.rows.forEach(function (r) {
+      var row = t.insertRow();
+      r.forEach(function (v, j) {
+        var td = row.insertCell(), x = Number(v);
+        td.textContent = (v !== '' && isFinite(x)) ? String(Number(x.toPrecision(4))) : v;
+        if (j === vi) { td.className = v; }
+      });
+    });
+    box.appendChild(t);
+  });
+})();
 (function () {
   var el = document.getElementById('viewer-data');
   if (!el) { return; }
@@ -396,6 +506,10 @@ _JS = r"""
     state.b = Math.max(0, Math.min(n - 1, state.b));
     slider.max = n - 1; slider.value = state.b;
     document.getElementById('viewer-block').textContent = 'block ' + (state.b + 1) + ' / ' + n + ': ' + m.blocks[state.b];
+    Array.prototype.forEach.call(document.querySelectorAll('.viewer-base'), function (b) {
+      if (b.getAttribute('src') !== im.image) { b.src = im.image; }
+      b.style.width = m.width + 'px'; b.style.aspectRatio = m.width + ' / ' + m.height;
+    });
     document.getElementById('viewer-groups').src = im.groups[state.b];
     document.getElementById('viewer-k').textContent = 'groups (k = ' + im.k[state.b] + ')';
     var cf = document.getElementById('viewer-colours-fig');

@@ -54,15 +54,23 @@ def test_report_is_self_contained_with_viewer_tables_and_provenance(groups_folde
     data = _viewer_data(page)
     assert len(data) == 1 and data[0]["blocks"] == ["blocks.0", "blocks.1", "blocks.2"]
     assert len(data[0]["images"]) == 3 and data[0]["images"][0]["k"] == [2, 2, 2]
-    # every viewer frame is a PNG data URI of the image (64 px, upscaled 4x)
+    # each image is stored once, at its own size (64 px; shown 4x larger), and every block's groups as an
+    # 8-bit palette PNG at the token grid's size whose pixels are the group labels
     from PIL import Image
     import io
 
-    first = data[0]["images"][0]["groups"][1]
-    assert first.startswith("data:image/png;base64,")
-    img = Image.open(io.BytesIO(base64.b64decode(first.split(",", 1)[1])))
-    assert img.size == (256, 256)
+    def decode(uri):
+        assert uri.startswith("data:image/png;base64,")
+        return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+    assert (data[0]["width"], data[0]["height"]) == (256, 256)
+    assert decode(data[0]["images"][0]["image"]).size == (64, 64)
+    frame = decode(data[0]["images"][0]["groups"][1])
+    labels = np.asarray(res.labels[1][0])
+    assert frame.mode == "P" and frame.size == (labels.shape[1], labels.shape[0])
+    np.testing.assert_array_equal(np.asarray(frame), labels % 8)
     assert len(data[0]["images"][2]["colours"]) == 3
+    assert decode(data[0]["images"][2]["colours"][0]).size == (labels.shape[1], labels.shape[0])
     assert res.provenance.weights_sha256 is None or res.provenance.weights_sha256[:16] in page
     assert "fanlens report: groups" in page and _esc(res.provenance.model) in page
     # per-block table of a spectrum folder: the mean count of block 0 as in its results.csv
@@ -245,3 +253,44 @@ def test_report_never_writes_over_its_own_inputs(groups_folder, tmp_path, capsys
         fanlens.report(out, out=tmp_path, overwrite=True)
     assert fanlens.report(out, out=out / "report.html").is_file()  # its own report: allowed
     assert fanlens.report(out, overwrite=True).is_file()
+
+
+def test_report_stores_figures_at_the_size_shown_and_the_claims_grid_compactly(tmp_path):
+    """A figure wider than the page's column is stored at the column's width (WebP where smaller);
+    the headline verdicts are a table, and every row of claims.csv is in the page as compact data
+    (columns once) behind a collapsed table, exactly as in the file."""
+    import io
+
+    from PIL import Image
+
+    from fanlens.reporting import SHOWN_WIDTH
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "reproduce"}))
+    rng = np.random.default_rng(0)
+    wide = np.full((300, 2 * SHOWN_WIDTH, 3), 255, np.uint8)
+    wide[100:200, :, :] = rng.integers(0, 255, (1, 2 * SHOWN_WIDTH, 3), dtype=np.uint8)  # a striped plot
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(wide[:, :400]).save(tmp_path / "narrow.png")
+    cols = ["sigma", "claim", "models", "value", "verdict", "note"]
+    rows = [[str(0.05 * (i + 1)), f"C{i % 4 + 1}", "zoo:vit", f"{rng.normal():.6f}", ("holds", "contradicted")[i % 2],
+             "a <b>note</b> & more" if i == 3 else ""] for i in range(30)]
+    with open(tmp_path / "claims.csv", "w", newline="") as f:
+        csv.writer(f).writerows([cols] + rows)
+    with open(tmp_path / "claims_headline.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["claim", "models", "verdict"], ["C1", "zoo:vit", "depends on the specification"]])
+    page = fanlens.report(tmp_path).read_text()
+    uris = dict(re.findall(r"<img alt='([^']+)' loading='lazy' decoding='async' src='([^']+)'>", page))
+    assert set(uris) == {"wide.png", "narrow.png"}
+    sizes = {}
+    for name, uri in uris.items():
+        mime, b64 = uri[len("data:"):].split(";base64,")
+        img = Image.open(io.BytesIO(base64.b64decode(b64)))
+        sizes[name] = img.size
+        assert mime == f"image/{img.format.lower()}"
+    assert sizes == {"wide.png": (SHOWN_WIDTH, 150), "narrow.png": (400, 300)}
+    assert "<td class='depends on the specification'><span class='t'>depends on the specification</span></td>" in page
+    m = re.search(r"<script id='claims-data' type='application/json'>(.*?)</script>", page, re.S)
+    data = json.loads(m.group(1))
+    assert data["columns"] == cols and data["rows"] == rows
+    assert "<details id='claims-all'>" in page and "(30 rows" in page
+    assert "<b>note</b>" not in page  # outside strings stay data
