@@ -289,8 +289,32 @@ def test_report_stores_figures_at_the_size_shown_and_the_claims_grid_compactly(t
         assert mime == f"image/{img.format.lower()}"
     assert sizes == {"wide.png": (SHOWN_WIDTH, 150), "narrow.png": (400, 300)}
     assert "<td class='depends on the specification'><span class='t'>depends on the specification</span></td>" in page
-    m = re.search(r"<script id='claims-data' type='application/json'>(.*?)</script>", page, re.S)
-    data = json.loads(m.group(1))
+    import gzip
+
+    m = re.search(r"<script id='claims-data' type='application/gzip'>(.*?)</script>", page, re.S)
+    data = json.loads(gzip.decompress(base64.b64decode(m.group(1))))
     assert data["columns"] == cols and data["rows"] == rows
     assert "<details id='claims-all'>" in page and "(30 rows" in page
     assert "<b>note</b>" not in page  # outside strings stay data
+
+
+def test_claims_grid_table_is_built_in_chromium_when_opened(tmp_path):
+    """The collapsed table of every claims.csv row is built by the page from its gzip data when it is
+    opened (here by the '#claims-open' hash): every row, the numbers to 4 significant digits, the
+    verdicts coloured, no console messages."""
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no Chromium on this machine")
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "reproduce"}))
+    rows = [[f"C{i % 4 + 1}", f"{i * 0.123456:.6f}", ("holds", "contradicted")[i % 2]] for i in range(25)]
+    with open(tmp_path / "claims.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["claim", "value", "verdict"]] + rows)
+    url = fanlens.report(tmp_path).resolve().as_uri()
+    closed = _chromium(browser, "--virtual-time-budget=5000", "--dump-dom", url)
+    assert "<table class=\"claims\">" not in closed.stdout  # nothing built until opened
+    opened = _chromium(browser, "--virtual-time-budget=5000", "--dump-dom", url + "#claims-open")
+    assert _console_lines(opened.stderr) == []
+    table = re.search(r'<table class="claims">(.*?)</table>', opened.stdout, re.S).group(1)
+    cells = re.findall(r"<tr>(.*?)</tr>", table)
+    assert len(cells) == 26
+    assert cells[3] == '<td>C3</td><td>0.2469</td><td class="holds">holds</td>'  # row 3: i = 2
