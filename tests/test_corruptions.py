@@ -211,3 +211,16 @@ def test_worker_threads_take_the_callers_autograd_mode(mode):
         torch.set_num_threads(before)
     assert y.is_inference() == (mode == "inference")
     assert torch.equal(y, ref)
+
+
+def test_impulse_noise_salts_and_peppers_with_the_references_probabilities():
+    """Severity s flips each value with probability c_s (0.03 ... 0.27), half to 1 (salt), half to 0
+    (pepper), the rest untouched: counted on 3 x 200 x 200 values of a grey image."""
+    x = torch.full((1, 3, 200, 200), 0.5)
+    n = x.numel()
+    for s, c in zip(C.SEVERITIES, (0.03, 0.06, 0.09, 0.17, 0.27)):
+        y = C.corrupt(x, "impulse_noise", s, seed=5)
+        salt, pepper = int((y == 1).sum()), int((y == 0).sum())
+        assert salt + pepper + int((y == 0.5).sum()) == n
+        sd = (n * c / 2 * (1 - c / 2)) ** 0.5  # binomial standard deviation of each count
+        assert abs(salt - n * c / 2) < 5 * sd and abs(pepper - n * c / 2) < 5 * sd, (s, salt, pepper)
