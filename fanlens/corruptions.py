@@ -26,6 +26,7 @@ with the image (elastic displacement fields) fanlens scales the same way.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -660,6 +661,13 @@ def _pixelate(x, s, gens):
 
 
 def _box_windows(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_box_windows_cpu` (computed once per size pair; never written to) on ``device``."""
+    idx, count = _box_windows_cpu(n_in, n_out)
+    return idx.to(device), count.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _box_windows_cpu(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pillow's BOX resampling as windows: input pixel j counts for output i when its centre lies in
     [centre_i - scale/2, centre_i + scale/2). Returns the windows' indices ``(n_out, k)`` (``n_in``
     where a window is shorter than ``k``: a zero row) and their lengths."""
@@ -671,7 +679,7 @@ def _box_windows(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Ten
     k = max(int(count.max()), 1)
     idx = m.to(torch.uint8).argmax(1)[:, None] + torch.arange(k)[None]
     idx = torch.where(torch.arange(k)[None] < count[:, None], idx, n_in)
-    return idx.to(device), count.clamp_min(1).to(device)
+    return idx, count.clamp_min(1)
 
 
 def _window_sums(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
