@@ -272,10 +272,27 @@ def _shot_noise(x, s, gens):
 
 def _impulse_noise(x, s, gens):
     c = [0.03, 0.06, 0.09, 0.17, 0.27][s - 1]
-    u = _rand(gens, x.shape[1:], x.device, "uniform")
-    # one draw per value: u <= c/2 salt (1), c/2 < u <= c pepper (0), else kept: each with the
-    # reference's probabilities (amount c, half salt), independently per value
-    return torch.where(u <= c, (u <= c / 2).to(x.dtype), x)
+    # each value is flipped with probability c, independently (the reference's amount), to 1 (salt) or
+    # 0 (pepper) with probability 1/2 each. The flipped positions of an image are a Bernoulli process,
+    # drawn as its geometric gaps (about c * n draws instead of n), then one salt-or-pepper draw each
+    b = x.shape[0]
+    n = x[0].numel()
+    out = x.clone().reshape(b, n)
+    log_keep = math.log1p(-c)
+    for i, g in enumerate(gens):
+        parts, last = [], -1.0
+        while True:
+            m = int(c * n + 6 * math.sqrt(c * n) + 16)
+            gaps = torch.floor(torch.log(torch.rand(m, generator=g, dtype=torch.float64)) / log_keep) + 1
+            pos = last + torch.cumsum(gaps, 0)
+            parts.append(pos[pos < n])
+            if bool(pos[-1] >= n):
+                break
+            last = float(pos[-1])
+        flipped = torch.cat(parts).long()
+        salt = torch.rand(flipped.numel(), generator=g) < 0.5
+        out[i, flipped.to(x.device)] = salt.to(x.device, x.dtype)
+    return out.reshape(x.shape)
 
 
 def _speckle_noise(x, s, gens):

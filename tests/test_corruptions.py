@@ -215,7 +215,8 @@ def test_worker_threads_take_the_callers_autograd_mode(mode):
 
 def test_impulse_noise_salts_and_peppers_with_the_references_probabilities():
     """Severity s flips each value with probability c_s (0.03 ... 0.27), half to 1 (salt), half to 0
-    (pepper), the rest untouched: counted on 3 x 200 x 200 values of a grey image."""
+    (pepper), the rest untouched, evenly over channels and rows: counted on 3 x 200 x 200 values of a
+    grey image (the positions are drawn as the gaps of a Bernoulli process)."""
     x = torch.full((1, 3, 200, 200), 0.5)
     n = x.numel()
     for s, c in zip(C.SEVERITIES, (0.03, 0.06, 0.09, 0.17, 0.27)):
@@ -224,3 +225,8 @@ def test_impulse_noise_salts_and_peppers_with_the_references_probabilities():
         assert salt + pepper + int((y == 0.5).sum()) == n
         sd = (n * c / 2 * (1 - c / 2)) ** 0.5  # binomial standard deviation of each count
         assert abs(salt - n * c / 2) < 5 * sd and abs(pepper - n * c / 2) < 5 * sd, (s, salt, pepper)
+        # spread evenly: each channel and each band of rows is flipped at the rate c
+        flipped = (y != 0.5)[0]
+        for part in [flipped[ch] for ch in range(3)] + list(flipped.reshape(3, 4, 50, 200).transpose(0, 1)):
+            k, m = int(part.sum()), part.numel()
+            assert abs(k - m * c) < 5 * (m * c * (1 - c)) ** 0.5, (s, k, m)
