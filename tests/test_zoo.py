@@ -104,6 +104,7 @@ def test_training_stops_at_the_first_check_that_reaches_the_target(monkeypatch, 
     # warm-up 4: checks after steps 4, 6, 8; a target of 0 is met at the first one
     card = tr.train_model("cnn", seed=3, steps=12, pool=64, val_size=32, warmup=4, stop_at=1e-9, progress=False).card
     assert card["training"]["steps"] == 4 and card["training"]["stopped_at_step"] == 4
+    assert 0 < card["cpu_time_s"] and 0 < card["wall_time_s"]  # CPU seconds of the process, recorded beside the wall
     assert card["training"]["planned_steps"] == 12 and ">= 1e-09" in card["training"]["stop_rule"]
     assert card["validation_accuracy"] == seen[0]  # the final evaluation is the weights the check saw
     seen.clear()

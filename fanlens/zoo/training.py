@@ -278,7 +278,7 @@ def train_model(
         if fractions:
             raise FanlensError("stop_at and snapshots exclude each other: snapshots are fractions of the planned "
                                "steps, which a stopped run does not reach.")
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     dataset = DATASETS[task]
     if isinstance(model, str):
@@ -421,6 +421,9 @@ def train_model(
         "validation_accuracy": val_acc,
         "snapshots": sorted(snaps, key=lambda s: s["step"]),
         "wall_time_s": round(wall, 1),
+        # CPU seconds of the process, all threads: unlike the wall time, not inflated while the process
+        # was stopped or waited for the cores
+        "cpu_time_s": round(time.process_time() - cpu_start, 1),
         "train_time_s": round(t_train, 1),
         "data_time_s": round(t_data, 1),
         "seconds_per_step": round(t_train / max(step, 1), 4),
