@@ -44,18 +44,19 @@ def machine() -> str:
 
 
 class Competitor:
-    """A second torch job on the machine while the block runs: a 256² matmul loop with torch's
-    default threads, started by the benchmark and stopped when the block ends."""
+    """A second job on the machine while the block runs (by default a 256² torch matmul loop with
+    torch's default threads; ``code``: another Python loop), started by the benchmark and stopped
+    when the block ends."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, code: str = COMPETITOR, settle_s: float = 2.0) -> None:
+        self.enabled, self.code, self.settle_s = enabled, code, settle_s
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Competitor":
         if self.enabled:
-            self.proc = subprocess.Popen([sys.executable, "-c", COMPETITOR], stdout=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([sys.executable, "-c", self.code], stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL)
-            time.sleep(2.0)  # let it import torch and start multiplying
+            time.sleep(self.settle_s)  # let it import its library and start computing
         return self
 
     def __exit__(self, *exc) -> bool:

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from _common import machine
+from _common import Competitor, machine
 
 COMPETITORS = {
     "torch2": ("import torch\ntorch.set_num_threads(2)\na = torch.rand(256, 256)\n"
@@ -69,24 +69,6 @@ def run_once(args: list[str], out: str, pythonpath: str | None) -> tuple[float, 
     return wall, usage.ru_utime + usage.ru_stime
 
 
-class Competitor:
-    def __init__(self, name: str | None) -> None:
-        self.name, self.proc = name, None
-
-    def __enter__(self) -> "Competitor":
-        if self.name:
-            self.proc = subprocess.Popen([sys.executable, "-c", COMPETITORS[self.name]], stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL)
-            time.sleep(3.0)  # imported and computing
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-        return False
-
-
 def cell(xs: list[float]) -> str:
     return f"{statistics.median(xs):7.1f} [{min(xs):.1f}, {max(xs):.1f}]"
 
@@ -118,7 +100,7 @@ def main() -> None:
             order = pairs[:]
             rng.shuffle(order)
             for cmd, cond, base in order:
-                with Competitor(None if cond == "alone" else cond):
+                with Competitor(cond != "alone", COMPETITORS.get(cond, ""), settle_s=3.0):
                     w, c = run_once(COMMANDS[cmd], os.path.join(tmp, "out"), base)
                 res[(cmd, cond, base)].append((w, c))
                 tag = f"{cmd}/{cond}" + (" (baseline)" if base else "")
