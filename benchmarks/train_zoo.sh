@@ -6,6 +6,10 @@
 # seed by seed, then the heads variants.
 #   nohup nice -n 19 bash benchmarks/train_zoo.sh textures > /tmp/zoo_train.log 2>&1 &
 # Threads: FANLENS_TRAIN_THREADS (default 2; torch's intra-op pool).
+# Parallel queues: several copies may run at once (e.g. two at FANLENS_TRAIN_THREADS=1 on 2 cores, which
+# trains small networks faster in total than one at 2 threads): each claims a network with an atomic
+# `mkdir` of $stage/.claims/NET before training it and skips networks another queue has claimed.
+# A claim left by a queue that was killed is stale: remove $stage/.claims to start over.
 set -u
 task="${1:-textures}"
 weights="$(python -c "from fanlens.zoo import TASKS; print(TASKS['$task']['weights'])")"
@@ -16,6 +20,10 @@ for names in "vit cnn fan" "vit-h1 vit-h2 vit-h8"; do
       net="$name"; [ "$seed" != 0 ] && net="$name@$seed"
       if [ -f "$weights/$net.safetensors" ] && [ -f "$weights/$net.json" ]; then
         echo "skip $task/$net (installed)"; continue
+      fi
+      mkdir -p "$stage/.claims"
+      if ! mkdir "$stage/.claims/$task-$net" 2>/dev/null; then
+        echo "skip $task/$net (claimed by another queue)"; continue
       fi
       echo "$(date -u +%FT%TZ) train $task/$net"
       OMP_NUM_THREADS="${FANLENS_TRAIN_THREADS:-2}" python -c "
