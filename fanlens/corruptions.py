@@ -232,8 +232,9 @@ def _shift_clamped(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
 
 def _motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tensor) -> torch.Tensor:
     """The reference's motion blur: a Gaussian-weighted sum of copies shifted along a line (one
-    angle per image), the border row/column repeated. Built as one sparse kernel per image (the
-    weights at the shifts) applied to the edge-padded image by FFT: the same sum, in one pass."""
+    angle per image), the border row/column repeated, summed copy by copy in the reference's order.
+    Each copy is a view into the edge-padded image (no copy is made), so an image costs one
+    multiply-add pass per copy, and its pixels do not depend on the other images of the batch."""
     width = 2 * radius + 1
     k = np.exp(-(np.arange(width) ** 2) / (2 * sigma**2)) / (np.sqrt(2 * np.pi) * sigma)
     k = k / k.sum()
@@ -247,14 +248,15 @@ def _motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: torch.Tenso
     # the reference stops an image's sum at the first shift that leaves the image
     alive = np.logical_and.accumulate((np.abs(dy) < h) & (np.abs(dx) < w), axis=0)
     r = int(max(np.abs(dy[alive]).max(initial=0), np.abs(dx[alive]).max(initial=0)))
-    # shifted[y, x] = x[clamp(y - dy), clamp(x - dx)]: a correlation with weight k_i at (r - dy_i, r - dx_i)
-    kern = np.zeros((b, 2 * r + 1, 2 * r + 1))
+    # shifted[y, x] = x[clamp(y - dy), clamp(x - dx)] = padded[y + r - dy, x + r - dx]
+    padded = F.pad(x, (r, r, r, r), mode="replicate") if r else x
+    out = torch.zeros_like(x)
     for bi in range(b):
-        sel = alive[:, bi]
-        np.add.at(kern[bi], (r - dy[sel, bi], r - dx[sel, bi]), k[sel])
-    padded = F.pad(x.reshape(b * c, 1, h, w), (r, r, r, r), mode="replicate") if r else x.reshape(b * c, 1, h, w)
-    kern_t = torch.from_numpy(np.repeat(kern, c, axis=0))
-    return _fft_correlate_valid(padded, kern_t).reshape(b, c, h, w)
+        acc, src = out[bi], padded[bi]
+        for i in np.flatnonzero(alive[:, bi]):
+            oy, ox = r - int(dy[i, bi]), r - int(dx[i, bi])
+            acc.add_(src[:, oy : oy + h, ox : ox + w], alpha=float(k[i]))
+    return out
 
 
 # --------------------------------------------------------------------------- the corruptions
@@ -790,9 +792,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
         ``(B, 3, H, W)`` corrupted pixels in [0, 1], on the input's device and dtype.
 
     On the CPU the images are split over the caller's torch threads, one worker thread each
-    (:func:`fanlens._threads.for_chunks`): the same pixels on any thread count, except float32
-    rounding (below 5e-7) in motion blur and frost, whose batched filters depend on the batch's
-    size (so does snow's motion-blurred layer, after which its 1/255 quantisation can flip).
+    (:func:`fanlens._threads.for_chunks`): the same pixels on any thread count and batch size.
     """
     check_choice("name", name, NAMES)
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or severity not in SEVERITIES:
@@ -803,9 +803,6 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
         raise FanlensError(f"images must be a tensor of shape (B, 3, H, W). Got {got} instead.")
     if not images.is_floating_point():
         raise FanlensError(f"images must hold float pixels in [0, 1]. Got dtype {images.dtype} instead.")
-    from .data import check_pixels
-
-    check_pixels(images, "images")
     b = images.shape[0]
     if b and min(images.shape[-2:]) < MIN_SIDE:
         raise FanlensError(f"images must be at least {MIN_SIDE} x {MIN_SIDE} pixels for {name!r} (every corruption "
@@ -820,15 +817,23 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
     if b == 0:  # nothing to corrupt
         return images.clone()
     gens = _generators(seed, idx, name) if name not in _DETERMINISTIC else [None] * b
+    from .data import check_pixels
+
     x = images.float()
-    out = torch.empty_like(x)
+    if name != "jpeg_compression":  # one pass into (B, C, H, W) order (channels-last input is common): the
+        x = x.contiguous()  # filters below read rows; JPEG's encoder wants the pixels channels-last anyway
+    check_pixels(x, "images")  # on the copy when there is one (a contiguous read)
+    parts: dict[int, torch.Tensor] = {}
 
     def run(start: int, stop: int) -> None:
         with torch.no_grad():
-            torch.clamp(_FUNCS[name](x[start:stop], int(severity), gens[start:stop]), 0, 1, out=out[start:stop])
+            y = _FUNCS[name](x[start:stop], int(severity), gens[start:stop])
+            if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                y = y.clone()  # a corruption that left its input as it was: never hand back the caller's memory
+            parts[start] = y.clamp_(0, 1)  # in place: no fresh output to fault in
 
     # image by image: the batch split over the caller's cores, one intra-op thread each (fanlens._threads),
-    # each chunk written into its rows of the output; one chunk per thread, as before: motion blur's and
-    # frost's float32 rounding depends on the chunk
+    # each chunk's result kept and the chunks joined in order (one chunk: no copy at all)
     for_chunks(run, b, x.device)
+    out = parts[0] if len(parts) == 1 else torch.cat([parts[k] for k in sorted(parts)])
     return out.to(images.dtype)

@@ -149,6 +149,21 @@ def test_water_spatter_steps_equal_opencv():
     assert float(C._chamfer_distance(torch.zeros(1, 1, 5, 5, dtype=torch.bool), 20.0).min()) == 20.0
 
 
+def test_motion_blur_equals_the_references_shifted_sum():
+    """Given the same angle, fanlens's motion blur is the reference's sum of shifted copies (float32
+    rounding apart), including angles whose copies leave a small image (the reference stops there)."""
+    from imagecorruptions.corruptions import _motion_blur as ref_blur
+
+    rng = np.random.default_rng(1)
+    for h, w, radius, sigma in ((40, 56, 10, 3), (23, 17, 15, 8), (9, 64, 20, 15), (64, 8, 15, 12)):
+        imgs = rng.integers(0, 256, (3, h, w, 3)).astype(np.uint8)
+        angles = rng.uniform(-135, 45, 3)
+        ours = C._motion_blur(torch.from_numpy(imgs).permute(0, 3, 1, 2).float().contiguous(), radius, sigma,
+                              torch.from_numpy(angles)).permute(0, 2, 3, 1).numpy()
+        ref = np.stack([ref_blur(im, radius, sigma, a) for im, a in zip(imgs, angles)])
+        assert np.abs(ours - ref).max() < 1e-4, (h, w, radius, np.abs(ours - ref).max())  # of 0..255
+
+
 @pytest.mark.parametrize("name", ("frost",))
 def test_documented_deviations_stay_within_their_bounds(images, name):
     assert name in C.DEVIATIONS
