@@ -4,7 +4,8 @@ Both corrupt the same images (crops of scikit-image's photos). The reference wor
 image (its interface); fanlens either in one batched call per corruption and severity
 (``--batches 32``: the whole set) or one call per image (``--batches 1``): the same images and
 work on both sides, so the ratio says what a caller gains from each way of calling. fanlens runs
-inside its execution policy (``fanlens.execution.policy``), as the commands do.
+inside its execution policy (``fanlens.execution.policy``, and ``keep_freed_memory`` for the whole
+process, reference included), as the commands do.
 
 The reference's glass blur takes a fraction of a second per image, so it is timed on
 ``--ref-glass-images`` images and scaled to the set (its time per image does not depend on the
@@ -62,6 +63,10 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated corruptions (default: all 19)")
     args = ap.parse_args()
     import imagecorruptions as ic
+
+    # as the command does at its start (fanlens.execution.prepare_command_line): freed memory is kept for
+    # reuse, process-wide, so the reference (in this process too) runs under the same allocator
+    print("allocator:", "freed memory kept for reuse" if execution.keep_freed_memory() else "default")
 
     batches = [int(v) for v in args.batches.split(",")]
     names = args.only.split(",") if args.only else list(C.NAMES)

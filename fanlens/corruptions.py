@@ -661,22 +661,57 @@ def _reflect_coord(v: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _pixelate(x, s, gens):
-    """Pillow's BOX down to ``c`` of the size, then NEAREST back up (the reference), on the whole batch:
-    each output row (then column) of the box filter sums its window's rows, selected with
-    ``index_select``; the nearest upsampling is torch's ``nearest-exact`` interpolation where its source
-    indices equal Pillow's (checked for the sizes at hand), else two index selections."""
+    """Pillow's BOX down to ``c`` of the size, then NEAREST back up (the reference), on the whole batch.
+    The box sums run along the height, then the width (:func:`_box_sums`: strided slices where the
+    windows are whole blocks, else row gathers), the averages are upsampled by torch's
+    ``nearest-exact`` interpolation where its source indices equal Pillow's (checked for the sizes at
+    hand), else by two index selections."""
     c = [0.6, 0.5, 0.4, 0.3, 0.25][s - 1]
     h, w = x.shape[-2:]
     oh, ow = max(int(h * c), 1), max(int(w * c), 1)
-    iy, cy = _box_windows(h, oh, x.device)
-    ix, cx = _box_windows(w, ow, x.device)
-    rows = _window_sums(x, iy)  # (B, 3, oh, w)
-    down = _window_sums(rows.transpose(-1, -2), ix).transpose(-1, -2)  # (B, 3, oh, ow)
+    down = _box_sums(_box_sums(x, -2, oh), -1, ow)  # (B, 3, oh, ow): the rows' windows, then the columns'
+
+    _, cy = _box_windows(h, oh, x.device)
+    _, cx = _box_windows(w, ow, x.device)
     down = down / (cy.to(x)[:, None] * cx.to(x)[None, :])
     my, mx = _nearest_map(h, oh), _nearest_map(w, ow)
     if torch.equal(_torch_nearest_map(h, oh), my) and torch.equal(_torch_nearest_map(w, ow), mx):
         return F.interpolate(down, size=(h, w), mode="nearest-exact")
     return down.index_select(-2, my.to(x.device)).index_select(-1, mx.to(x.device))
+
+
+def _box_sums(t: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
+    """Pillow's BOX window sums along ``dim`` (-2 or -1) of a contiguous ``t``, ``n_out`` windows, each
+    window's pixels added in order. The windows repeat with a period: with ``n_in / n_out = p / q`` in
+    lowest terms, window ``i + q`` is window ``i`` moved by ``p``, so the windows of one phase
+    ``i mod q`` are strided slices of ``t`` (no gathers; whole blocks of ``k`` pixels when ``q = 1``).
+    For long periods (many small slices), :func:`_window_sums` gathers the rows instead."""
+    n_in = t.shape[dim]
+    g = math.gcd(n_in, n_out)
+    p, q = n_in // g, n_out // g
+    if q > 32:
+        idx, _ = _box_windows(n_in, n_out, t.device)
+        return _window_sums(t, idx) if dim == -2 else _window_sums(t.transpose(-1, -2), idx).transpose(-1, -2)
+    idx, count = _box_windows_cpu(n_in, n_out)
+    shape = list(t.shape)
+    shape[dim] = n_out
+    out = t.new_empty(shape)
+
+    def take(a: torch.Tensor, start: int, m: int, step: int) -> torch.Tensor:
+        return a.narrow(dim, start, step * (m - 1) + 1)[(..., slice(None, None, step)) + ((slice(None),) if dim == -2
+                                                                                         else ())]
+
+    for r in range(q):
+        start, length = int(idx[r, 0]), int(count[r])
+        m = (n_out - r + q - 1) // q
+        dst = take(out, r, m, q)
+        if length > 1:
+            torch.add(take(t, start, m, p), take(t, start + 1, m, p), out=dst)
+        else:
+            dst.copy_(take(t, start, m, p))
+        for j in range(2, length):
+            dst.add_(take(t, start + j, m, p))
+    return out
 
 
 def _box_windows(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -702,12 +737,18 @@ def _box_windows_cpu(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _window_sums(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Along dim -2 of ``t``: the sum of the rows of each window of ``idx`` (index ``len`` = zero)."""
+    """Along dim -2 of ``t``: the sum of the rows of each window of ``idx`` (index ``len`` = past a
+    window's end), added in order: rows every window has are gathered for all windows at once, the
+    rows only the longer windows have are added to those windows alone (no padded copy of ``t``)."""
     n = t.shape[-2]
-    src = F.pad(t, (0, 0, 0, 1)) if bool((idx == n).any()) else t
-    acc = src.index_select(-2, idx[:, 0])
+    valid = idx < n
+    acc = t.index_select(-2, idx[:, 0])
     for j in range(1, idx.shape[1]):
-        acc += src.index_select(-2, idx[:, j])
+        if bool(valid[:, j].all()):
+            acc += t.index_select(-2, idx[:, j])
+        else:
+            rows = valid[:, j].nonzero()[:, 0]
+            acc.index_add_(-2, rows, t.index_select(-2, idx[rows, j]))
     return acc
 
 
@@ -738,7 +779,10 @@ def _jpeg_compression(x, s, gens):
         except ImportError:
             out = _jpeg_pil(x8, q)
         else:
-            out = torch.stack(decode_jpeg(encode_jpeg(list(x8), quality=q), mode=ImageReadMode.RGB))
+            # the decoder's (3, H, W) tensors are views of (H, W, 3) pixels: stacked in that order (one copy of
+            # whole images) and handed back channels-last
+            decoded = decode_jpeg(encode_jpeg(list(x8), quality=q), mode=ImageReadMode.RGB)
+            out = torch.stack([d.permute(1, 2, 0) for d in decoded]).permute(0, 3, 1, 2)
     return out.to(x.device, x.dtype).div_(255)
 
 

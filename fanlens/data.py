@@ -242,6 +242,8 @@ def check_pixels(x: torch.Tensor, what: str = "images") -> None:
     Values in 0..255 or already normalised values would silently give other numbers."""
     if x.numel() == 0:
         return
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)  # the same values in memory order: aminmax would copy a strided input first
     lo, hi = (float(v) for v in torch.aminmax(x))  # one pass: NaN and inf propagate into the extremes
     if not (math.isfinite(lo) and math.isfinite(hi)):
         bad = int((~torch.isfinite(x)).sum())

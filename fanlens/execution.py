@@ -23,6 +23,14 @@ worker processes (images are decoded in the calling process). The command line a
 it once, when it loads, and a waiting thread then sleeps instead of spinning. The policy is
 recorded in every result's provenance (``execution``).
 
+Memory reuse (the command line, on Linux with glibc): :func:`keep_freed_memory` lets the process keep
+freed memory for the next tensor instead of handing it back to the system at once. By default glibc
+serves every block above 128 KiB with a fresh ``mmap`` and returns it on ``free``, so each large
+intermediate tensor is page-faulted and zeroed by the kernel again (measured: a batch of 32 images
+pixelated in 10 ms instead of 4.5 ms, when other work ran between the calls). The command raises the
+trim threshold to :data:`MALLOC_TRIM_BYTES` and serves blocks up to :data:`MALLOC_MMAP_BYTES` from the
+heap (``mallopt``); the process then holds up to that much freed memory. Recorded as ``memory``.
+
 Library use: :func:`policy` is a context manager that applies a policy and restores the caller's
 settings on exit::
 
@@ -31,6 +39,7 @@ settings on exit::
     import fanlens
     with fanlens.execution.policy():        # or policy(threads=1)
         fanlens.Lens("zoo:vit", "samples").spectrum()
+    fanlens.execution.keep_freed_memory()   # optional: process-wide, for the rest of the process
 
 Without it, fanlens uses the caller's torch settings as they are (and records them).
 """
@@ -46,14 +55,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["ENV_THREADS", "MAX_THREADS", "SAMPLE_S", "ExecutionPolicy", "available_cores", "busy_elsewhere",
-           "decide", "policy", "prepare_command_line", "record"]
+__all__ = ["ENV_THREADS", "MALLOC_MMAP_BYTES", "MALLOC_TRIM_BYTES", "MAX_THREADS", "SAMPLE_S", "ExecutionPolicy",
+           "available_cores", "busy_elsewhere", "decide", "keep_freed_memory", "policy", "prepare_command_line",
+           "record"]
 
 ENV_THREADS = "FANLENS_THREADS"
 """The environment variable that sets the threads (an integer, or ``auto``); ``--threads`` overrides it."""
 MAX_THREADS = 1024
 SAMPLE_S = 0.1
 """Seconds over which the other processes' load is sampled (their CPU time is counted in 10 ms ticks)."""
+MALLOC_TRIM_BYTES = 512 << 20
+"""Freed memory the process may keep for reuse under :func:`keep_freed_memory` (glibc's trim threshold)."""
+MALLOC_MMAP_BYTES = 32 << 20
+"""Blocks up to this size come from the reusable heap under :func:`keep_freed_memory` (glibc's largest
+allowed mmap threshold on 64-bit systems); larger ones are still mapped and returned one by one."""
+_MEMORY = ["default"]  # what keep_freed_memory did in this process
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,8 @@ class ExecutionPolicy:
     """``"--threads"``, ``"FANLENS_THREADS"``, ``"auto"`` or ``"caller"`` (fanlens left the settings as found)."""
     omp_wait_policy: str
     processes_per_node: int = 1
+    memory: str = "default"
+    """``"default"``, or how :func:`keep_freed_memory` set the allocator."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -219,7 +237,7 @@ def decide(threads: int | str | None = None, *, sample_s: float = SAMPLE_S, para
     return ExecutionPolicy(threads=n, interop_threads=1, loader_workers=0, cores=cores,
                            load=None if load is None else round(load, 2), source=source,
                            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
-                           processes_per_node=per_node)
+                           processes_per_node=per_node, memory=_MEMORY[0])
 
 
 @contextlib.contextmanager
@@ -261,7 +279,7 @@ def record() -> dict:
     return ExecutionPolicy(threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(),
                            loader_workers=0, cores=available_cores(), load=None, source="caller",
                            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
-                           processes_per_node=_processes_per_node()).to_dict()
+                           processes_per_node=_processes_per_node(), memory=_MEMORY[0]).to_dict()
 
 
 def _launched_as_command() -> bool:
@@ -275,9 +293,32 @@ def _launched_as_command() -> bool:
     return any(a in ("-mfanlens", "-mfanlens.cli") for a in argv)
 
 
+def keep_freed_memory() -> bool:
+    """Let this process keep freed memory for its next tensors (glibc's ``mallopt``: trim threshold
+    :data:`MALLOC_TRIM_BYTES`, mmap threshold :data:`MALLOC_MMAP_BYTES`), instead of returning every
+    large block to the system and faulting it in again. Process-wide and not undone; a no-op that
+    returns ``False`` where the C library is not glibc. The command line calls it at its start."""
+    import ctypes
+    import platform
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - glibc always has it
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if mallopt(m_trim_threshold, MALLOC_TRIM_BYTES) != 1 or mallopt(m_mmap_threshold, MALLOC_MMAP_BYTES) != 1:
+        return False  # pragma: no cover - values inside glibc's documented limits
+    _MEMORY[0] = f"glibc: keeps up to {MALLOC_TRIM_BYTES >> 20} MiB freed, heap blocks up to {MALLOC_MMAP_BYTES >> 20} MiB"
+    return True
+
+
 def prepare_command_line() -> None:
     """Before torch loads, in the ``fanlens`` command only: OpenMP's threads sleep while they wait
-    (``OMP_WAIT_POLICY=PASSIVE``) unless the environment chose otherwise."""
+    (``OMP_WAIT_POLICY=PASSIVE``) unless the environment chose otherwise, and freed memory is kept for
+    reuse (:func:`keep_freed_memory`)."""
     if "torch" in sys.modules or not _launched_as_command():
         return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    keep_freed_memory()
