@@ -400,6 +400,7 @@ class RunState:
                 f"over")
 
     def _read(self) -> dict:
+        import struct
         import zipfile
         import zlib
 
@@ -407,7 +408,11 @@ class RunState:
             with np.load(self.path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["__meta__"]).decode())
                 arrays = {k: z[k] for k in z.files if k != "__meta__"}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError) as e:
+        # what zipfile and numpy raise on damaged bytes: a flipped flag reads as encryption (RuntimeError) or
+        # an unknown compression method (NotImplementedError); a damaged header as a struct.error, an
+        # impossible size (OverflowError, MemoryError)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError,
+                NotImplementedError, RuntimeError, struct.error, OverflowError, MemoryError) as e:
             raise FanlensError(f"checkpoint {str(self.path)!r} cannot be read ({type(e).__name__}); "
                                f"{self._start_over()}.") from None
         if not isinstance(meta, dict) or meta.get("integrity") != _integrity(meta, arrays):

@@ -2,9 +2,12 @@
 files, a command ends with exit 0 and finite results, or exit 2 and one error line — never a traceback,
 a hang or a file outside its ``--out``.
 
+Properties: generated option values for every subcommand, file names, image files, and damaged
+checkpoints (bytes flipped, cut, inserted; metadata or arrays edited into well-formed files).
+
 Profiles: ``ci`` (the default: a bounded, derandomised example budget that keeps the suite inside CI's
 time) and ``long`` (``FANLENS_FUZZ_PROFILE=long pytest tests/test_fuzz.py -s``: 300 examples per
-property). Each property prints how many examples it ran.
+property, or ``FANLENS_FUZZ_EXAMPLES=N``). Each property prints how many examples it ran.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,7 +29,8 @@ from conftest import TINY
 
 settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.register_profile("long", max_examples=300, deadline=None, database=None,
+settings.register_profile("long", max_examples=int(os.environ.get("FANLENS_FUZZ_EXAMPLES", "300")), deadline=None,
+                          database=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 settings.load_profile(os.environ.get("FANLENS_FUZZ_PROFILE", "ci"))
 
@@ -192,8 +197,84 @@ def test_generated_image_files_are_analysed_or_refused_in_one_line(tmp_path_fact
     COUNTS["image files"] = COUNTS.get("image files", 0) + 1
 
 
+
+class _Acc:
+    """A minimal accumulator for fanlens._output.RunState: a counter and one array."""
+
+    def __init__(self, total=None):
+        self.n, self.total = 0, np.zeros(4) if total is None else np.asarray(total, dtype=float)
+
+    def state(self):
+        return {"n": 3}, {"total": self.total}
+
+    def load_state(self, meta, arrays):
+        self.n, self.total = meta["n"], arrays["total"]
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+                           | st.text(max_size=8), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(
+                               max_size=5), c, max_size=3), max_leaves=6)
+
+
+@given(data=st.data())
+def test_generated_checkpoint_damage_is_refused_in_one_line_or_changes_nothing(tmp_path_factory, data):
+    """A checkpoint damaged in any way (bytes flipped, cut, inserted or appended; its metadata or
+    arrays edited into a well-formed file) either resumes exactly what was saved (the damage did not
+    touch what the digest covers) or is refused with one FanlensError line that says how to start
+    over: never another exception, never other numbers."""
+    import io
+    import json
+
+    from fanlens import FanlensError
+    from fanlens._output import RunState
+
+    root = tmp_path_factory.mktemp("ckpt")
+    key = {"model": "m", "images": ["a", "b"], "params": {"sigmas": [0.1]}}
+    RunState(root, key).save([_Acc([1.0, 2.0, 3.0, 4.0])], 5)
+    path = root / "rank0-of-1.npz"
+    raw = path.read_bytes()
+    kind = data.draw(st.sampled_from(["flip", "cut", "insert", "append", "meta", "array"]), label="damage")
+    if kind == "flip":
+        edits = data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), min_size=1,
+                                   max_size=8), label="edits")
+        b = bytearray(raw)
+        for at, v in edits:
+            b[at] = v
+        damaged = bytes(b)
+    elif kind == "cut":
+        damaged = raw[: data.draw(st.integers(0, len(raw) - 1), label="keep")]
+    elif kind == "insert":
+        at = data.draw(st.integers(0, len(raw)), label="at")
+        damaged = raw[:at] + data.draw(st.binary(min_size=1, max_size=64), label="bytes") + raw[at:]
+    elif kind == "append":
+        damaged = raw + data.draw(st.binary(min_size=1, max_size=64), label="bytes")
+    else:  # edited with numpy: a well-formed npz whose content differs
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(bytes(arrays["__meta__"]).decode())
+        if kind == "meta":
+            field = data.draw(st.sampled_from(sorted(meta)), label="field")
+            meta[field] = data.draw(JSON_VALUES, label="value")
+        else:
+            name = data.draw(st.sampled_from(sorted(k for k in arrays if k != "__meta__")), label="array")
+            arrays[name] = np.asarray(data.draw(st.lists(st.floats(allow_nan=True), max_size=6), label="values"))
+        arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        damaged = buf.getvalue()
+    path.write_bytes(damaged)
+    acc = _Acc()
+    try:
+        done = RunState(root, key, resume=True).restore([acc])
+    except FanlensError as e:
+        msg = str(e)
+        assert "\n" not in msg and "to start over" in msg, msg
+    else:  # accepted: exactly what was saved
+        assert done == 5 and acc.n == 3 and acc.total.tolist() == [1.0, 2.0, 3.0, 4.0], (kind, done, acc.total)
+    COUNTS["checkpoint damage"] = COUNTS.get("checkpoint damage", 0) + 1
+
+
 def test_fuzz_counts_are_reported():
     """Prints how many examples each property ran (run with -s)."""
     print("fuzz examples run:", COUNTS)
     assert all(v > 0 for v in COUNTS.values())
-

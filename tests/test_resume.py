@@ -158,7 +158,7 @@ class _Acc:
 
 
 @pytest.mark.parametrize("damage", ["truncate", "zero", "flip_byte", "empty", "garbage", "counter", "array",
-                                    "key", "drop_array"])
+                                    "key", "drop_array", "encrypted_flag", "compression_method"])
 def test_a_damaged_or_edited_checkpoint_is_refused_in_one_line(tmp_path, damage):
     import io
     import json
@@ -189,6 +189,10 @@ def test_a_damaged_or_edited_checkpoint_is_refused_in_one_line(tmp_path, damage)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         path.write_bytes(buf.getvalue())
+    elif damage in ("encrypted_flag", "compression_method"):  # found by the fuzz suite: zipfile's own errors
+        central = data.index(b"PK\x01\x02")  # the first central-directory entry: flags at +8, method at +10
+        at = central + (8 if damage == "encrypted_flag" else 10)
+        path.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:])
     else:
         at = data.index(np.array([1.0, 2.0, 3.0, 4.0]).tobytes()) + 7  # inside the stored array
         path.write_bytes({"truncate": data[: len(data) // 2], "zero": bytes(len(data)), "empty": b"",
