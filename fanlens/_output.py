@@ -47,9 +47,12 @@ import json
 import os
 import shutil
 import signal
+import struct
 import tempfile
 import threading
 import uuid
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -75,6 +78,13 @@ STATE_DIRNAME = ".fanlens-state"
 _STAGING_PREFIX = ".fanlens-staging-"
 _OLD_PREFIX = ".fanlens-old-"
 STATE_FORMAT = 1
+
+
+NPZ_READ_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError,
+                   NotImplementedError, RuntimeError, struct.error, OverflowError, MemoryError)
+"""What reading a damaged ``.npz`` raises (zipfile and numpy): a flipped flag reads as encryption
+(RuntimeError) or an unknown compression method (NotImplementedError), a damaged header as a
+``struct.error``, an impossible size as OverflowError or MemoryError. Found by the fuzz suite."""
 
 
 def state_dir(out: str | Path, command: str) -> Path:
@@ -400,19 +410,11 @@ class RunState:
                 f"over")
 
     def _read(self) -> dict:
-        import struct
-        import zipfile
-        import zlib
-
         try:
             with np.load(self.path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["__meta__"]).decode())
                 arrays = {k: z[k] for k in z.files if k != "__meta__"}
-        # what zipfile and numpy raise on damaged bytes: a flipped flag reads as encryption (RuntimeError) or
-        # an unknown compression method (NotImplementedError); a damaged header as a struct.error, an
-        # impossible size (OverflowError, MemoryError)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError,
-                NotImplementedError, RuntimeError, struct.error, OverflowError, MemoryError) as e:
+        except NPZ_READ_ERRORS as e:
             raise FanlensError(f"checkpoint {str(self.path)!r} cannot be read ({type(e).__name__}); "
                                f"{self._start_over()}.") from None
         if not isinstance(meta, dict) or meta.get("integrity") != _integrity(meta, arrays):

@@ -20,12 +20,13 @@ import io
 import json
 import os
 import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._output import write_atomic
+from ._output import NPZ_READ_ERRORS, write_atomic
 from ._validation import FanlensError
 
 __all__ = ["report", "REPORT_NAME", "display_name"]
@@ -414,8 +415,13 @@ def _viewer_section(d: Path, max_images: int) -> str:
         g = load(folder)
         colours = None
         if _readable(folder / "colours.npz", d):
-            with np.load(folder / "colours.npz", allow_pickle=False) as z:
-                colours = [z[f"colours_{i}"] for i in range(len(g.blocks)) if f"colours_{i}" in z.files]
+            try:
+                with np.load(folder / "colours.npz", allow_pickle=False) as z:
+                    colours = [z[f"colours_{i}"] for i in range(len(g.blocks)) if f"colours_{i}" in z.files]
+            except NPZ_READ_ERRORS as e:
+                warnings.warn(f"{str(folder / 'colours.npz')!r} cannot be read ({type(e).__name__}): the group maps "
+                              f"are shown in the default colours", stacklevel=2)
+                colours = []
             if len(colours) != len(g.blocks):
                 colours = None
         n = min(len(g.images), max_images)

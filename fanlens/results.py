@@ -20,7 +20,6 @@ import io
 import json
 import math
 import platform
-import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 
 from ._validation import FanlensError
 from .capture import TokenLayout
-from ._output import OutputFolder, write_atomic
+from ._output import NPZ_READ_ERRORS, OutputFolder, write_atomic
 
 __all__ = [
     "CSV_COLUMNS",
@@ -791,5 +790,5 @@ def load(directory: str | Path):
         with np.load(arr_path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         return kinds[kind]._from_parts(manifest, arrays)
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+    except (*NPZ_READ_ERRORS, TypeError) as e:
         raise FanlensError(f"directory {str(d)!r} holds a damaged result ({type(e).__name__}: {e}).") from None

@@ -216,6 +216,23 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
                                max_size=5), c, max_size=3), max_leaves=6)
 
 
+BYTE_DAMAGE = ("flip", "cut", "insert", "append")
+
+
+def _damage_bytes(data, raw: bytes, kind: str) -> bytes:
+    """``raw`` with bytes flipped (up to 8 positions), cut short, or bytes inserted or appended."""
+    if kind == "flip":
+        b = bytearray(raw)
+        for at, v in data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), min_size=1,
+                                        max_size=8), label="edits"):
+            b[at] = v
+        return bytes(b)
+    if kind == "cut":
+        return raw[: data.draw(st.integers(0, len(raw) - 1), label="keep")]
+    at = data.draw(st.integers(0, len(raw)), label="at") if kind == "insert" else len(raw)
+    return raw[:at] + data.draw(st.binary(min_size=1, max_size=64), label="bytes") + raw[at:]
+
+
 @given(data=st.data())
 def test_generated_checkpoint_damage_is_refused_in_one_line_or_changes_nothing(tmp_path_factory, data):
     """A checkpoint damaged in any way (bytes flipped, cut, inserted or appended; its metadata or
@@ -234,20 +251,8 @@ def test_generated_checkpoint_damage_is_refused_in_one_line_or_changes_nothing(t
     path = root / "rank0-of-1.npz"
     raw = path.read_bytes()
     kind = data.draw(st.sampled_from(["flip", "cut", "insert", "append", "meta", "array"]), label="damage")
-    if kind == "flip":
-        edits = data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), min_size=1,
-                                   max_size=8), label="edits")
-        b = bytearray(raw)
-        for at, v in edits:
-            b[at] = v
-        damaged = bytes(b)
-    elif kind == "cut":
-        damaged = raw[: data.draw(st.integers(0, len(raw) - 1), label="keep")]
-    elif kind == "insert":
-        at = data.draw(st.integers(0, len(raw)), label="at")
-        damaged = raw[:at] + data.draw(st.binary(min_size=1, max_size=64), label="bytes") + raw[at:]
-    elif kind == "append":
-        damaged = raw + data.draw(st.binary(min_size=1, max_size=64), label="bytes")
+    if kind in BYTE_DAMAGE:
+        damaged = _damage_bytes(data, raw, kind)
     else:  # edited with numpy: a well-formed npz whose content differs
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -272,6 +277,69 @@ def test_generated_checkpoint_damage_is_refused_in_one_line_or_changes_nothing(t
     else:  # accepted: exactly what was saved
         assert done == 5 and acc.n == 3 and acc.total.tolist() == [1.0, 2.0, 3.0, 4.0], (kind, done, acc.total)
     COUNTS["checkpoint damage"] = COUNTS.get("checkpoint damage", 0) + 1
+
+
+@pytest.fixture(scope="module")
+def groups_run(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("groups")
+    imgs = root / "imgs"
+    imgs.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (90 * i, 30, 160)).save(imgs / f"im{i}.png")
+    run = root / "run"
+    assert cli.main(["groups", "--model", TINY, "--images", str(imgs), "--out", str(run), "--n-clusters", "2",
+                     "--colour", "spectral", "--no-progress", "--no-figure"]) == 0
+    assert (run / "arrays.npz").is_file() and (run / "colours.npz").is_file()
+    return run
+
+
+@given(data=st.data())
+def test_generated_damage_to_a_runs_arrays_is_reported_or_refused_in_one_line(groups_run, tmp_path_factory, capsys,
+                                                                                data):
+    """A run folder whose arrays.npz or colours.npz was damaged: ``fanlens report`` writes the page
+    (colours fall back to the default palette, with a warning) or ends in one error line."""
+    import shutil
+    import warnings
+
+    target = data.draw(st.sampled_from(["arrays.npz", "colours.npz"]), label="file")
+    run = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(groups_run, run)
+    (run / ".fanlens.lock").unlink(missing_ok=True)
+    path = run / target
+    path.write_bytes(_damage_bytes(data, path.read_bytes(), data.draw(st.sampled_from(BYTE_DAMAGE), label="damage")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code, o, e = _run(["report", str(run)], capsys)
+    _check(code, o, e, ["report", str(run), target])
+    COUNTS["damaged run files"] = COUNTS.get("damaged run files", 0) + 1
+
+
+@pytest.mark.parametrize("target,damage,code", [("colours.npz", "cut", 0), ("colours.npz", "method", 0),
+                                               ("arrays.npz", "method", 2), ("arrays.npz", "cut", 2)])
+def test_damaged_run_files_found_by_the_fuzz_suite(groups_run, tmp_path, capsys, target, damage, code):
+    """The cases the property found: a damaged colours.npz (zipfile's NotImplementedError, a cut file)
+    used to end the report in a traceback; now the maps take the default colours, with a warning. A
+    damaged arrays.npz ends in one error line."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(groups_run, run)
+    path = run / target
+    raw = path.read_bytes()
+    if damage == "cut":
+        path.write_bytes(raw[: len(raw) // 2])
+    else:  # the first central-directory entry's compression method
+        at = raw.index(b"PK\x01\x02") + 10
+        path.write_bytes(raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1:])
+    if code == 0:
+        with pytest.warns(UserWarning, match="colours.npz' cannot be read .*default colours"):
+            got, o, e = _run(["report", str(run)], capsys)
+        assert got == 0 and (run / "report.html").stat().st_size > 1000, e
+    else:
+        got, o, e = _run(["report", str(run)], capsys)
+        assert got == 2 and "holds a damaged result" in e and len(e.strip().splitlines()) == 1, e
 
 
 def test_fuzz_counts_are_reported():
