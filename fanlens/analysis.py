@@ -378,20 +378,30 @@ def parse_corruptions(corruption: Any, severity: Any) -> list[tuple[str, int]]:
     from .corruptions import NAMES, SEVERITIES
 
     items = corruption.split(",") if isinstance(corruption, str) else list(corruption)
-    sevs = [severity] if isinstance(severity, (int, np.integer)) and not isinstance(severity, bool) else (
-        [int(v) for v in severity.split(",") if v.strip()] if isinstance(severity, str) else list(severity))
+    if isinstance(severity, str):
+        sevs = [v for v in severity.split(",") if v.strip()]
+    elif isinstance(severity, (list, tuple, range, np.ndarray)):
+        sevs = list(severity)
+    else:  # one value (an int; anything else is refused below)
+        sevs = [severity]
+
+    def level(v: Any) -> int | None:  # whole numbers only: 2.5 or 2.0 is not truncated to 2
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            return int(v)
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v.strip())
+        return None
+
     cells: list[tuple[str, int]] = []
     for it in items:
         name, at, lvl = str(it).strip().partition("@")
         check_choice("corruption", name, NAMES)
+        if not at and not sevs:
+            raise FanlensError(f"severity must hold at least one int in 1..5. Got {severity!r} instead.")
         for v in ([lvl] if at else sevs):
-            try:
-                v = int(v)
-            except (TypeError, ValueError):
-                v = None
-            if v not in SEVERITIES:
+            if level(v) not in SEVERITIES:
                 raise FanlensError(f"severity must be ints in 1..5. Got {lvl if at else severity!r} instead.")
-            cells.append((name, v))
+            cells.append((name, level(v)))
     if not cells:
         raise FanlensError("corruption must name at least one corruption. Got none.")
     if len(set(cells)) != len(cells):

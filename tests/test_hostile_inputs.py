@@ -223,6 +223,32 @@ def _cases() -> list[Case]:
         Case("probe: --n-images not a number", [*P, "--n-images", "many"], "--n-images"),
         Case("train-zoo: into the package by --out", ["train-zoo", "cnn", "--out", str(PACKAGE / "zoo" / "weights")],
              "out", out=False),
+        # ---- round three: threads, absurd sizes, whole-number levels, a report over its own inputs
+        Case("threads: 0", [*P, "--threads", "0"], "--threads"),
+        Case("threads: not a number", [*S, "--threads", "abc"], "--threads"),
+        Case("threads: 1e9", [*G, "--threads", "1e9"], "--threads"),
+        Case("threads: -1", [*P, "--threads", "-1"], "--threads"),
+        Case("threads: above the limit", ["reproduce", "--threads", "99999"], "--threads"),
+        Case("size: --n-noise 10**12", [*P, "--mode", "pure", "--n-noise", str(10**12)], "n_noise"),
+        Case("size: --input-size 100000", [*P, "--input-size", "100000"], "input_size"),
+        Case("size: reproduce --n-images 10**12", ["reproduce", "--n-images", str(10**12)], "n_images"),
+        Case("size: train-zoo --steps 10**12", ["train-zoo", "cnn", "--steps", str(10**12)], "steps"),
+        Case("size: train-zoo --pool 10**12", ["train-zoo", "cnn", "--pool", str(10**12)], "pool"),
+        Case("size: --n-eig 10**12", [*S, "--n-eig", str(10**12)], "n_eig"),
+        Case("size: --n-clusters 10**12", [*G, "--n-clusters", str(10**12)], "n_clusters"),
+        Case("size: robustness --n-images 10**12", [*R, "--n-images", str(10**12)], "n_images"),
+        Case("size: training-dynamics --n-images 10**12", ["training-dynamics", "{W}/imgs", "--n-images",
+                                                           str(10**12)], "n_images"),
+        Case("option: --ig-steps 0", [*G, "--attribution", "ig", "--ig-steps", "0"], "n_steps"),
+        Case("option: --checkpoint-every -1", [*S, "--checkpoint-every", "-1"], "checkpoint_every"),
+        Case("option: --sigmas 1e400 (inf)", [*P, "--sigmas", "1e400"], "sigmas"),
+        Case("probe: --severity 2.5 (not truncated)", [*P, "--corruption", "fog", "--severity", "2.5"], "severity"),
+        Case("probe: --severity empty", [*P, "--corruption", "fog", "--severity", ""], "severity"),
+        Case("robustness: --severities 2.5", [*R, "--severities", "2.5"], "severities"),
+        Case("report: --out is the run's own manifest", ["report", "{OUT}", "--out", "{OUT}/manifest.json"], "out",
+             out=False, progress=False),
+        Case("report: --out is the run's own arrays", ["report", "{OUT}", "--out", "{OUT}/arrays.npz"], "out",
+             out=False, progress=False),
     ]
 
 
@@ -349,7 +375,7 @@ def results(request, workspace) -> dict:
 
 
 def test_catalogue_size():
-    assert len(CASES) >= 60
+    assert len(CASES) >= 150
     assert len({c.name for c in CASES}) == len(CASES)
 
 
