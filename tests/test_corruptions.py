@@ -246,3 +246,20 @@ def test_channels_last_input_gives_the_same_pixels_and_the_output_is_new_memory(
         before = src.clone()
         y.add_(0.5)
         assert torch.equal(src, before)
+
+
+def test_defocus_box_sums_equal_the_kernel_they_replace():
+    """Severities 1-3 correlate with the defocus disk as shifted horizontal box sums and the kernel's
+    separable blur (no FFT); that is the blurred-disk kernel itself, to float32 rounding, at any size
+    (the image padded the same way). Severities 4-5 keep the kernel (the reference's mirrored blur of
+    the kernel folds mass back at its edges: no box form)."""
+    assert [C._disk_as_boxes(r, a) is not None for r, a in [(3, 0.1), (4, 0.5), (6, 0.5), (8, 0.5), (10, 0.5)]] == [
+        True, True, True, False, False]
+    kernel, d, n, g = C._disk_parts(3, 0.1)
+    assert n == 29 and abs(kernel.sum() - 1) < 1e-12  # 29 lattice points within radius 3
+    gen = torch.Generator().manual_seed(0)
+    for h, w in ((64, 64), (40, 72), (23, 31), (9, 9), (3, 17), (2, 2)):
+        x = torch.rand(2, 3, h, w, generator=gen)
+        for s, (radius, alias) in enumerate([(3, 0.1), (4, 0.5), (6, 0.5)], start=1):
+            direct = C._conv2d_same(x, C._disk(radius, alias), "mirror")
+            assert float((C._defocus_blur(x, s, None) - direct).abs().max()) < 1e-6, (h, w, s)
