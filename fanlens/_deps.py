@@ -21,7 +21,7 @@ def torchvision_mismatch(error: BaseException) -> str:
     tv = _version("torchvision")
     base = torch_v.split("+")[0].split(".")
     pair = ""
-    if len(base) >= 2 and base[0] == "2" and base[1].isdigit():
+    if len(base) >= 2 and base[0] == "2" and base[1].isascii() and base[1].isdigit():
         pair = f"torchvision=={0}.{int(base[1]) + 15}.* (the release built for torch {base[0]}.{base[1]})"
     fix = f"pip install '{pair.split(' ')[0]}'" if pair else "pip install --force-reinstall torch torchvision"
     return (f"torchvision {tv} does not match torch {torch_v} ({str(error).strip().splitlines()[0][:80]}); "

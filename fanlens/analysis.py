@@ -388,7 +388,7 @@ def parse_corruptions(corruption: Any, severity: Any) -> list[tuple[str, int]]:
     def level(v: Any) -> int | None:  # whole numbers only: 2.5 or 2.0 is not truncated to 2
         if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
             return int(v)
-        if isinstance(v, str) and v.strip().isdigit():
+        if isinstance(v, str) and v.strip().isascii() and v.strip().isdigit():  # '²' is a digit to str
             return int(v.strip())
         return None
 

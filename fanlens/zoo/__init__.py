@@ -54,7 +54,7 @@ def networks(name: str, task: str = DEFAULT_TASK) -> list[int]:
     seeds = [0] if all(p.is_file() for p in _paths(name, 0, task)) else []
     for f in sorted(folder.glob(f"{name}@*.safetensors")):
         tail = f.stem[len(name) + 1:]
-        if tail.isdigit() and f.with_suffix(".json").is_file():
+        if tail.isascii() and tail.isdigit() and f.with_suffix(".json").is_file():
             seeds.append(int(tail))
     return sorted(seeds)
 
