@@ -635,6 +635,8 @@ def _canny(level: torch.Tensor, low: int, high: int) -> torch.Tensor:
 
 
 _CHAMFER = (1.0, 1.4, 2.1969)  # OpenCV's DIST_L2 5 x 5 mask: edge, diagonal and knight's-move steps
+_CHAMFER_VIEW_MAX = 512  # rows x width up to which the chamfer scan reduces over a window view (measured:
+# 7 vs 12 ms for one 128-pixel-wide image, 51 vs 19 ms for 32)
 
 
 def _chamfer_distance(zero: torch.Tensor, cap: float) -> torch.Tensor:
@@ -651,18 +653,31 @@ def _chamfer_distance(zero: torch.Tensor, cap: float) -> torch.Tensor:
     p = torch.full((int(np.prod(lead, dtype=np.int64)), h + 4, w + 4), far, dtype=torch.float64, device=zero.device)
     p[:, 2 : h + 2, 2 : w + 2] = torch.where(zero.reshape(-1, h, w), 0.0, far)
     ramp = torch.arange(w, dtype=torch.float64, device=zero.device) * hv
+    inf = float("inf")
+    near_w = [knight, diag, hv, diag, knight]  # the row next to the one scanned: offsets -2..2
+    next_w = [inf, knight, inf, knight, inf]  # the row after it: the knight's moves only
+    w_fwd = torch.tensor([next_w, near_w], dtype=torch.float64, device=zero.device)  # rows y-2, y-1
+    w_bwd = torch.tensor([near_w, next_w], dtype=torch.float64, device=zero.device)  # rows y+1, y+2
+    n, stride = p.shape[0], p.stride()
 
-    def row_step(y: int, near: int, next_: int) -> torch.Tensor:
-        r1, r2 = p[:, near], p[:, next_]
+    def row_step(y: int, top: int, weights: torch.Tensor) -> torch.Tensor:
+        # the least of the pixel and its eight candidates from the two rows [top, top + 2), each with its
+        # weight added. min is exact, so the two ways below give the same bits: for few rows, one
+        # reduction over a (n, w, 2, 5) window view (3 ops per row: the per-op overhead dominates); for
+        # many, elementwise minimums of shifted rows (the strided reduction is slower there)
+        if n * w <= _CHAMFER_VIEW_MAX:
+            win = p[:, top].as_strided((n, w, 2, 5), (stride[0], 1, stride[1], 1))
+            return torch.minimum(p[:, y, 2 : w + 2], (win + weights).amin(dim=(-2, -1)))
+        r1, r2 = (p[:, top + 1], p[:, top]) if weights is w_fwd else (p[:, top], p[:, top + 1])
         row = torch.minimum(p[:, y, 2 : w + 2], r1[:, 2 : w + 2] + hv)
         row = torch.minimum(row, torch.minimum(r1[:, 1 : w + 1], r1[:, 3 : w + 3]) + diag)
         far_ = torch.minimum(torch.minimum(r1[:, 0:w], r1[:, 4 : w + 4]), torch.minimum(r2[:, 1 : w + 1], r2[:, 3 : w + 3]))
         return torch.minimum(row, far_ + knight)
 
     for y in range(2, h + 2):  # forward: the two rows above, then the left neighbour
-        p[:, y, 2 : w + 2] = torch.cummin(row_step(y, y - 1, y - 2) - ramp, dim=-1).values + ramp
+        p[:, y, 2 : w + 2] = torch.cummin(row_step(y, y - 2, w_fwd) - ramp, dim=-1).values + ramp
     for y in range(h + 1, 1, -1):  # backward: the two rows below, then the right neighbour
-        row = (row_step(y, y + 1, y + 2) + ramp).flip(-1)
+        row = (row_step(y, y + 1, w_bwd) + ramp).flip(-1)
         p[:, y, 2 : w + 2] = torch.cummin(row, dim=-1).values.flip(-1) - ramp
     return p[:, 2 : h + 2, 2 : w + 2].clamp_max(cap).float().reshape(*lead, h, w)
 

@@ -263,3 +263,17 @@ def test_defocus_box_sums_equal_the_kernel_they_replace():
         for s, (radius, alias) in enumerate([(3, 0.1), (4, 0.5), (6, 0.5)], start=1):
             direct = C._conv2d_same(x, C._disk(radius, alias), "mirror")
             assert float((C._defocus_blur(x, s, None) - direct).abs().max()) < 1e-6, (h, w, s)
+
+
+def test_the_chamfer_scans_two_ways_give_the_same_bits(monkeypatch):
+    """Few rows reduce over a window view, many take elementwise minimums: min is exact and each
+    candidate is the same float sum, so both give identical distances (and spatter's pixels do not
+    depend on which one the batch size picked)."""
+    gen = torch.Generator().manual_seed(0)
+    for b, h, w in ((1, 64, 64), (3, 40, 57), (2, 5, 5), (1, 2, 2)):
+        edges = torch.rand(b, 1, h, w, generator=gen) < 0.03
+        monkeypatch.setattr(C, "_CHAMFER_VIEW_MAX", 0)
+        chain = C._chamfer_distance(edges, 20.0)
+        monkeypatch.setattr(C, "_CHAMFER_VIEW_MAX", 10**9)
+        assert torch.equal(C._chamfer_distance(edges, 20.0), chain)
+    assert float(chain.max()) <= 20.0
