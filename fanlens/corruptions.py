@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -859,21 +860,19 @@ def _jpeg_compression(x, s, gens):
     one decode per image, no file objects): the same bytes and pixels as the reference's Pillow round
     trip (tested). torchvision marks these calls deprecated (0.29); where they are gone, Pillow does
     the same round trip image by image (:func:`_jpeg_pil`, also tested equal)."""
-    import warnings
-
     q = [25, 18, 15, 10, 7][s - 1]
     x8 = x.detach().cpu().mul(255).round_().clamp_(0, 255).to(torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
-        except ImportError:
-            out = _jpeg_pil(x8, q)
-        else:
-            # the decoder's (3, H, W) tensors are views of (H, W, 3) pixels: stacked in that order (one copy of
-            # whole images) and handed back channels-last
-            decoded = decode_jpeg(encode_jpeg(list(x8), quality=q), mode=ImageReadMode.RGB)
-            out = torch.stack([d.permute(1, 2, 0) for d in decoded]).permute(0, 3, 1, 2)
+    # (torchvision's deprecation warning on every call is silenced by corrupt(), in the calling thread:
+    # warnings.catch_warnings swaps process-wide state and is not safe inside the worker threads)
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+    except ImportError:
+        out = _jpeg_pil(x8, q)
+    else:
+        # the decoder's (3, H, W) tensors are views of (H, W, 3) pixels: stacked in that order (one copy of
+        # whole images) and handed back channels-last
+        decoded = decode_jpeg(encode_jpeg(list(x8), quality=q), mode=ImageReadMode.RGB)
+        out = torch.stack([d.permute(1, 2, 0) for d in decoded]).permute(0, 3, 1, 2)
     return out.to(x.device, x.dtype).div_(255)
 
 
@@ -969,6 +968,10 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
 
     # image by image: the batch split over the caller's cores, one intra-op thread each (fanlens._threads),
     # each chunk's result kept and the chunks joined in order (one chunk: no copy at all)
-    for_chunks(run, b, x.device)
+    with warnings.catch_warnings():  # here, in the calling thread only: the workers see its filter
+        if name == "jpeg_compression":  # torchvision 0.29 warns on every JPEG call that the codec is deprecated
+            warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision",
+                                    category=DeprecationWarning)
+        for_chunks(run, b, x.device)
     out = parts[0] if len(parts) == 1 else torch.cat([parts[k] for k in sorted(parts)])
     return out.to(images.dtype)

@@ -277,3 +277,23 @@ def test_the_chamfer_scans_two_ways_give_the_same_bits(monkeypatch):
         monkeypatch.setattr(C, "_CHAMFER_VIEW_MAX", 10**9)
         assert torch.equal(C._chamfer_distance(edges, 20.0), chain)
     assert float(chain.max()) <= 20.0
+
+
+def test_jpeg_silences_torchvisions_deprecation_without_leaking_filters():
+    """torchvision 0.29 warns on every JPEG call; corrupt() ignores that one message around its worker
+    threads, from the calling thread (catch_warnings inside the workers raced: filters leaked), and
+    leaves the process's filters as they were."""
+    import warnings
+
+    before = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            filters = list(warnings.filters)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                y = C.corrupt(_pixels(4, 32, 32), "jpeg_compression", 3)
+                assert y.shape == (4, 3, 32, 32)
+            assert warnings.filters == filters
+    finally:
+        torch.set_num_threads(before)
