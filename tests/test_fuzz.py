@@ -45,15 +45,21 @@ HOSTILE = st.one_of(
 COUNTS: dict[str, int] = {}
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
+def _two_images(root: Path) -> Path:
+    """A folder of two small PNGs under ``root``."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("fuzz")
     imgs = root / "imgs"
     imgs.mkdir()
     for i in range(2):
         Image.new("RGB", (40, 40), (60 * i, 120, 200)).save(imgs / f"im{i}.png")
+    return imgs
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz")
+    imgs = _two_images(root)
     run = root / "run"
     assert cli.main(["spectrum", "--model", TINY, "--images", str(imgs), "--out", str(run), "--no-progress"]) == 0
     return root, imgs, run
@@ -281,13 +287,8 @@ def test_generated_checkpoint_damage_is_refused_in_one_line_or_changes_nothing(t
 
 @pytest.fixture(scope="module")
 def groups_run(tmp_path_factory):
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("groups")
-    imgs = root / "imgs"
-    imgs.mkdir()
-    for i in range(2):
-        Image.new("RGB", (40, 40), (90 * i, 30, 160)).save(imgs / f"im{i}.png")
+    imgs = _two_images(root)
     run = root / "run"
     assert cli.main(["groups", "--model", TINY, "--images", str(imgs), "--out", str(run), "--n-clusters", "2",
                      "--colour", "spectral", "--no-progress", "--no-figure"]) == 0
