@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import stat
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -318,9 +319,14 @@ def _open_image(path: Path):
     return im
 
 
-def _check_image_file(path: Path) -> None:
-    from PIL import UnidentifiedImageError
+IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, EOFError, ZeroDivisionError,
+                     OverflowError, MemoryError, struct.error)
+"""What Pillow raises on a damaged file (besides ``UnidentifiedImageError``, an OSError): its parsers
+read header fields as they come, so a cut or edited file can end in any of these (a truncated
+two-page TIFF: ``TypeError('Missing dimensions')`` from a KeyError, found by the fuzz suite)."""
 
+
+def _check_image_file(path: Path) -> None:
     try:
         with _open_image(path) as im:
             mode = im.mode
@@ -328,8 +334,8 @@ def _check_image_file(path: Path) -> None:
             im.verify()
     except FanlensError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise FanlensError(f"image {str(path)!r} cannot be read: {e}") from None
+    except IMAGE_READ_ERRORS as e:  # UnidentifiedImageError is an OSError
+        raise FanlensError(f"image {str(path)!r} cannot be read: {type(e).__name__}: {e}") from None
     if frames > 1:
         _log.warning("image %s has %d frames (pages); fanlens analyses the first one only", path, frames)
     if mode not in ("RGB", "P") and not (mode == "CMYK" or mode.startswith("YCbCr")):
@@ -425,8 +431,8 @@ def resolve_images(
         try:
             with _open_image(files[i]) as im:
                 img = ImageOps.exif_transpose(im).convert("RGB")  # a phone photo is seen upright
-        except (OSError, SyntaxError, ValueError) as e:
-            raise FanlensError(f"image {str(files[i])!r} cannot be read: {e}") from None
+        except IMAGE_READ_ERRORS as e:
+            raise FanlensError(f"image {str(files[i])!r} cannot be read: {type(e).__name__}: {e}") from None
         return _pil_to_pixels(img, transform)
 
     return ImageSet([str(f) for f in files], config, _loader=load_file)

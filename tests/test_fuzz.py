@@ -343,6 +343,23 @@ def test_damaged_run_files_found_by_the_fuzz_suite(groups_run, tmp_path, capsys,
         assert got == 2 and "holds a damaged result" in e and len(e.strip().splitlines()) == 1, e
 
 
+@pytest.mark.parametrize("size,frames,cut", [((1, 1), 2, 0.5), ((9, 7), 3, 0.5), ((1, 1), 2, 0.3)])
+def test_damaged_multi_page_tiffs_found_by_the_fuzz_suite(tmp_path, capsys, size, frames, cut):
+    """A cut multi-page TIFF made Pillow raise TypeError('Missing dimensions') (from a KeyError) while
+    counting its pages: a traceback until image files caught every error Pillow's parsers raise."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    ims = [Image.new("RGB", size) for _ in range(frames)]
+    ims[0].save(folder / "x.tiff", format="TIFF", save_all=True, append_images=ims[1:])
+    data = (folder / "x.tiff").read_bytes()
+    (folder / "x.tiff").write_bytes(data[: int(len(data) * cut)])
+    code, o, e = _run(["probe", "--model", TINY, "--images", str(folder), "--out", str(tmp_path / "out"),
+                       "--sigmas", "0.1", "--no-progress"], capsys)
+    assert code == 2 and "x.tiff' cannot be read" in e and "Traceback" not in e, e
+
+
 def test_fuzz_counts_are_reported():
     """Prints how many examples each property ran (run with -s)."""
     print("fuzz examples run:", COUNTS)
