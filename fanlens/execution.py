@@ -29,7 +29,8 @@ serves every block above 128 KiB with a fresh ``mmap`` and returns it on ``free`
 intermediate tensor is page-faulted and zeroed by the kernel again (measured: a batch of 32 images
 pixelated in 10 ms instead of 4.5 ms, when other work ran between the calls). The command raises the
 trim threshold to :data:`MALLOC_TRIM_BYTES` and serves blocks up to :data:`MALLOC_MMAP_BYTES` from the
-heap (``mallopt``); the process then holds up to that much freed memory. Recorded as ``memory``.
+heap (``mallopt``); the process then holds up to that much freed memory. Recorded as ``memory``;
+``FANLENS_KEEP_FREED_MEMORY=0`` turns it off (``1``, the default, on).
 
 Library use: :func:`policy` is a context manager that applies a policy and restores the caller's
 settings on exit::
@@ -55,11 +56,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["ENV_THREADS", "MALLOC_MMAP_BYTES", "MALLOC_TRIM_BYTES", "MAX_THREADS", "SAMPLE_S", "ExecutionPolicy",
+__all__ = ["ENV_KEEP_FREED", "ENV_THREADS", "MALLOC_MMAP_BYTES", "MALLOC_TRIM_BYTES", "MAX_THREADS", "SAMPLE_S", "ExecutionPolicy",
            "available_cores", "busy_elsewhere", "decide", "keep_freed_memory", "policy", "prepare_command_line",
            "record"]
 
 ENV_THREADS = "FANLENS_THREADS"
+ENV_KEEP_FREED = "FANLENS_KEEP_FREED_MEMORY"
+"""``0`` keeps glibc's default allocator settings in the command (``1``, the default: :func:`keep_freed_memory`)."""
 """The environment variable that sets the threads (an integer, or ``auto``); ``--threads`` overrides it."""
 MAX_THREADS = 1024
 SAMPLE_S = 0.1
@@ -224,6 +227,9 @@ def parse_threads(value: object, param: str = "threads") -> int | None:
 def decide(threads: int | str | None = None, *, sample_s: float = SAMPLE_S, param: str = "threads") -> ExecutionPolicy:
     """The policy for this process: ``threads`` if given (``param`` names it in errors and in the
     record), else :data:`ENV_THREADS`, else the free cores (sampled over ``sample_s`` seconds)."""
+    from ._validation import check_choice
+
+    check_choice(ENV_KEEP_FREED, os.environ.get(ENV_KEEP_FREED, "1"), ("0", "1"))
     cores = available_cores()
     per_node = _processes_per_node()
     n, source, load = parse_threads(threads, param), param, None
@@ -321,4 +327,5 @@ def prepare_command_line() -> None:
     if "torch" in sys.modules or not _launched_as_command():
         return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    keep_freed_memory()
+    if os.environ.get(ENV_KEEP_FREED, "1") == "1":  # another value is refused by decide(), in one line
+        keep_freed_memory()

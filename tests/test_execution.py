@@ -149,6 +149,17 @@ def test_the_command_sleeps_while_waiting_and_the_library_leaves_the_environment
     r = subprocess.run([sys.executable, "-c", "import os, fanlens; print(os.environ.get('OMP_WAIT_POLICY'), "
                         "fanlens.execution.record()['memory'])"], env=env, capture_output=True, text=True, timeout=300)
     assert r.stdout.split() == ["None", "default"], r.stderr  # the library leaves the allocator alone
+    for value, code, memory in (("0", 0, "default"), ("yes", 2, None)):
+        out = tmp_path / f"keep-{value}"
+        r = subprocess.run([sys.executable, "-m", "fanlens.cli", "spectrum", "--model", TINY, "--images",
+                            str(image_dir), "--out", str(out), "--threads", "1", "--no-progress"],
+                           env={**env, execution.ENV_KEEP_FREED: value}, capture_output=True, text=True, timeout=300)
+        assert r.returncode == code, r.stderr
+        if memory:
+            assert json.loads((out / "manifest.json").read_text())["provenance"]["execution"]["memory"] == memory
+        else:
+            assert r.stderr.strip().splitlines() == [
+                "fanlens: error: FANLENS_KEEP_FREED_MEMORY must be one of ('0', '1'). Got 'yes' instead."], r.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
