@@ -343,6 +343,7 @@ def test_damaged_run_files_found_by_the_fuzz_suite(groups_run, tmp_path, capsys,
         assert got == 2 and "holds a damaged result" in e and len(e.strip().splitlines()) == 1, e
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning", "ignore:Truncated File Read:UserWarning")
 @pytest.mark.parametrize("size,frames,cut", [((1, 1), 2, 0.5), ((9, 7), 3, 0.5), ((1, 1), 2, 0.3)])
 def test_damaged_multi_page_tiffs_found_by_the_fuzz_suite(tmp_path, capsys, size, frames, cut):
     """A cut multi-page TIFF made Pillow raise TypeError('Missing dimensions') (from a KeyError) while

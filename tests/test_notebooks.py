@@ -48,6 +48,7 @@ def test_notebook_runs_offline_and_saves_its_main_figure(name, tmp_path, monkeyp
     from nbclient import NotebookClient
 
     monkeypatch.setenv("FANLENS_FIGURES", str(tmp_path))
+    monkeypatch.setenv("FANLENS_NOTEBOOK_BUDGET_S", "30")  # notebook 03 trains 120 s for a reader, 30 s here
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK_DIR)}}).execute()  # a failing cell raises
