@@ -761,15 +761,14 @@ def _reflect_coord(v: torch.Tensor, n: int) -> torch.Tensor:
 
 def _pixelate(x, s, gens):
     """Pillow's BOX down to ``c`` of the size, then NEAREST back up (the reference), on the whole batch.
-    The box sums run along the height, then the width (:func:`_box_sums`: strided slices where the
-    windows are whole blocks, else row gathers), the averages are upsampled by torch's
+    The box sums run along the height, then the width (:func:`_box_sums`: one strided slice per phase
+    of the windows' period, or row gathers for long periods), the averages are upsampled by torch's
     ``nearest-exact`` interpolation where its source indices equal Pillow's (checked for the sizes at
     hand), else by two index selections."""
     c = [0.6, 0.5, 0.4, 0.3, 0.25][s - 1]
     h, w = x.shape[-2:]
     oh, ow = max(int(h * c), 1), max(int(w * c), 1)
     down = _box_sums(_box_sums(x, -2, oh), -1, ow)  # (B, 3, oh, ow): the rows' windows, then the columns'
-
     _, cy = _box_windows(h, oh, x.device)
     _, cx = _box_windows(w, ow, x.device)
     down = down / (cy.to(x)[:, None] * cx.to(x)[None, :])
