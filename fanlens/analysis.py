@@ -399,9 +399,10 @@ def parse_corruptions(corruption: Any, severity: Any) -> list[tuple[str, int]]:
         if not at and not sevs:
             raise FanlensError(f"severity must hold at least one int in 1..5. Got {severity!r} instead.")
         for v in ([lvl] if at else sevs):
-            if level(v) not in SEVERITIES:
+            v = level(v)
+            if v not in SEVERITIES:
                 raise FanlensError(f"severity must be ints in 1..5. Got {lvl if at else severity!r} instead.")
-            cells.append((name, level(v)))
+            cells.append((name, v))
     if not cells:
         raise FanlensError("corruption must name at least one corruption. Got none.")
     if len(set(cells)) != len(cells):

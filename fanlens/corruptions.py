@@ -144,9 +144,8 @@ def _gaussian_filter(x: torch.Tensor, sigma: float | tuple[float, float], mode: 
 
 
 def _fft_correlate_valid(y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``F.conv2d(y, k)`` (valid correlation of (N, 1, H, W) with one (kh, kw) kernel, or with one
-    kernel per row of ``y`` given as (N, kh, kw)) through real FFTs: the cost no longer grows
-    with the kernel's area. Equal to the direct sum up to float rounding (about 1e-6 of the
+    """``F.conv2d(y, k)`` (valid correlation of (N, 1, H, W) with one (kh, kw) kernel) through real
+    FFTs: the cost no longer grows with the kernel's area. Equal to the direct sum up to float rounding (about 1e-6 of the
     range in float32)."""
     H, W = y.shape[-2:]
     kh, kw = k.shape[-2:]
@@ -155,8 +154,7 @@ def _fft_correlate_valid(y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     fh, fw = _fast_fft_length(H), _fast_fft_length(W)
     dt = y.dtype if y.dtype in (torch.float32, torch.float64) else torch.float32
     kf = torch.flip(k.to(device=y.device, dtype=dt), dims=(-2, -1))  # correlation = convolution with the flip
-    spec = torch.fft.rfft2(y.to(dt), s=(fh, fw)) * torch.fft.rfft2(kf, s=(fh, fw)).reshape(
-        (-1, 1) + (fh, fw // 2 + 1) if k.dim() == 3 else (fh, fw // 2 + 1))
+    spec = torch.fft.rfft2(y.to(dt), s=(fh, fw)) * torch.fft.rfft2(kf, s=(fh, fw))
     full = torch.fft.irfft2(spec, s=(fh, fw))
     return full[..., kh - 1 : H, kw - 1 : W].to(y.dtype)  # circular wrap-around only touches the discarded border
 
@@ -769,9 +767,8 @@ def _pixelate(x, s, gens):
     h, w = x.shape[-2:]
     oh, ow = max(int(h * c), 1), max(int(w * c), 1)
     down = _box_sums(_box_sums(x, -2, oh), -1, ow)  # (B, 3, oh, ow): the rows' windows, then the columns'
-    _, cy = _box_windows(h, oh, x.device)
-    _, cx = _box_windows(w, ow, x.device)
-    down = down / (cy.to(x)[:, None] * cx.to(x)[None, :])
+    cy, cx = _box_windows_cpu(h, oh)[1].to(x), _box_windows_cpu(w, ow)[1].to(x)  # the windows' lengths
+    down = down / (cy[:, None] * cx[None, :])
     my, mx = _nearest_map(h, oh), _nearest_map(w, ow)
     if torch.equal(_torch_nearest_map(h, oh), my) and torch.equal(_torch_nearest_map(w, ow), mx):
         return F.interpolate(down, size=(h, w), mode="nearest-exact")

@@ -81,3 +81,17 @@ def write_png_header(path: Path, w: int, h: int) -> None:
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
                      + chunk(b"IEND", b""))
+
+
+class CheckpointAcc:
+    """A minimal accumulator for ``fanlens._output.RunState``: a counter (saved as 3) and one array."""
+
+    def __init__(self, total=None):
+        self.n, self.total = 0, np.zeros(4) if total is None else np.asarray(total, dtype=float)
+
+    def state(self):
+        return {"n": 3}, {"total": self.total}
+
+    def load_state(self, meta, arrays):
+        self.n, self.total = meta["n"], arrays["total"]
+

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from fanlens import cli
 
-from conftest import TINY
+from conftest import CheckpointAcc, TINY
 
 settings.register_profile("ci", max_examples=10, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -204,19 +204,6 @@ def test_generated_image_files_are_analysed_or_refused_in_one_line(tmp_path_fact
 
 
 
-class _Acc:
-    """A minimal accumulator for fanlens._output.RunState: a counter and one array."""
-
-    def __init__(self, total=None):
-        self.n, self.total = 0, np.zeros(4) if total is None else np.asarray(total, dtype=float)
-
-    def state(self):
-        return {"n": 3}, {"total": self.total}
-
-    def load_state(self, meta, arrays):
-        self.n, self.total = meta["n"], arrays["total"]
-
-
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
                            | st.text(max_size=8), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(
                                max_size=5), c, max_size=3), max_leaves=6)
@@ -253,7 +240,7 @@ def test_generated_checkpoint_damage_is_refused_in_one_line_or_changes_nothing(t
 
     root = tmp_path_factory.mktemp("ckpt")
     key = {"model": "m", "images": ["a", "b"], "params": {"sigmas": [0.1]}}
-    RunState(root, key).save([_Acc([1.0, 2.0, 3.0, 4.0])], 5)
+    RunState(root, key).save([CheckpointAcc([1.0, 2.0, 3.0, 4.0])], 5)
     path = root / "rank0-of-1.npz"
     raw = path.read_bytes()
     kind = data.draw(st.sampled_from(["flip", "cut", "insert", "append", "meta", "array"]), label="damage")
@@ -274,7 +261,7 @@ def test_generated_checkpoint_damage_is_refused_in_one_line_or_changes_nothing(t
         np.savez(buf, **arrays)
         damaged = buf.getvalue()
     path.write_bytes(damaged)
-    acc = _Acc()
+    acc = CheckpointAcc()
     try:
         done = RunState(root, key, resume=True).restore([acc])
     except FanlensError as e:

@@ -18,7 +18,7 @@ import fanlens
 from fanlens import FanlensError
 from fanlens.runner import STATE_DIRNAME
 
-from conftest import write_images
+from conftest import CheckpointAcc, write_images
 
 HERE = Path(__file__).parent
 SLOW = f"{HERE / 'tiny_models.py'}:slow_vit"
@@ -145,18 +145,6 @@ def test_api_resume_and_refusals(tmp_path):
         fanlens.spectrum(model, x, state_dir=tmp_path / "s2", checkpoint_every=0, progress=False)
 
 
-class _Acc:
-    def __init__(self):
-        self.total = np.zeros(4)
-
-    def state(self):
-        return {"n": 3}, {"total": self.total}
-
-    def load_state(self, meta, arrays):
-        self.n = meta["n"]
-        self.total = arrays["total"]
-
-
 @pytest.mark.parametrize("damage", ["truncate", "zero", "flip_byte", "empty", "garbage", "counter", "array",
                                     "key", "drop_array", "encrypted_flag", "compression_method"])
 def test_a_damaged_or_edited_checkpoint_is_refused_in_one_line(tmp_path, damage):
@@ -168,7 +156,7 @@ def test_a_damaged_or_edited_checkpoint_is_refused_in_one_line(tmp_path, damage)
 
     key = {"model": "m", "images": ["a", "b"]}
     st = RunState(tmp_path, key)
-    acc = _Acc()
+    acc = CheckpointAcc()
     acc.total += [1, 2, 3, 4]
     st.save([acc], 5)
     path = tmp_path / "rank0-of-1.npz"
@@ -199,12 +187,12 @@ def test_a_damaged_or_edited_checkpoint_is_refused_in_one_line(tmp_path, damage)
                           "garbage": b"PK\x03\x04" + b"x" * 200,
                           "flip_byte": data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]}[damage])
     with pytest.raises(FanlensError) as e:
-        RunState(tmp_path, key, resume=True).restore([_Acc()])
+        RunState(tmp_path, key, resume=True).restore([CheckpointAcc()])
     msg = str(e.value)
     assert "\n" not in msg and "to start over" in msg and ("does not verify" in msg or "cannot be read" in msg), msg
     # intact, it resumes where it stopped
     st2 = RunState(tmp_path / "ok", key)
     st2.save([acc], 5)
-    fresh = _Acc()
+    fresh = CheckpointAcc()
     assert RunState(tmp_path / "ok", key, resume=True).restore([fresh]) == 5
     assert fresh.total.tolist() == [1, 2, 3, 4]
