@@ -147,15 +147,41 @@ def available_cores() -> int:
     return max(1, n)
 
 
+def _autogroup(pid: int | str) -> tuple[str, int] | None:
+    """``(group, nice)`` of a process's scheduler autogroup (``/proc/PID/autogroup``), or None where the
+    kernel has none or the file cannot be read."""
+    try:
+        with open(f"/proc/{pid}/autogroup", "rb") as f:
+            name, _, nice = f.read().decode("ascii", "replace").split()[:3]
+        return name, int(nice)
+    except (OSError, ValueError):
+        return None
+
+
+def _autogroups_on() -> bool:
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled", "rb") as f:
+            return f.read().strip() == b"1"
+    except OSError:
+        return False
+
+
 def _others_ticks() -> dict[int, int] | None:
-    """CPU clock ticks (user + system) so far of every other process at this process's priority or a
-    higher one (``nice`` <= ours), by pid; None where ``/proc`` cannot be read."""
+    """CPU clock ticks (user + system) so far of every other process that does not yield to this one,
+    by pid; None where ``/proc`` cannot be read.
+
+    A process yields when its ``nice`` is larger than ours — within one scheduler autogroup only: where
+    the kernel groups processes by session (``sched_autogroup_enabled``, the default of desktop and many
+    server kernels), a process of another session (another terminal, a notebook kernel, a job started
+    with ``setsid``) competes as its group, whatever its own ``nice``; there the groups' nice values
+    decide."""
     me = os.getpid()
     try:
         own_nice = os.getpriority(os.PRIO_PROCESS, 0)
         pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
     except (AttributeError, OSError):
         return None
+    own_group = _autogroup("self") if _autogroups_on() else None
     out: dict[int, int] = {}
     for pid in pids:
         if pid == me:
@@ -169,7 +195,12 @@ def _others_ticks() -> dict[int, int] | None:
             utime, stime, nice = int(fields[11]), int(fields[12]), int(fields[16])
         except (IndexError, ValueError):
             continue
-        if nice <= own_nice:
+        group = _autogroup(pid) if own_group is not None else None
+        if group is not None and group[0] != own_group[0]:
+            competes = group[1] <= own_group[1]
+        else:
+            competes = nice <= own_nice
+        if competes:
             out[pid] = utime + stime
     return out
 
@@ -177,8 +208,8 @@ def _others_ticks() -> dict[int, int] | None:
 def busy_elsewhere(seconds: float = SAMPLE_S) -> float | None:
     """Cores kept busy by other processes over the next ``seconds``: the CPU time of every other
     process at this process's priority or a higher one, per second, capped at :func:`available_cores`
-    (``None`` where ``/proc`` cannot be read). Processes with a larger ``nice`` yield to this one and
-    are not counted."""
+    (``None`` where ``/proc`` cannot be read). Processes that yield to this one (a larger ``nice`` in
+    the same scheduler autogroup: :func:`_others_ticks`) are not counted."""
     before = _others_ticks()
     if before is None:
         return None
