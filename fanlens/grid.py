@@ -223,28 +223,42 @@ def headline(rows: Sequence[GridRow]) -> list[HeadlineRow]:
     return sorted(out, key=lambda r: (order.get(r.claim, 9), r.statistic, r.models))
 
 
-def _score(verdict: str) -> int:
-    return {"holds": 1, "contradicted": -1}.get(verdict, 0)
+_OUTCOMES = ("holds", "contradicted", "inconclusive")
 
 
 def _flipping_dimension(rows: Sequence[GridRow]) -> str:
-    """The dimension whose values separate the verdicts best (largest spread of the mean verdict
-    score, +1 holds / -1 contradicted, across its values), with the values on each side."""
+    """The dimension whose values separate the verdicts best, with the values on each side.
+
+    Per value of a dimension, the shares of holds / contradicted / inconclusive cells; the dimension
+    with the largest difference between two of its values (total variation distance of the shares)
+    is named, each value labelled with its most frequent verdict (a tie: inconclusive). When every value
+    has the same most frequent verdict, the text gives that verdict's share at the values where it is
+    lowest and highest instead."""
     best, best_spread = "", 0.0
     for d in DIMENSIONS:
-        by: dict[str, list[int]] = {}
+        by: dict[str, list[str]] = {}
         for g in rows:
-            by.setdefault(str(getattr(g.cell, d)), []).append(_score(g.row.verdict))
+            v = g.row.verdict if g.row.verdict in _OUTCOMES else "inconclusive"
+            by.setdefault(str(getattr(g.cell, d)), []).append(v)
         if len(by) < 2:
             continue
-        means = {k: float(np.mean(s)) for k, s in by.items()}
-        spread = max(means.values()) - min(means.values())
-        if spread > best_spread + 1e-12:
-            hold = [k for k, m in means.items() if m > 0]
-            contra = [k for k, m in means.items() if m < 0]
-            other = [k for k, m in means.items() if m == 0]
-            parts = ([f"holds at {', '.join(hold)}"] if hold else []) + (
-                [f"contradicted at {', '.join(contra)}"] if contra else []) + (
-                [f"inconclusive at {', '.join(other)}"] if other else [])
-            best, best_spread = f"{d}: {'; '.join(parts)}", spread
+        shares = {k: np.array([vs.count(o) / len(vs) for o in _OUTCOMES]) for k, vs in by.items()}
+        keys = list(shares)
+        spread = max(0.5 * float(np.abs(shares[a] - shares[b]).sum()) for i, a in enumerate(keys) for b in keys[i + 1:])
+        if spread <= best_spread + 1e-12:
+            continue
+        label = {}
+        for k, sh in shares.items():
+            top = [o for o, x in zip(_OUTCOMES, sh) if x == sh.max()]
+            label[k] = top[0] if len(top) == 1 else "inconclusive"
+        if len(set(label.values())) > 1:
+            parts = [f"{o} at {', '.join(k for k in keys if label[k] == o)}" for o in _OUTCOMES if o in label.values()]
+            text = "; ".join(parts)
+        else:
+            o = next(iter(label.values()))
+            j = _OUTCOMES.index(o)
+            lo, hi = min(keys, key=lambda k: shares[k][j]), max(keys, key=lambda k: shares[k][j])
+            text = (f"{o} in most cells at every value, from {shares[lo][j]:.0%} of the cells at {lo} to "
+                    f"{shares[hi][j]:.0%} at {hi}")
+        best, best_spread = f"{d}: {text}", spread
     return best or "no single dimension (the verdicts differ within every setting)"

@@ -49,6 +49,24 @@ def test_the_dimension_that_flips_a_verdict_is_named():
     assert (h.holds, h.contradicted, h.inconclusive) == (8, 8, 4) and h.median_value == pytest.approx(0.0)
 
 
+def test_a_dimension_that_only_thins_a_verdict_is_named_with_its_shares():
+    """Holds in most cells at every sigma, in all of them at 0.05 and in 60 % at 1: the most frequent
+    verdict is the same everywhere, so the text gives the shares instead of 'holds at' every value; a tie
+    between holds and inconclusive is labelled inconclusive."""
+    rows = _cells({s: "holds" for s in SIGMAS}, rules=("rel_threshold", "eigengap", "effective_rank", "r4", "r5"))
+    left = {"1": 4, "0.5": 2}  # sigma 1: 4 of its 10 cells inconclusive; sigma 0.5: 2 of 10
+    for i, r in enumerate(rows):
+        if left.get(r.cell.sigma, 0) > 0:
+            rows[i] = GridRow(r.cell, _row("inconclusive", 0.0))
+            left[r.cell.sigma] -= 1
+    (h,) = grid.headline(rows)
+    assert (h.verdict, h.holds, h.inconclusive) == ("depends on the specification", 44, 6)
+    assert h.flips_with == "sigma: holds in most cells at every value, from 60% of the cells at 1 to 100% at 0.05"
+    i = next(i for i, r in enumerate(rows) if r.cell.sigma == "1" and r.row.verdict == "holds")
+    rows[i] = GridRow(rows[i].cell, _row("inconclusive", 0.0))  # sigma 1: 5 holds, 5 inconclusive
+    assert grid.headline(rows)[0].flips_with == "sigma: holds at 0.05, 0.1, 0.2, 0.5; inconclusive at 1"
+
+
 def test_no_significant_cell_is_inconclusive_and_no_defined_cell_is_not_available():
     assert grid.headline(_cells({s: "inconclusive" for s in SIGMAS}))[0].verdict == "inconclusive"
     rows = [GridRow(Cell(s, "pixel", "additive", "rel_threshold"), _row("inconclusive", None, "c3_within_block", "C3"))
