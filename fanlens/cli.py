@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-size", type=int, nargs="+", metavar="N", help="input size: one number, or H W")
     d = rb.add_argument_group("data, corruptions and run")
     d.add_argument("--images", nargs="+", default=["samples"],
-                   help="a folder, image files, 'samples', or 'synthetic' (held-out procedural shapes with labels)")
+                   help="a folder, image files, 'samples', or 'synthetic' (held-out images of the zoo's procedural task, with labels)")
     d.add_argument("--n-images", type=int, default=512, help="images with --images synthetic (default 512)")
     d.add_argument("--labels", default=None,
                    help="'folders' (one sub-folder per class) or a CSV of file,label; without: the flip rate")
@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser(
         "reproduce",
         help="the main job: Figure 3 and Figure 4 analyses; offline on the embedded zoo by default",
-        description="With no --model: the embedded zoo (ViT, FAN, CNN trained on procedural shapes) on held-out "
-        "generated images with masks, offline. With --model (repeatable): real models on --images.",
+        description="With no --model: the embedded zoo (ViT, FAN, CNN and the heads variants, three networks each, trained "
+        "on procedural textured objects) on held-out generated images with masks, offline. With --model (repeatable): real models on --images.",
     )
     rp.add_argument("--model", action="append", default=None, help="model spec, repeatable (default: the zoo)")
     rp.add_argument("--pretrained", action="store_true", help="load each model's pretrained weights (download)")

@@ -273,7 +273,7 @@ def robustness(
     Args:
         model: a module or a spec, as in :func:`fanlens.spectrum`.
         images: as in :func:`fanlens.spectrum`, or ``"synthetic"``: ``n_images`` held-out images of
-            the procedural shapes with their labels (the zoo's task).
+            the zoo's procedural task (:data:`fanlens.zoo.DEFAULT_TASK`) with their labels.
         corruptions: names from :data:`fanlens.corruptions.NAMES`, comma-separated or a list;
             ``None`` for the 15 benchmark corruptions, ``"all"`` for the 19.
         severities: ints in 1..5 (default all five).
@@ -304,7 +304,7 @@ def robustness(
 
         check_positive_int("n_images", n_images, maximum=100_000, why="procedural images are rendered into memory")
         if labels is not None:
-            raise FanlensError("labels must be left out with images='synthetic' (the shapes carry their own).")
+            raise FanlensError("labels must be left out with images='synthetic' (the procedural images carry their own).")
         x, y, _ = TASKS[DEFAULT_TASK](n_images, seed=seed, split="test").batch(range(n_images))
         images, labels = x, y
     from .lens import Lens

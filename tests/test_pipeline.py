@@ -93,7 +93,8 @@ def test_zoo_images_are_rejected_as_images_argument(tmp_path):
         reproduce(None, images="samples", out=tmp_path)
 
 
-@pytest.mark.skipif(set(zoo.available()) != set(zoo.ALL_NAMES), reason="zoo weights not installed")
+@pytest.mark.skipif(not set(zoo.ZOO_NAMES) <= set(zoo.available()) or not set(zoo.HEAD_VARIANTS) & set(zoo.available()),
+                    reason="zoo weights not installed")
 def test_zoo_path_writes_every_figure(tmp_path, monkeypatch):
     import fanlens.pipeline as pipeline
     from fanlens import grid
@@ -154,8 +155,9 @@ def test_zoo_path_writes_every_figure(tmp_path, monkeypatch):
                for r in matched)
     assert f"{res.runs[0].label} sigma {res.runs[0].damage['pixel']['sigma']:g} (accuracy" in " ".join(r["note"] for r in matched)
     heads = [r for r in table if r["claim"] == "C4"]
-    assert heads and all(r["n_units"] == "4" for r in heads)  # vit-h1, vit-h2, vit (4 heads), vit-h8
-    assert [r.heads for r in res.heads_runs] == [1, 2, 8] and res.runs[0].heads == 4
+    installed = sorted(zoo.HEADS[n] for n in zoo.HEAD_VARIANTS if n in zoo.available())  # [1, 2, 8] when all are
+    assert heads and all(r["n_units"] == str(len(installed) + 1) for r in heads)  # and vit (4 heads)
+    assert [r.heads for r in res.heads_runs] == installed and res.runs[0].heads == 4
     assert res.claims.parameters["n_boot"] == 1000 and "| C1 |" in (tmp_path / "claims.md").read_text()
     assert len(res.runs) == 6 and [r.trained for r in res.runs] == [True, False] * 3
     # robustness of the trained models only, CE against the zoo CNN (1 for the CNN where defined)
@@ -301,7 +303,10 @@ def test_one_pass_per_model_equals_the_separate_analyses_and_forwards_nothing_tw
     assert set(run.damage) == {"pixel", "normalized"}
     assert len(seen) == n * (1 + len(GRID_SIGMAS) + len(GRID_SIGMAS) + 1 + 15 + 15 + 3)
     twice = [k for k, c in Counter(seen).items() if c > 1]
-    assert len(twice) == n and all(c <= 2 for c in Counter(seen).values())  # only the clean images, once more
+    # only the clean images, once more, and the noisy copies of a space whose damage-matched level falls on one of
+    # the grid's sigmas (an accuracy of exactly half at that level: the same draws, forwarded again)
+    on_grid = sum(run.damage[sp]["sigma"] in GRID_SIGMAS for sp in run.damage)
+    assert len(twice) == n * (1 + on_grid) and all(c <= 2 for c in Counter(seen).values())
     kw = dict(seed=0, batch_size=bs, progress=False)
     spec, probe, groups = fanlens.analyze(lm, x, sigmas=sig, groups=MASK_CLUSTERS, **kw)
     np.testing.assert_array_equal(run.spectrum.per_image, spec.per_image)
@@ -405,7 +410,7 @@ def test_zoo_networks_of_one_architecture_are_one_unit(tmp_path, monkeypatch):
             t = train(name, seed=k, steps=2, pool=32, val_size=16, progress=False)
             for fname, data in t.files.items():
                 (weights / fname).write_bytes(data)
-    monkeypatch.setitem(zoo.TASKS["shapes"], "weights", weights)
+    monkeypatch.setitem(zoo.TASKS[zoo.DEFAULT_TASK], "weights", weights)
     monkeypatch.setattr(zoo, "ZOO_NAMES", ("vit", "cnn"))
     monkeypatch.setattr(zoo, "HEAD_VARIANTS", ())
     assert zoo.networks("vit") == [0, 1, 2] and zoo.available() == ["vit", "cnn"]

@@ -225,7 +225,7 @@ def test_probe_from_the_same_forward_passes_equals_the_separate_runs():
         h.remove()
     np.testing.assert_array_equal(rob.per_image, alone.per_image)
     np.testing.assert_array_equal(rob.mean, alone.mean)
-    x, _y, _m = fanlens.synthetic.SyntheticShapes(10, seed=0, split="test").batch(range(10))
+    x, _y, _m = fanlens.synthetic.TASKS[fanlens.zoo.DEFAULT_TASK](10, seed=0, split="test").batch(range(10))
     images.clear()
     h = model.model.register_forward_pre_hook(lambda m, args: images.append(args[0].shape[0]))
     try:

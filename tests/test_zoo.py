@@ -10,32 +10,31 @@ from safetensors.torch import load_file
 
 import fanlens
 from fanlens import FanlensError, cli, zoo
-from fanlens.synthetic import SyntheticShapes
+import fanlens.synthetic
 from fanlens.zoo.training import STEPS, _render, evaluate, train
 
 installed = pytest.mark.skipif(not set(zoo.ZOO_NAMES) <= set(zoo.available()), reason="zoo weights not installed")
 
 
 @installed
-def test_weights_fit_the_size_budget():
-    total = sum(p.stat().st_size for p in zoo.WEIGHTS_DIR.glob("*.safetensors"))
-    assert total <= 25 * 1024**2
-
-
-@installed
 @pytest.mark.parametrize("name", zoo.ALL_NAMES)
 def test_card_and_reported_accuracy(name):
+    if name not in zoo.available():
+        pytest.skip(f"zoo:{name} is not trained yet")
     card = zoo.card(name)
     for key in ("architecture", "data", "training", "validation_accuracy", "wall_time_s", "num_params"):
         assert key in card
     assert card["data"]["data_seed"] == 0 and card["training"]["steps"] > 0
     lm = zoo.load(name)
-    assert lm.name == f"zoo:{name}" and lm.weights_sha256 == fanlens.models.file_sha256(zoo.WEIGHTS_DIR / f"{name}.safetensors")
+    task = zoo.TASKS[zoo.DEFAULT_TASK]
+    assert lm.name == f"zoo:{name}" and lm.weights_sha256 == fanlens.models.file_sha256(task["weights"] / f"{name}.safetensors")
     assert sum(p.numel() for p in lm.model.parameters()) == card["num_params"]
+    assert card["data"]["task"] == zoo.DEFAULT_TASK and card["data"]["dataset"] == f"fanlens.synthetic.{task['dataset']}"
     # the reported validation accuracy is what the shipped (fp16) weights give on the validation split
-    xv, yv = _render(SyntheticShapes(card["data"]["val_size"], seed=card["data"]["data_seed"], split="val"), False, "")
+    ds = getattr(fanlens.synthetic, task["dataset"])(card["data"]["val_size"], seed=card["data"]["data_seed"], split="val")
+    xv, yv = _render(ds, False, "")
     assert evaluate(lm.model, xv, yv) == pytest.approx(card["validation_accuracy"], abs=0.01)
-    assert card["validation_accuracy"] > 1.5 / 8  # well above chance
+    assert card["validation_accuracy"] > 1.5 / task["num_classes"]  # well above chance
 
 
 @installed
@@ -70,20 +69,22 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
 
 @installed
 def test_the_zoo_is_worth_testing_on():
-    """Every shipped model is well trained, with one budget and comparable sizes (issue 12)."""
-    cards = {n: zoo.card(n) for n in zoo.ALL_NAMES}
-    assert all(c["validation_accuracy"] >= 0.95 for c in cards.values()), {n: c["validation_accuracy"] for n, c in cards.items()}
-    budgets = {(c["training"]["steps"], c["training"]["batch_size"]) for c in cards.values()}
+    """Every shipped network of the default task is trained with one planned budget (the stop rule may end it
+    early), the three architectures are of comparable size, and the heads variants differ in heads only."""
+    names = [n for n in zoo.ALL_NAMES if n in zoo.available()]
+    cards = {n: zoo.card(n) for n in names}
+    budgets = {(c["training"].get("planned_steps", c["training"]["steps"]), c["training"]["batch_size"])
+               for c in cards.values()}
     assert len(budgets) == 1
     sizes = [cards[n]["num_params"] for n in zoo.ZOO_NAMES]
     assert max(sizes) / min(sizes) < 1.25
     for n in ("vit", "fan"):
         assert cards[n]["architecture"]["depth"] >= 8
     # the heads variants differ from the ViT in their heads only
-    arch = {n: {k: v for k, v in cards[n]["architecture"].items() if k != "num_heads"} for n in zoo.HEADS}
+    heads = [n for n in zoo.HEADS if n in cards]
+    arch = {n: {k: v for k, v in cards[n]["architecture"].items() if k != "num_heads"} for n in heads}
     assert all(a == arch["vit"] for a in arch.values())
-    assert sorted(cards[n]["architecture"]["num_heads"] for n in zoo.HEADS) == [1, 2, 4, 8]
-    assert sum(p.stat().st_size for p in zoo.WEIGHTS_DIR.glob("*.safetensors")) <= 25 * 1024**2
+    assert {n: cards[n]["architecture"]["num_heads"] for n in heads} == {n: zoo.HEADS[n] for n in heads}
 
 
 def test_training_stops_at_the_first_check_that_reaches_the_target(monkeypatch, capsys, tmp_path):
@@ -146,7 +147,8 @@ def test_snapshots_keep_the_weights_along_training(tmp_path):
 def test_train_a_module_of_your_own_within_a_budget():
     from timm.models.resnet import BasicBlock, ResNet
 
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=8, channels=(8, 16, 32, 64))
+    classes = zoo.TASKS[zoo.DEFAULT_TASK]["num_classes"]
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=classes, channels=(8, 16, 32, 64))
     before = model.fc.weight.detach().clone()
     trained = fanlens.zoo.train(model, budget_s=3.0, pool=64, val_size=32, progress=False)
     assert trained.model is model and not model.training and not torch.equal(model.fc.weight, before)
@@ -154,7 +156,7 @@ def test_train_a_module_of_your_own_within_a_budget():
     # the step count comes from the budget (the first 10 steps are timed), not from the default recipe
     assert 10 <= card["training"]["steps"] < STEPS and "budget_s=3" in card["training"]["budget"]
     assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
-    with pytest.raises(FanlensError, match="8 logits per image"):
+    with pytest.raises(FanlensError, match=f"{classes} logits per image"):
         fanlens.zoo.train(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=5, channels=(8, 16, 32, 64)), steps=1,
                           pool=16, val_size=8, progress=False)
     with pytest.raises(FanlensError, match="steps and budget_s exclude each other"):
@@ -172,8 +174,10 @@ def test_network_names_seeds_and_tasks():
                      ("imagenet/vit", "task must be one of"), ("resnet@1", "zoo model must be one of")):
         with pytest.raises(FanlensError, match=msg):
             zoo.parse_network(bad)
-    with pytest.raises(FanlensError, match=r"run `fanlens train-zoo vit --task textures --seed 7`"):
-        zoo.load("textures/vit@7")
+    with pytest.raises(FanlensError, match=r"run `fanlens train-zoo vit --seed 7`"):
+        zoo.load("textures/vit@7")  # the default task needs no --task
+    with pytest.raises(FanlensError, match=r"run `fanlens train-zoo vit --task shapes --seed 7`"):
+        zoo.load("shapes/vit@7")
     # the random-init twin of a network is its own initial weights (its training seed)
     a = zoo.load("vit@3", random_init=True).model.state_dict()
     b = zoo.build("vit", seed=3).state_dict()
@@ -218,3 +222,19 @@ def test_the_shipped_weights_fit_the_budget_and_every_textures_network_is_calibr
                 x = (x * 255).round().to(torch.uint8)
             acc = evaluate(zoo.load(net).model, x, y)
             assert 0.85 <= acc <= 0.97, (net, acc)
+
+
+@installed
+def test_the_default_task_needs_grouping_that_training_brings():
+    """The trained zoo networks' 2-cluster groups follow the object masks; their random-init twins' do not
+    (on the shapes task a random-init CNN beat every trained model by brightness alone)."""
+    import numpy as np
+
+    from fanlens.grouping import mask_scores
+
+    x, _y, m = fanlens.synthetic.TASKS[zoo.DEFAULT_TASK](16, seed=0, split="test").batch(range(16))
+    for name in zoo.ZOO_NAMES:
+        ari = [float(np.asarray(mask_scores(fanlens.group_tokens(lm.model, x, n_clusters=2, progress=False),
+                                            np.asarray(m)).ari).mean())
+               for lm in (zoo.load(name), zoo.load(name, random_init=True))]
+        assert ari[0] > 0.25 and ari[1] < 0.2 and ari[0] > 2 * ari[1], (name, ari)

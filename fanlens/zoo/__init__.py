@@ -1,21 +1,30 @@
-"""The embedded default: small models trained by fanlens on its procedural shapes.
+"""The embedded default: small models trained by fanlens on its procedural textured objects.
 
-Three architectures of similar size (1.6-1.8 M parameters), 64 x 64 input, 8 classes
-(:mod:`fanlens.synthetic`), trained with one budget (3,000 steps of 64 images):
+Three architectures of similar size (1.6-1.8 M parameters), 64 x 64 input:
 
 - ``vit``: a timm VisionTransformer (patch 8, width 128, depth 8, 4 heads, global average
   pool) with FAN's convolutional stem as its patch embedding;
 - ``fan``: fanlens' FAN (patch 8, width 128, depth 8, 4 heads, one class-attention block);
-- ``cnn``: a timm ResNet-18 layout (BasicBlock 2-2-2-2, 24-192 channels).
+- ``cnn``: a timm ResNet-18 layout (BasicBlock 2-2-2-2, 24-192 channels; on the textures task
+  without the max-pool, so the last stage has 4 x 4 tokens, and without zero-initialised residual
+  branches, so a random-init block is not the identity);
 
 and, for the claim that more heads give more robustness (C4), ``vit-h1``, ``vit-h2`` and
 ``vit-h8``: the ViT with 1, 2 and 8 heads, nothing else changed (:data:`HEADS`).
 
-They are small models on small synthetic data, trained in minutes on a laptop CPU by
-``fanlens train-zoo`` (:mod:`fanlens.zoo.training`, :func:`train`); they show the analysis
-working offline, not the behaviour of the paper's ImageNet models. Weights ship in
-``fanlens/zoo/weights`` as fp16 safetensors with a JSON card each (architecture, budget,
-data seed, wall time, validation accuracy, accuracy at the training snapshots).
+Each architecture has three networks (:data:`SEEDS`: the seed sets the initialisation and the
+data order): ``zoo:vit`` is seed 0, ``zoo:vit@1`` and ``zoo:vit@2`` the others. The task is
+:data:`DEFAULT_TASK` (``"textures"``: 10 classes of objects that differ from the background in
+texture, not brightness; :mod:`fanlens.synthetic`); ``zoo:shapes/vit`` names the earlier
+bright-shapes task, whose weights no longer ship (``fanlens train-zoo vit --task shapes`` trains
+them). Training: 3,000 steps of 64 images planned, ended at the first validation check at or
+above 92 % (:data:`TASKS`), so that no network sits at the ceiling.
+
+They are small models on small synthetic data, trained on a laptop CPU by ``fanlens train-zoo``
+(:mod:`fanlens.zoo.training`, :func:`train`); they show the analysis working offline, not the
+behaviour of the paper's ImageNet models. Weights ship in ``fanlens/zoo/weights/textures`` as
+fp16 safetensors with a JSON card each (architecture, budget, seed, data seed, wall and CPU
+time, machine, validation accuracy).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ TASKS = {
 timm's max-pool (the textures task drops it: stride 16, so the last stage is 4 x 4 = 16 tokens at 64 x 64),
 and the zoo networks' stopping rule (``stop_at``: training ends at the first validation check at or above
 this accuracy, so that no network sits at the ceiling; see :func:`fanlens.zoo.training.train_model`)."""
-DEFAULT_TASK = "shapes"
+DEFAULT_TASK = "textures"
 """The task of the zoo that ``zoo:NAME`` and ``fanlens reproduce`` use."""
 SEEDS = (0, 1, 2)
 """The training seeds of the zoo networks (init and data order): ``NAME`` is seed 0, ``NAME@1``, ``NAME@2``."""

@@ -1,4 +1,4 @@
-"""Training on the procedural shapes: the zoo models, and any model of the user's, reproducibly.
+"""Training on the procedural tasks: the zoo models, and any model of the user's, reproducibly.
 
 ``fanlens train-zoo NAME`` (or :func:`fanlens.zoo.train`) renders a fixed training pool of
 :class:`~fanlens.synthetic.SyntheticShapes`, trains with AdamW, a linear warm-up and a
@@ -117,12 +117,13 @@ def train(
     into_package: bool = False,
     **kwargs: Any,
 ) -> TrainedModel:
-    """Train a zoo model (by name) or a model of your own on the procedural shapes.
+    """Train a zoo model (by name) or a model of your own on a procedural task (:mod:`fanlens.synthetic`).
 
     Args:
         model: a zoo name (``"vit"``, ``"fan"``, ``"cnn"``, ``"vit-h1"``, ...) or an
             ``nn.Module`` taking ``(B, 3, 64, 64)`` images (normalised with mean and std 0.5)
-            and returning 8 logits; a module is trained in place.
+            and returning one logit per class of the task (10 for ``textures``, the default; 8 for
+            ``shapes``); a module is trained in place.
         budget_s: train for about this many seconds (the step count is fixed after the first
             steps from their measured speed and recorded in the card; the numbers then depend
             on the machine's speed, use ``steps`` for a reproducible run).
