@@ -250,13 +250,47 @@ class _Resampler:
     def within_block(self, label: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """``(1 + n_boot,)``: per resample, the Spearman rho across images of ``x`` and ``y`` ((n, L)
         per-image values) in every block, averaged over the blocks where it is defined."""
-        w = self.weights[self.key[label]].astype(np.int64)
-        n = w.shape[1]
-        idx = np.stack([np.repeat(np.arange(n), row) for row in w])  # (R, n) the images each resample draws
-        rho = spearman(np.asarray(x, float)[idx].transpose(0, 2, 1), np.asarray(y, float)[idx].transpose(0, 2, 1))
+        w = self.weights[self.key[label]]
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        rho = np.stack([resampled_spearman(x[:, j], y[:, j], w) for j in range(x.shape[1])], axis=-1)
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a resample with every block constant: NaN
             return np.nanmean(rho, axis=-1)
+
+
+def _resampled_ranks(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``(R, n)``: per resample (row of counts ``w``), the average rank that image ``i``'s value ``v[i]``
+    takes among the resample's values (each image counted ``w[r, i]`` times), as scipy's rankdata gives
+    it on the drawn sample."""
+    order = np.argsort(v, kind="stable")
+    vs = v[order]
+    start = np.flatnonzero(np.r_[True, vs[1:] != vs[:-1]])  # first sorted position of each distinct value
+    end = np.r_[start[1:], len(vs)] - 1
+    cw = np.cumsum(w[:, order], axis=1)
+    before = np.where(start > 0, cw[:, np.maximum(start - 1, 0)], 0.0)
+    rank_g = before + (cw[:, end] - before + 1.0) / 2.0  # (R, groups)
+    group = np.cumsum(np.r_[True, vs[1:] != vs[:-1]]) - 1
+    ranks = np.empty(w.shape, dtype=np.float64)
+    ranks[:, order] = rank_g[:, group]
+    return ranks
+
+
+def resampled_spearman(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Spearman rho of ``x`` and ``y`` (``(n,)``) in every bootstrap resample (``w``: ``(R, n)`` counts):
+    the same as :func:`spearman` on the drawn samples (each image repeated as often as drawn; average ranks
+    for ties), without drawing them: the ranks come from one sort and cumulative counts, and rho is the
+    count-weighted correlation of the ranks. NaN where a resample's values are constant on either side, or
+    where ``x`` or ``y`` holds a non-finite value."""
+    w = np.asarray(w, dtype=np.float64)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return np.full(w.shape[0], np.nan)
+    rx, ry = _resampled_ranks(x, w), _resampled_ranks(y, w)
+    tot = w.sum(1, keepdims=True)
+    rx = rx - (w * rx).sum(1, keepdims=True) / tot
+    ry = ry - (w * ry).sum(1, keepdims=True) / tot
+    den = np.sqrt((w * rx * rx).sum(1) * (w * ry * ry).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (w * rx * ry).sum(1) / np.where(den > 0, den, 1.0), np.nan)
 
 
 EACH_SIGMA = "each"

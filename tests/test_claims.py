@@ -319,3 +319,23 @@ def test_below_the_documented_minima_a_verdict_is_inconclusive_with_the_reason()
     r = _row(claims.check([ok], n_boot=1), "c2_decay_ratio")
     assert r.verdict == "inconclusive" and f"1 bootstrap resamples (a verdict needs at least {claims.MIN_RESAMPLES})" in r.note
     assert _row(claims.check([ok], n_boot=claims.MIN_RESAMPLES), "c2_decay_ratio").verdict == "holds"
+
+
+def test_resampled_spearman_equals_spearman_on_the_drawn_samples():
+    """The within-block statistic's rho per resample, from cumulative counts, is the Spearman rho of the
+    drawn sample itself: ties in the data and from repeated draws get average ranks; a constant side is NaN."""
+    rng = np.random.default_rng(3)
+    w = claims.bootstrap_weights(12, 200, rng).astype(np.int64)
+    idx = np.stack([np.repeat(np.arange(12), row) for row in w])  # the drawn images of each resample
+    for x, y in ((rng.normal(size=12), rng.normal(size=12)),
+                 (rng.integers(0, 3, 12).astype(float), rng.normal(size=12)),  # ties in the data
+                 (np.arange(12.0), np.ones(12))):  # y constant: rho undefined
+        got = claims.resampled_spearman(x, y, w)
+        want = claims.spearman(x[idx], y[idx])
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)], rtol=0, atol=1e-12)
+    # by hand: values 1, 2, 3 drawn (2, 0, 1) times -> sample 1, 1, 3 with ranks 1.5, 1.5, 3
+    ranks = claims._resampled_ranks(np.array([1.0, 2.0, 3.0]), np.array([[2.0, 0.0, 1.0]]))
+    assert ranks[0, 0] == 1.5 and ranks[0, 2] == 3.0
+    assert claims.resampled_spearman(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0]), np.array([[2, 0, 1]]))[0] == -1.0
+    assert np.isnan(claims.resampled_spearman(np.array([1.0, np.nan]), np.array([1.0, 2.0]), np.ones((3, 2)))).all()
