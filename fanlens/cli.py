@@ -206,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser(
         "reproduce",
         help="the main job: Figure 3 and Figure 4 analyses; offline on the embedded zoo by default",
-        description="With no --model: the embedded zoo (ViT, FAN, CNN and the heads variants, three networks each, trained "
-        "on procedural textured objects) on held-out generated images with masks, offline. With --model (repeatable): real models on --images.",
+        description="With no --model: the embedded zoo (ViT, FAN, CNN and the heads variants, up to three networks each, "
+        "trained on procedural textured objects) on held-out generated images with masks, offline. With --model (repeatable): real models on --images.",
     )
     rp.add_argument("--model", action="append", default=None, help="model spec, repeatable (default: the zoo)")
     rp.add_argument("--pretrained", action="store_true", help="load each model's pretrained weights (download)")
