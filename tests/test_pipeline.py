@@ -157,7 +157,8 @@ def test_zoo_path_writes_every_figure(tmp_path, monkeypatch):
     heads = [r for r in table if r["claim"] == "C4"]
     installed = sorted(zoo.HEADS[n] for n in zoo.HEAD_VARIANTS if n in zoo.available())  # [1, 2, 8] when all are
     assert heads and all(r["n_units"] == str(len(installed) + 1) for r in heads)  # and vit (4 heads)
-    assert [r.heads for r in res.heads_runs] == installed and res.runs[0].heads == 4
+    networks = sorted(zoo.HEADS[n] for n in zoo.HEAD_VARIANTS for _ in zoo.networks(n))  # every seed of each
+    assert [r.heads for r in res.heads_runs] == networks and res.runs[0].heads == 4
     assert res.claims.parameters["n_boot"] == 1000 and "| C1 |" in (tmp_path / "claims.md").read_text()
     assert len(res.runs) == 6 and [r.trained for r in res.runs] == [True, False] * 3
     # robustness of the trained models only, CE against the zoo CNN (1 for the CNN where defined)
