@@ -31,7 +31,7 @@ def test_card_and_reported_accuracy(name):
     assert sum(p.numel() for p in lm.model.parameters()) == card["num_params"]
     assert card["data"]["task"] == zoo.DEFAULT_TASK and card["data"]["dataset"] == f"fanlens.synthetic.{task['dataset']}"
     # the reported validation accuracy is what the shipped (fp16) weights give on the validation split
-    ds = getattr(fanlens.synthetic, task["dataset"])(card["data"]["val_size"], seed=card["data"]["data_seed"], split="val")
+    ds = fanlens.synthetic.TASKS[zoo.DEFAULT_TASK](card["data"]["val_size"], seed=card["data"]["data_seed"], split="val")
     xv, yv = _render(ds, False, "")
     assert evaluate(lm.model, xv, yv) == pytest.approx(card["validation_accuracy"], abs=0.01)
     assert card["validation_accuracy"] > 1.5 / task["num_classes"]  # well above chance
