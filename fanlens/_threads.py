@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["one_thread", "split_rows", "for_chunks"]
+__all__ = ["one_thread", "one_blas_thread", "split_rows", "for_chunks"]
 
 # the thread count the outermost one_thread found: what split_rows may use
 _CALLER_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("fanlens_caller_threads", default=None)
@@ -58,6 +58,18 @@ def one_thread() -> Iterator[None]:
                 torch.set_num_threads(n)
     finally:
         _CALLER_THREADS.reset(token)
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run the enclosed work with the BLAS libraries (numpy's and scipy's OpenBLAS) on one thread each,
+    for LAPACK calls made from :func:`split_rows`'s workers: one BLAS pool per worker would put
+    workers x BLAS threads on the cores. Set from the calling thread (the limit is process-wide) and
+    restored after."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def _forget_pool_in_child() -> None:

@@ -40,6 +40,7 @@ analyses accepts them beside the five above):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -47,7 +48,7 @@ import numpy as np
 
 import torch
 
-from ._threads import split_rows
+from ._threads import one_blas_thread, split_rows
 from ._validation import FanlensError, all_finite, check_choice, check_fraction, check_positive_int, check_shape
 
 __all__ = [
@@ -630,18 +631,56 @@ def spectral_clustering(
     if len(indices) != b:
         raise FanlensError(f"indices must hold one id per matrix ({b}). Got {len(indices)} instead.")
     # small decompositions and k-means steps, matrix by matrix: on the caller's cores (fanlens._threads)
-    return split_rows(
-        lambda a_, idx_: _spectral_clustering(a_, n_clusters, max_k, n_init, seed, dtype, idx_.tolist()),
-        a, torch.tensor(indices, dtype=torch.long),
-    )
+    with one_blas_thread() if _top_eigh_partial(a, _top_needed(n, n_clusters, max_k)) else contextlib.nullcontext():
+        return split_rows(
+            lambda a_, idx_: _spectral_clustering(a_, n_clusters, max_k, n_init, seed, dtype, idx_.tolist()),
+            a, torch.tensor(indices, dtype=torch.long),
+        )
+
+
+# from this many tokens on, the clustering's top eigenpairs come from LAPACK's partial solver (scipy's
+# ``eigh(subset_by_index=..., driver="evr")``, matrix by matrix) instead of a full batched ``torch.linalg.eigh``:
+# measured on one thread, 1,024 tokens, float64: the top 2-33 pairs in 0.044 s against 0.132 s for all of
+# them; at 256 tokens and below the batched full solver is as fast or faster. The pairs agree to ~1e-15.
+TOP_EIGH_MIN_TOKENS = 512
+
+
+def _top_needed(n: int, n_clusters: int | None, max_k: int) -> int:
+    """How many of the top eigenpairs the clustering reads: ``k`` vectors, or the eigengap's values."""
+    return min(n, n_clusters if n_clusters is not None else max_k + 1)
+
+
+def _top_eigh_partial(m: torch.Tensor, top: int) -> bool:
+    return m.device.type == "cpu" and m.shape[-1] >= TOP_EIGH_MIN_TOKENS and top <= m.shape[-1] // 4
+
+
+def top_eigh(m: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top`` largest eigenvalues ``(B, top)`` and their eigenvectors ``(B, N, top)`` of each
+    symmetric matrix of ``m``, descending. Large matrices on the CPU go through the partial solver
+    (:data:`TOP_EIGH_MIN_TOKENS`), the rest through one batched full ``torch.linalg.eigh``."""
+    check_shape("m", m, ["B", "N", "N"])
+    sym = 0.5 * (m + m.transpose(1, 2))
+    n = m.shape[-1]
+    if not _top_eigh_partial(m, top):
+        evals, evecs = torch.linalg.eigh(sym)
+        return evals.flip(-1)[:, :top], evecs.flip(-1)[:, :, :top]
+    from scipy.linalg import eigh as _scipy_eigh
+
+    arr = sym.numpy()
+    vals = np.empty((m.shape[0], top), dtype=arr.dtype)
+    vecs = np.empty((m.shape[0], n, top), dtype=arr.dtype)
+    for i in range(m.shape[0]):
+        w, v = _scipy_eigh(arr[i], subset_by_index=[n - top, n - 1], driver="evr", check_finite=False)
+        vals[i], vecs[i] = w[::-1], v[:, ::-1]
+    return torch.from_numpy(vals), torch.from_numpy(vecs)
 
 
 def _spectral_clustering(a, n_clusters, max_k, n_init, seed, dtype, indices):
     b, n, _ = a.shape
     m = normalized_affinity(a)
     work = m.to(dtype) if dtype is not None else m
-    evals, evecs = torch.linalg.eigh(0.5 * (work + work.transpose(1, 2)))
-    evals, evecs = evals.flip(-1).to(a.dtype), evecs.flip(-1).to(a.dtype)
+    evals, evecs = top_eigh(work, _top_needed(n, n_clusters, max_k))
+    evals, evecs = evals.to(a.dtype), evecs.to(a.dtype)
     if n_clusters is None:
         ks = _eigengap(evals, max_k).long()
     else:

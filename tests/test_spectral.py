@@ -178,6 +178,34 @@ def test_clustering_labels_do_not_depend_on_the_other_matrices_of_the_call(k):
         assert torch.equal(alone[0], together[i]) and k_alone.item() == ks[i].item()
 
 
+def test_top_eigh_partial_solver_matches_the_full_one(monkeypatch):
+    """Large matrices take the partial solver: the same top pairs as the full decomposition (values to
+    1e-12, vectors up to sign), and equal labels and k, bit for bit, from both paths on 3 noisy blocks of
+    200-224 tokens (the eigengap finds the 3)."""
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.ones(m, m, dtype=torch.float64) for m in (200, 200, 224)]
+    a = torch.block_diag(*blocks)
+    e = 0.05 * torch.rand(a.shape, generator=g, dtype=torch.float64)
+    a = (a + 0.5 * (e + e.T))[None].repeat(2, 1, 1)
+    a[1] = a[1].flip(0).flip(1)
+    m = sp.normalized_affinity(a)
+    assert sp._top_eigh_partial(m, 3)
+    vals, vecs = sp.top_eigh(m, 3)
+    w, v = torch.linalg.eigh(m)
+    assert torch.allclose(vals, w.flip(-1)[:, :3], atol=1e-12)
+    assert torch.allclose(vals[:, 0], torch.ones(2, dtype=torch.float64), atol=1e-12)  # top of M is 1
+    assert torch.allclose(vecs.abs(), v.flip(-1)[:, :, :3].abs(), atol=1e-10)
+    partial = [sp.spectral_clustering(a, k, seed=0, dtype=torch.float64) for k in (3, None)]
+    monkeypatch.setattr(sp, "TOP_EIGH_MIN_TOKENS", 10**9)
+    assert not sp._top_eigh_partial(m, 3)
+    full = [sp.spectral_clustering(a, k, seed=0, dtype=torch.float64) for k in (3, None)]
+    truth = np.repeat([0, 1, 2], [200, 200, 224])
+    for (lp, kp), (lf, kf) in zip(partial, full):
+        assert torch.equal(lp, lf) and torch.equal(kp, kf)
+        assert kp.tolist() == [3, 3]
+        assert adjusted_rand_score(truth, lp[0].numpy()) == 1.0
+
+
 def test_clustering_rejects_k_above_token_count():
     a = block_diagonal(2, size=2)
     with pytest.raises(FanlensError, match="n_clusters must be <= the number of tokens"):
