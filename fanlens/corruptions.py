@@ -766,7 +766,15 @@ def _pixelate(x, s, gens):
     c = [0.6, 0.5, 0.4, 0.3, 0.25][s - 1]
     h, w = x.shape[-2:]
     oh, ow = max(int(h * c), 1), max(int(w * c), 1)
-    down = _box_sums(_box_sums(x, -2, oh), -1, ow)  # (B, 3, oh, ow): the rows' windows, then the columns'
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        # channels-last input as it is: the rows' windows on its (B, H, W * 3) memory (contiguous rows), and the
+        # (smaller) row sums into (B, 3, oh, W) order; the same sums in the same order as from a (B, 3, H, W) copy
+        b, ch = x.shape[:2]
+        rows = _box_sums(x.permute(0, 2, 3, 1).reshape(b, h, w * ch), -2, oh)
+        rows = rows.view(b, oh, w, ch).permute(0, 3, 1, 2).contiguous()
+    else:
+        rows = _box_sums(x, -2, oh)
+    down = _box_sums(rows, -1, ow)  # (B, 3, oh, ow): the rows' windows, then the columns'
     cy, cx = _box_windows_cpu(h, oh)[1].to(x), _box_windows_cpu(w, ow)[1].to(x)  # the windows' lengths
     down = down / (cy[:, None] * cx[None, :])
     my, mx = _nearest_map(h, oh), _nearest_map(w, ow)
@@ -908,6 +916,18 @@ _FUNCS: dict[str, Callable] = {
 _DETERMINISTIC = frozenset({"gaussian_blur", "defocus_blur", "zoom_blur", "brightness", "saturate", "contrast",
                             "pixelate", "jpeg_compression"})
 """The corruptions that draw nothing (no generators are made for them)."""
+_ANY_LAYOUT = frozenset({"pixelate", "jpeg_compression"})
+"""The corruptions that take channels-last input as it is, without a (B, C, H, W) copy first: JPEG's encoder
+wants the pixels channels-last, pixelate sums the rows' windows on channels-last memory (:func:`_pixelate`)."""
+_WHOLE_BATCH = frozenset({"pixelate"})
+"""The corruptions run on the whole batch with the caller's torch threads instead of one chunk per thread: sums
+and copies that memory bandwidth limits, where a second chunk saves less than joining the chunks costs."""
+_IN_RANGE = frozenset({"jpeg_compression"})
+"""Outputs in [0, 1] by construction (JPEG: decoded bytes / 255): no clamp."""
+_KEEPS_RANGE = frozenset({"pixelate"})
+"""Outputs within the input's range (pixelate: window averages, then copies of them; a float sum of values
+at most 1 rounds to at most the window's length, so its average is at most 1, and likewise at least 0):
+no clamp when the input is in [0, 1] (check_pixels admits a small overshoot, which is clamped)."""
 
 MIN_SIDE = 2
 """The smallest image side every corruption accepts (a 1-pixel side has no neighbourhood: frost's
@@ -957,9 +977,11 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
     from .data import check_pixels
 
     x = images.float()
-    if name != "jpeg_compression":  # one pass into (B, C, H, W) order (channels-last input is common): the
-        x = x.contiguous()  # filters below read rows; JPEG's encoder wants the pixels channels-last anyway
-    check_pixels(x, "images")  # on the copy when there is one (a contiguous read)
+    if name not in _ANY_LAYOUT:  # one pass into (B, C, H, W) order (channels-last input is common): the
+        x = x.contiguous()  # filters below read rows
+    lo, hi = check_pixels(x, "images")  # on the copy when there is one (a contiguous read)
+    # the output stays in [0, 1] without a clamp where the corruption keeps the input's range and the input is in it
+    clamp = name not in _IN_RANGE and not (name in _KEEPS_RANGE and lo >= 0 and hi <= 1)
     parts: dict[int, torch.Tensor] = {}
 
     def run(start: int, stop: int) -> None:
@@ -967,7 +989,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
             y = _FUNCS[name](x[start:stop], int(severity), gens[start:stop])
             if y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
                 y = y.clone()  # a corruption that left its input as it was: never hand back the caller's memory
-            parts[start] = y.clamp_(0, 1)  # in place: no fresh output to fault in
+            parts[start] = y.clamp_(0, 1) if clamp else y  # in place: no fresh output to fault in
 
     # image by image: the batch split over the caller's cores, one intra-op thread each (fanlens._threads),
     # each chunk's result kept and the chunks joined in order (one chunk: no copy at all)
@@ -975,6 +997,9 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
         if name == "jpeg_compression":  # torchvision 0.29 warns on every JPEG call that the codec is deprecated
             warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision",
                                     category=DeprecationWarning)
-        for_chunks(run, b, x.device)
+        if name in _WHOLE_BATCH:
+            run(0, b)
+        else:
+            for_chunks(run, b, x.device)
     out = parts[0] if len(parts) == 1 else torch.cat([parts[k] for k in sorted(parts)])
     return out.to(images.dtype)

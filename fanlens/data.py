@@ -237,12 +237,13 @@ def _check_pixel_tensor(x: Any, what: str) -> torch.Tensor:
 PIXEL_TOLERANCE = 1e-3
 
 
-def check_pixels(x: torch.Tensor, what: str = "images") -> None:
+def check_pixels(x: torch.Tensor, what: str = "images") -> tuple[float, float] | None:
     """Pixels must be finite and in [0, 1] (a tolerance of 1e-3 for resampling overshoot).
 
-    Values in 0..255 or already normalised values would silently give other numbers."""
+    Values in 0..255 or already normalised values would silently give other numbers. Returns the
+    smallest and largest value (``None`` for an empty tensor)."""
     if x.numel() == 0:
-        return
+        return None
     if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         x = x.permute(0, 2, 3, 1)  # the same values in memory order: aminmax would copy a strided input first
     lo, hi = (float(v) for v in torch.aminmax(x))  # one pass: NaN and inf propagate into the extremes
@@ -253,6 +254,7 @@ def check_pixels(x: torch.Tensor, what: str = "images") -> None:
         hint = " (divide 0..255 values by 255)" if hi > 1 + PIXEL_TOLERANCE and hi <= 255 and lo >= 0 else (
             " (pass pixels before normalisation: fanlens applies the model's mean/std itself)" if lo < 0 else "")
         raise FanlensError(f"{what} must hold pixel values in [0, 1]{hint}. Got values in [{lo:.4g}, {hi:.4g}] instead.")
+    return lo, hi
 
 
 MAX_IMAGE_PIXELS = 200_000_000

@@ -238,8 +238,9 @@ def test_channels_last_input_gives_the_same_pixels_and_the_output_is_new_memory(
     x = _pixels(3, 24, 20)
     cl = x.contiguous(memory_format=torch.channels_last)
     assert not cl.is_contiguous()
-    a, b = C.corrupt(x, name, 2, seed=1), C.corrupt(cl, name, 2, seed=1)
-    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    for sev in (1, 2, 3) if name in ("pixelate", "jpeg_compression") else (2,):  # these two read channels-last as is
+        a, b = C.corrupt(x, name, sev, seed=1), C.corrupt(cl, name, sev, seed=1)
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
     for src in (x, x[:, :, :3, :3].contiguous()):
         y = C.corrupt(src, name, 1, seed=1)
         assert y.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
@@ -297,3 +298,20 @@ def test_jpeg_silences_torchvisions_deprecation_without_leaking_filters():
             assert warnings.filters == filters
     finally:
         torch.set_num_threads(before)
+
+
+def test_pixelate_output_in_range_without_a_clamp_and_clamped_after_an_admitted_overshoot():
+    """Pixelate averages and copies the input's values, so it skips the clamp when the input is in [0, 1]:
+    a constant image comes back exactly (0.25 and 1.0 at every severity), extreme pixels stay in [0, 1]; an
+    input that check_pixels admits with its 1e-3 overshoot (1.0005) is clamped to 1, as every corruption's."""
+    for v in (0.25, 1.0):
+        x = torch.full((2, 3, 40, 36), v)
+        for s in C.SEVERITIES:
+            assert torch.equal(C.corrupt(x, "pixelate", s), x)
+    x = (torch.rand(3, 3, 50, 50, generator=torch.Generator().manual_seed(0)) > 0.5).float()  # 0s and 1s
+    for s in C.SEVERITIES:
+        y = C.corrupt(x, "pixelate", s)
+        assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+    over = torch.full((1, 3, 40, 40), 1.0005)
+    for s in C.SEVERITIES:
+        assert torch.equal(C.corrupt(over, "pixelate", s), torch.ones_like(over))
