@@ -18,7 +18,7 @@ started before the condition's block and stopped after it; fanlens's policy is d
 of each condition's block, as a command decides it at its start.
 
 Run: python benchmarks/corruptions.py [--images 32] [--size 128] [--batches 1,32] [--rounds 3]
-     [--conditions alone,torch2] [--ref-glass-images 4]
+     [--conditions alone,torch2] [--ref-glass-images 4] [--only pixelate,...] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,32", help="fanlens' batch sizes (comma-separated)")
     ap.add_argument("--conditions", default="alone,torch2")
     ap.add_argument("--only", default=None, help="comma-separated corruptions (default: all 19)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="sweeps per side and round (the seconds are per sweep): beside a competing job a sweep of "
+                         "a fast corruption (tens of ms) is shorter than the scheduler's noise")
     args = ap.parse_args()
     import imagecorruptions as ic
 
@@ -85,24 +88,28 @@ def main() -> None:
                     k = min(args.ref_glass_images, args.images) if n == "glass_blur" else args.images
 
                     def reference(n=n, k=k):
-                        for s in C.SEVERITIES:
-                            for im in imgs[:k]:
-                                ic.corrupt(im, corruption_name=n, severity=s)
+                        for _ in range(args.repeat):
+                            for s in C.SEVERITIES:
+                                for im in imgs[:k]:
+                                    ic.corrupt(im, corruption_name=n, severity=s)
 
                     def ours(n=n, batch=batch):
-                        for s in C.SEVERITIES:
-                            for i in range(0, len(x), batch):
-                                C.corrupt(x[i : i + batch], n, s, indices=range(i, min(i + batch, len(x))))
+                        for _ in range(args.repeat):
+                            for s in C.SEVERITIES:
+                                for i in range(0, len(x), batch):
+                                    C.corrupt(x[i : i + batch], n, s, indices=range(i, min(i + batch, len(x))))
 
                     t = alternate({"reference": reference, "fanlens": ours}, rounds=args.rounds, warmup=0)
-                    rows.append((n, [v * args.images / k for v in t["reference"]], t["fanlens"], k))
+                    rows.append((n, [v * args.images / k / args.repeat for v in t["reference"]],
+                                 [v / args.repeat for v in t["fanlens"]], k))
                 results[(cond, batch)] = (rows, f"{comp.label}; fanlens threads {pol.threads} ({pol.source}, "
                                                 f"other processes kept {pol.load:.2f} cores busy)")
     print(f"machine: {machine()}")
     for (cond, batch), (rows, label) in results.items():
         print(f"\n{label}; fanlens batch {batch}")
         print(f"{args.images} images of {args.size}x{args.size}, severities 1-5; seconds for the 5 severities, "
-              f"median of {args.rounds} shuffled rounds [min, max]")
+              f"median of {args.rounds} shuffled rounds [min, max]"
+              + (f" ({args.repeat} sweeps per side and round)" if args.repeat > 1 else ""))
         print(f"{'corruption':<18} {'reference':>22} {'fanlens':>22} {'speed-up':>9}  per round median [min, max]")
         tot_r = tot_f = 0.0
         below = []

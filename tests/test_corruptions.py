@@ -315,3 +315,24 @@ def test_pixelate_output_in_range_without_a_clamp_and_clamped_after_an_admitted_
     over = torch.full((1, 3, 40, 40), 1.0005)
     for s in C.SEVERITIES:
         assert torch.equal(C.corrupt(over, "pixelate", s), torch.ones_like(over))
+
+
+@pytest.mark.parametrize("n_in, n_out", [(128, 76), (97, 58), (130, 38), (64, 32), (50, 49)])
+def test_pixelate_box_sums_by_slices_and_by_gathers_give_the_same_bits(monkeypatch, n_in, n_out):
+    """The BOX window sums have two implementations, strided slices per phase of the windows' period and
+    row gathers per window offset (:data:`fanlens.corruptions._SLICE_MAX_PERIOD` picks by the period); both
+    add each window's pixels in order, so the sums agree bit for bit, along rows and columns, and both equal
+    the windows summed one by one."""
+    t = torch.rand(2, 3, n_in, n_in, generator=torch.Generator().manual_seed(n_out))
+    idx, count = C._box_windows_cpu(n_in, n_out)
+    by = {}
+    for period in (0, 10**6):  # everything gathered, everything sliced
+        monkeypatch.setattr(C, "_SLICE_MAX_PERIOD", period)
+        by[period] = (C._box_sums(t, -2, n_out), C._box_sums(t, -1, n_out))
+    assert torch.equal(by[0][0], by[10**6][0]) and torch.equal(by[0][1], by[10**6][1])
+    for i in (0, n_out // 2, n_out - 1):
+        rows = idx[i, : int(count[i])].tolist()
+        want = t[:, :, rows[0]].clone()
+        for r in rows[1:]:
+            want += t[:, :, r]
+        assert torch.equal(by[0][0][:, :, i], want)
