@@ -460,6 +460,16 @@ def _zoom_blur(x, s, gens):
     return out / (len(zooms) + 1)
 
 
+@functools.lru_cache(maxsize=32)
+def _plasma_wibbles(sizes: tuple[int, ...], wibbledecay: float) -> torch.Tensor:
+    """Each value's wibble, level by level (100, then divided by the decay per level; never written to)."""
+    wibbles, wibble = [], 100.0
+    for n in sizes:
+        wibbles.append(torch.full((3 * n * n,), wibble, dtype=torch.float64))
+        wibble /= wibbledecay
+    return torch.cat(wibbles)
+
+
 def _plasma_fractals(mapsize: int, wibbledecay: float, gens: list[torch.Generator]) -> torch.Tensor:
     """Diamond-square height maps in [0, 1] (the reference's ``plasma_fractal``), one per generator,
     computed on the batch at once: each image's uniform draws are made in one call (the same numbers,
@@ -474,11 +484,7 @@ def _plasma_fractals(mapsize: int, wibbledecay: float, gens: list[torch.Generato
     b = len(gens)
     # every level's random term at once: wibble * (u * 2 * wibble - wibble) with each level's wibble (100,
     # divided by the decay level by level), the same operations per value as level by level
-    wibbles, wibble = [], 100.0
-    for n in sizes:
-        wibbles.append(torch.full((3 * n * n,), wibble, dtype=torch.float64))
-        wibble /= wibbledecay
-    w_all = torch.cat(wibbles)
+    w_all = _plasma_wibbles(tuple(sizes), wibbledecay)
     noise = w_all * (r * 2 * w_all - w_all)
     m = torch.zeros((b, mapsize, mapsize), dtype=torch.float64)
     step, at = mapsize, 0
