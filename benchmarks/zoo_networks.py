@@ -12,6 +12,7 @@ For every installed network of a task (default: the zoo's default task), prints 
 
     python benchmarks/zoo_networks.py                 # every installed network of the default task
     python benchmarks/zoo_networks.py --names vit,cnn # the networks of some architectures
+    python benchmarks/zoo_networks.py --networks vit-h1@2,vit-h8@1  # some networks
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default=zoo.DEFAULT_TASK, choices=tuple(zoo.TASKS))
     ap.add_argument("--names", default=",".join(zoo.ALL_NAMES), help="architectures, comma-separated")
+    ap.add_argument("--networks", default=None,
+                    help="only these networks, comma-separated (e.g. vit-h1@2,vit-h8@1; default: every installed one)")
     ap.add_argument("--n-images", type=int, default=512, help="held-out images for the accuracy")
     ap.add_argument("--ari-images", type=int, default=64, help="held-out images for the mask ARI")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.names.split(",") if n.strip()]
+    only = None if args.networks is None else {n.strip() for n in args.networks.split(",") if n.strip()}
     n = max(args.n_images, args.ari_images)
     x, y, m = synthetic.TASKS[args.task](n, seed=0, split="test").batch(range(n))
     x8 = (x * 255).round().to(torch.uint8)
@@ -47,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name in names:
         for seed in zoo.networks(name, task=args.task):
+            if only is not None and zoo.network_name(name, seed) not in only:
+                continue
             spec = f"{args.task}/{zoo.network_name(name, seed)}"
             card = zoo.card(spec)
             lm = zoo.load(spec)
