@@ -266,19 +266,47 @@ def test_defocus_box_sums_equal_the_kernel_they_replace():
             assert float((C._defocus_blur(x, s, None) - direct).abs().max()) < 1e-6, (h, w, s)
 
 
-def test_the_chamfer_scans_two_ways_give_the_same_bits(monkeypatch):
-    """Few rows reduce over a window view, many take elementwise minimums: min is exact and each
-    candidate is the same float sum, so both give identical distances (and spatter's pixels do not
-    depend on which one the batch size picked)."""
+def test_the_chamfer_scans_three_ways_give_the_same_bits(monkeypatch):
+    """On the CPU the scan runs in numpy; in torch (other devices) few rows reduce over a window view,
+    many take elementwise minimums: min is exact and each candidate is the same float sum, so all
+    three give identical distances (spatter's pixels do not depend on the device's path or the batch
+    size). A hand-computed case pins the values: one edge pixel, distances 1, 1.4 and 2.1969 to its
+    edge, diagonal and knight's-move neighbours, 2 two steps along a row, capped at 3."""
     gen = torch.Generator().manual_seed(0)
-    for b, h, w in ((1, 64, 64), (3, 40, 57), (2, 5, 5), (1, 2, 2)):
+    for b, h, w in ((1, 64, 64), (3, 40, 57), (2, 5, 5), (1, 2, 2), (1, 1, 9), (2, 33, 1)):
         edges = torch.rand(b, 1, h, w, generator=gen) < 0.03
+        in_numpy = C._chamfer_distance(edges, 20.0)
+        monkeypatch.setattr(C, "_CHAMFER_IN_NUMPY", False)
         monkeypatch.setattr(C, "_CHAMFER_VIEW_MAX", 0)
         chain = C._chamfer_distance(edges, 20.0)
         monkeypatch.setattr(C, "_CHAMFER_VIEW_MAX", 10**9)
         assert torch.equal(C._chamfer_distance(edges, 20.0), chain)
+        assert torch.equal(in_numpy, chain)
+        monkeypatch.setattr(C, "_CHAMFER_IN_NUMPY", True)
     assert float(chain.max()) <= 20.0
+    one = torch.zeros(1, 1, 7, 7, dtype=torch.bool)
+    one[0, 0, 3, 3] = True
+    d = C._chamfer_distance(one, 3.0)[0, 0]
+    assert float(d[3, 3]) == 0.0 and float(d[3, 4]) == 1.0 and float(d[2, 3]) == 1.0
+    assert abs(float(d[2, 2]) - 1.4) < 1e-6 and abs(float(d[1, 2]) - 2.1969) < 1e-6 and abs(float(d[4, 5]) - 2.1969) < 1e-6
+    assert abs(float(d[3, 5]) - 2.0) < 1e-6 and float(d[0, 0]) == 3.0  # 3 x 1.4 = 4.2 is capped at 3
 
+
+def test_canny_hysteresis_keeps_weak_chains_touching_a_strong_edge_only():
+    """A hand-made level image: a bar of level 30 (its steps have Sobel magnitude 4 x 30 = 120, between
+    the thresholds 50 and 150: weak) that turns to 255 in its lower half (magnitude 1020: strong), and
+    a second step to 30, eight columns away, that touches nothing strong. The bar's weak upper edges
+    survive through their 8-connection to the strong lower ones; the isolated weak step is dropped."""
+    level = torch.zeros(1, 1, 24, 32)
+    level[..., :, 6:14] = 30.0
+    level[..., 12:, 6:14] = 255.0
+    level[..., :, 22:] = 30.0
+    edge = C._canny(level, 50, 150)[0, 0]
+    assert bool(edge[12:, 5:7].any()) and bool(edge[:10, 5:7].any())  # strong below, weak above: kept
+    assert bool(edge[:10, 13:15].any())
+    assert not bool(edge[:, 18:].any())  # the isolated weak step
+    assert not bool(C._canny(level, 50, 2040)[0, 0].any())  # L1 magnitudes <= 2 x 1020: none strong, nothing
+    assert bool(C._canny(level, 50, 100)[0, 0, :, 21:23].any())  # 120 > 100: the second step is strong
 
 def test_jpeg_silences_torchvisions_deprecation_without_leaking_filters():
     """torchvision 0.29 warns on every JPEG call; corrupt() ignores that one message around its worker
