@@ -841,21 +841,25 @@ def _reflect_coord(v: torch.Tensor, n: int) -> torch.Tensor:
 def _pixelate(x, s, gens):
     """Pillow's BOX down to ``c`` of the size, then NEAREST back up (the reference), on the whole batch.
     The box sums run along the height, then the width (:func:`_box_sums`: one strided slice per phase
-    of the windows' period, or row gathers for long periods), the averages are upsampled by torch's
-    ``nearest-exact`` interpolation where its source indices equal Pillow's (checked for the sizes at
-    hand), else by two index selections."""
+    of the windows' period, or each row added into its window for long periods), the averages are
+    upsampled by torch's ``nearest-exact`` interpolation where its source indices equal Pillow's
+    (checked for the sizes at hand), else by two index selections."""
     c = [0.6, 0.5, 0.4, 0.3, 0.25][s - 1]
     h, w = x.shape[-2:]
     oh, ow = max(int(h * c), 1), max(int(w * c), 1)
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        # channels-last input as it is: the rows' windows on its (B, H, W * 3) memory (contiguous rows), and the
-        # (smaller) row sums into (B, 3, oh, W) order; the same sums in the same order as from a (B, 3, H, W) copy
+        # channels-last input as it is: the rows' windows on its (B, H, W * 3) memory (contiguous rows); the
+        # (smaller) row sums then go, in one copy, into the order the columns' windows read best: (B, 3, W, oh)
+        # for long periods (rows added into windows), else (B, 3, oh, W) (strided slices); the same sums in the
+        # same order as from a (B, 3, H, W) copy
         b, ch = x.shape[:2]
-        rows = _box_sums(x.permute(0, 2, 3, 1).reshape(b, h, w * ch), -2, oh)
-        rows = rows.view(b, oh, w, ch).permute(0, 3, 1, 2).contiguous()
+        rows = _box_sums(x.permute(0, 2, 3, 1).reshape(b, h, w * ch), -2, oh).view(b, oh, w, ch)
+        if _period(w, ow) > _SLICE_MAX_PERIOD:
+            down = _box_sums(rows.permute(0, 3, 2, 1).contiguous(), -2, ow).transpose(-1, -2)
+        else:
+            down = _box_sums(rows.permute(0, 3, 1, 2).contiguous(), -1, ow)
     else:
-        rows = _box_sums(x, -2, oh)
-    down = _box_sums(rows, -1, ow)  # (B, 3, oh, ow): the rows' windows, then the columns'
+        down = _box_sums(_box_sums(x, -2, oh), -1, ow)  # (B, 3, oh, ow): the rows' windows, then the columns'
     cy, cx = _box_windows_cpu(h, oh)[1].to(x), _box_windows_cpu(w, ow)[1].to(x)  # the windows' lengths
     down = down / (cy[:, None] * cx[None, :])
     (my, ty), (mx, tx) = _upsample_map(h, oh), _upsample_map(w, ow)
@@ -864,10 +868,15 @@ def _pixelate(x, s, gens):
     return down.index_select(-2, my.to(x.device)).index_select(-1, mx.to(x.device))
 
 
-# measured on one thread, 128-pixel sides: for periods q > 1 the gathers beat the q strided slices per window
-# offset at batch 1 (0.09 vs 0.85 ms), 4 and 32 (rows: 1.5 vs 2.7 ms; columns at q = 19: 2.9 vs 2.5 ms, the one
-# case the slices win); for whole blocks (q = 1) the slices win at every batch (batch 32: 0.35 vs 1.7 ms)
+# measured on one thread, 32 images of 128 x 128: for periods q > 1 adding each row into its window
+# (index_add_) beats the q strided slices per window offset and the earlier row gathers (severity 1,
+# q = 19: 5.7 vs 11.1 ms per call with gathers); for whole blocks (q = 1) the slices win (2.2 vs 3.5 ms)
 _SLICE_MAX_PERIOD = 1
+
+
+def _period(n_in: int, n_out: int) -> int:
+    """The period ``q`` of Pillow's BOX windows from ``n_in`` to ``n_out`` pixels (``n_out / gcd``)."""
+    return n_out // math.gcd(n_in, n_out)
 
 
 def _box_sums(t: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
@@ -875,15 +884,20 @@ def _box_sums(t: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
     window's pixels added in order. The windows repeat with a period: with ``n_in / n_out = p / q`` in
     lowest terms, window ``i + q`` is window ``i`` moved by ``p``, so the windows of one phase
     ``i mod q`` are strided slices of ``t`` (no gathers; whole blocks of ``k`` pixels when ``q = 1``).
-    Periods above :data:`_SLICE_MAX_PERIOD` (``q`` slices per window offset) go through :func:`_window_sums`,
-    which gathers the rows once per window offset instead; both add each window's pixels in the same order
-    (the same bits)."""
+    Periods above :data:`_SLICE_MAX_PERIOD` (``q`` slices per window offset) add each row, in order, into
+    its window's row instead (``index_add_`` from zeros; along ``dim = -1`` on a transposed copy): both add
+    each window's pixels in the same order (the same bits)."""
     n_in = t.shape[dim]
-    g = math.gcd(n_in, n_out)
-    p, q = n_in // g, n_out // g
+    p, q = n_in // math.gcd(n_in, n_out), _period(n_in, n_out)
     if q > _SLICE_MAX_PERIOD:
-        idx, _ = _box_windows(n_in, n_out, t.device)
-        return _window_sums(t, idx) if dim == -2 else _window_sums(t.transpose(-1, -2), idx).transpose(-1, -2)
+        if dim == -1:  # the columns as rows (one copy), then back as a view
+            return _box_sums(t.transpose(-1, -2).contiguous(), -2, n_out).transpose(-1, -2)
+        owner, shared, earlier, gap = _box_owner(n_in, n_out)
+        out = t.new_zeros((*t.shape[:-2], n_out + gap, t.shape[-1]))  # a last row for pixels in no window
+        out.index_add_(-2, owner.to(t.device), t)
+        if len(shared):
+            out.index_add_(-2, earlier.to(t.device), t.index_select(-2, shared.to(t.device)))
+        return out.narrow(-2, 0, n_out) if gap else out
     idx, count = _box_windows_cpu(n_in, n_out)
     shape = list(t.shape)
     shape[dim] = n_out
@@ -906,10 +920,26 @@ def _box_sums(t: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
     return out
 
 
-def _box_windows(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_box_windows_cpu` (computed once per size pair; never written to) on ``device``."""
+@functools.lru_cache(maxsize=64)
+def _box_owner(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The windows of :func:`_box_windows_cpu` as one index per pixel, for ``index_add_`` (never written to).
+
+    The windows tile the axis but for rounding at their boundaries (a pixel centre on a boundary): such
+    a pixel may fall in no window, or be the last of one window and the first of the next. Returns
+    ``owner`` (the window of each pixel: the later one for a shared pixel, ``n_out`` for none), the
+    shared pixels and their earlier windows (added after the rest: they are those windows' last pixels,
+    so every window's pixels are still added in order), and whether any pixel is in no window."""
     idx, count = _box_windows_cpu(n_in, n_out)
-    return idx.to(device), count.to(device)
+    owner = torch.full((n_in,), n_out, dtype=torch.long)
+    shared, earlier = [], []
+    for i in range(n_out):
+        for j in idx[i, : int(count[i])].tolist():
+            if int(owner[j]) != n_out:
+                shared.append(j)
+                earlier.append(int(owner[j]))
+            owner[j] = i
+    return owner, torch.tensor(shared, dtype=torch.long), torch.tensor(earlier, dtype=torch.long), bool(
+        (owner == n_out).any())
 
 
 @functools.lru_cache(maxsize=64)
@@ -926,22 +956,6 @@ def _box_windows_cpu(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]
     idx = m.to(torch.uint8).argmax(1)[:, None] + torch.arange(k)[None]
     idx = torch.where(torch.arange(k)[None] < count[:, None], idx, n_in)
     return idx, count.clamp_min(1)
-
-
-def _window_sums(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Along dim -2 of ``t``: the sum of the rows of each window of ``idx`` (index ``len`` = past a
-    window's end), added in order: rows every window has are gathered for all windows at once, the
-    rows only the longer windows have are added to those windows alone (no padded copy of ``t``)."""
-    n = t.shape[-2]
-    valid = idx < n
-    acc = t.index_select(-2, idx[:, 0])
-    for j in range(1, idx.shape[1]):
-        if bool(valid[:, j].all()):
-            acc += t.index_select(-2, idx[:, j])
-        else:
-            rows = valid[:, j].nonzero()[:, 0]
-            acc.index_add_(-2, rows, t.index_select(-2, idx[rows, j]))
-    return acc
 
 
 @functools.lru_cache(maxsize=64)

@@ -345,20 +345,47 @@ def test_pixelate_output_in_range_without_a_clamp_and_clamped_after_an_admitted_
         assert torch.equal(C.corrupt(over, "pixelate", s), torch.ones_like(over))
 
 
-@pytest.mark.parametrize("n_in, n_out", [(128, 76), (97, 58), (130, 38), (64, 32), (50, 49)])
-def test_pixelate_box_sums_by_slices_and_by_gathers_give_the_same_bits(monkeypatch, n_in, n_out):
+def test_pixelate_channels_last_equals_contiguous_where_windows_share_or_skip_a_pixel():
+    """Sides whose BOX windows leave a pixel out (17 -> 6 at severity 3) or share one (21 -> 10 at severity 2): the
+    channels-last path (rows summed on (B, H, W * 3) memory, columns on a (B, 3, W, oh) copy) gives the
+    contiguous path's pixels bit for bit, and each output block is its window's mean."""
+    for h, w in ((17, 21), (21, 17), (127, 57)):
+        x = _pixels(2, h, w)
+        cl = x.contiguous(memory_format=torch.channels_last)
+        for sev in C.SEVERITIES:
+            a, b = C.corrupt(x, "pixelate", sev), C.corrupt(cl, "pixelate", sev)
+            assert torch.equal(a, b), (h, w, sev)
+            c = [0.6, 0.5, 0.4, 0.3, 0.25][sev - 1]
+            oh, ow = max(int(h * c), 1), max(int(w * c), 1)
+            iy, cy = C._box_windows_cpu(h, oh)
+            ix, cx = C._box_windows_cpu(w, ow)
+            my, mx = C._nearest_map(h, oh), C._nearest_map(w, ow)
+            for yy, xx in ((0, 0), (h - 1, w - 1), (h // 2, w // 3)):
+                rows, cols = iy[my[yy], : int(cy[my[yy]])], ix[mx[xx], : int(cx[mx[xx]])]
+                want = x[:, :, rows][:, :, :, cols].double().mean((-2, -1))
+                assert float((a[:, :, yy, xx].double() - want).abs().max()) < 1e-6, (h, w, sev, yy, xx)
+
+
+@pytest.mark.parametrize("n_in, n_out", [(128, 76), (97, 58), (130, 38), (64, 32), (50, 49), (17, 6), (21, 10),
+                                         (127, 76), (57, 34)])
+def test_pixelate_box_sums_by_slices_and_by_window_adds_give_the_same_bits(monkeypatch, n_in, n_out):
     """The BOX window sums have two implementations, strided slices per phase of the windows' period and
-    row gathers per window offset (:data:`fanlens.corruptions._SLICE_MAX_PERIOD` picks by the period); both
-    add each window's pixels in order, so the sums agree bit for bit, along rows and columns, and both equal
-    the windows summed one by one."""
+    each row added into its window (``index_add_``; :data:`fanlens.corruptions._SLICE_MAX_PERIOD` picks by
+    the period); both add each window's pixels in order, so the sums agree bit for bit, along rows and
+    columns, and both equal the windows summed one by one. (17, 6) and (127, 76) have a pixel in no window
+    (a centre on a boundary, rounded out of both), (21, 10) and (57, 34) a pixel in two."""
+    idx, count = C._box_windows_cpu(n_in, n_out)
+    gap, shared = int(count.sum()) < n_in, int(count.sum()) > n_in
+    assert (gap, shared) == {(17, 6): (True, False), (127, 76): (True, False), (21, 10): (False, True),
+                             (57, 34): (False, True)}.get((n_in, n_out), (False, False))
     t = torch.rand(2, 3, n_in, n_in, generator=torch.Generator().manual_seed(n_out))
     idx, count = C._box_windows_cpu(n_in, n_out)
     by = {}
-    for period in (0, 10**6):  # everything gathered, everything sliced
+    for period in (0, 10**6):  # every period by window adds, every period by slices
         monkeypatch.setattr(C, "_SLICE_MAX_PERIOD", period)
         by[period] = (C._box_sums(t, -2, n_out), C._box_sums(t, -1, n_out))
     assert torch.equal(by[0][0], by[10**6][0]) and torch.equal(by[0][1], by[10**6][1])
-    for i in (0, n_out // 2, n_out - 1):
+    for i in range(n_out):
         rows = idx[i, : int(count[i])].tolist()
         want = t[:, :, rows[0]].clone()
         for r in rows[1:]:
