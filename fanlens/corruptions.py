@@ -982,7 +982,10 @@ def _jpeg_compression(x, s, gens):
     trip (tested). torchvision marks these calls deprecated (0.29); where they are gone, Pillow does
     the same round trip image by image (:func:`_jpeg_pil`, also tested equal)."""
     q = [25, 18, 15, 10, 7][s - 1]
-    x8 = x.detach().cpu().mul(255).round_().clamp_(0, 255).to(torch.uint8)
+    # corrupt() admits pixels in [-1e-3, 1 + 1e-3] (data.check_pixels): x * 255 rounds into [-0, 255], so the
+    # reference's clip to 0..255 changes nothing and the uint8 conversion is exact without a clamp pass
+    x8 = x.detach().cpu() * 255
+    x8 = x8.round_().to(torch.uint8)  # rounded in place: one float buffer (32 x 128² x 3: 1.2 vs 3.6 ms)
     # (torchvision's deprecation warning on every call is silenced by corrupt(), in the calling thread:
     # warnings.catch_warnings swaps process-wide state and is not safe inside the worker threads)
     try:
@@ -990,10 +993,14 @@ def _jpeg_compression(x, s, gens):
     except ImportError:
         out = _jpeg_pil(x8, q)
     else:
-        # the decoder's (3, H, W) tensors are views of (H, W, 3) pixels: stacked in that order (one copy of
-        # whole images) and handed back channels-last
+        # the decoder's (3, H, W) tensors are views of (H, W, 3) pixels: each converted straight into its
+        # place in one (B, H, W, 3) float array (one pass, no uint8 stack), handed back channels-last
         decoded = decode_jpeg(encode_jpeg(list(x8), quality=q), mode=ImageReadMode.RGB)
-        out = torch.stack([d.permute(1, 2, 0) for d in decoded]).permute(0, 3, 1, 2)
+        h, w = x.shape[-2:]
+        out = torch.empty((len(decoded), h, w, 3), dtype=x.dtype)
+        for i, d in enumerate(decoded):
+            out[i].copy_(d.permute(1, 2, 0))
+        return out.div_(255).permute(0, 3, 1, 2).to(x.device)
     return out.to(x.device, x.dtype).div_(255)
 
 
@@ -1029,9 +1036,11 @@ _DETERMINISTIC = frozenset({"gaussian_blur", "defocus_blur", "zoom_blur", "brigh
 _ANY_LAYOUT = frozenset({"pixelate", "jpeg_compression"})
 """The corruptions that take channels-last input as it is, without a (B, C, H, W) copy first: JPEG's encoder
 wants the pixels channels-last, pixelate sums the rows' windows on channels-last memory (:func:`_pixelate`)."""
-_WHOLE_BATCH = frozenset({"pixelate"})
+_WHOLE_BATCH = frozenset({"pixelate", "jpeg_compression"})
 """The corruptions run on the whole batch with the caller's torch threads instead of one chunk per thread: sums
-and copies that memory bandwidth limits, where a second chunk saves less than joining the chunks costs."""
+and copies that memory bandwidth limits, where a second chunk saves less than joining the chunks costs; JPEG,
+whose codec calls hold the interpreter between images (32 images of 128², 5 severities, 2 threads: 46.6 ms in
+two chunks, 28.0 ms whole; 1 thread: 36.6 / 35.6 ms)."""
 _IN_RANGE = frozenset({"jpeg_compression"})
 """Outputs in [0, 1] by construction (JPEG: decoded bytes / 255): no clamp."""
 _KEEPS_RANGE = frozenset({"pixelate"})
