@@ -171,7 +171,7 @@ def _pairs(models: Sequence[str] | None, pretrained: bool, checkpoints: Sequence
 def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any, masks: np.ndarray | None,
              sigmas: Sequence[float], seed: int, device: str, batch_size: int, progress: bool,
              labels: Any = None, figures: bool = True, severities: Sequence[int] = (1, 2, 3, 4, 5),
-             skip: Sequence[str] = (), grid: bool | None = None) -> ModelRun:
+             skip: Sequence[str] = (), grid: bool | None = None, corrupted: Any = None) -> ModelRun:
     """Every analysis of one model from one pass over the images (:func:`runner.stream_parts`):
     each image goes through the model once with its noisy and probe-corrupted copies, under the
     token capture, and feeds the spectrum, the noise probe, the mask groups, the Figure 4 groups
@@ -179,7 +179,8 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
     corruption cells are forwarded from there without the capture. ``figures=False`` leaves out
     what only the figures use (the Figure 4 groups and colours, the per-family corruption probe); ``skip``
     leaves out parts of :data:`SKIPPABLE`; ``grid`` (default: ``trained``) runs the specification grid's probes and
-    the damage-matched pass."""
+    the damage-matched pass; ``corrupted``: a :class:`fanlens.robustness.CorruptionCache` shared by the models
+    of one run (the zoo networks see the same images: each corrupted batch made once)."""
     figures = figures and "groups" not in skip
     if "groups" in skip:
         masks = None
@@ -217,7 +218,7 @@ def _run_one(lm: LoadedModel, label: str, short: str, trained: bool, images: Any
     if trained and "robustness" not in skip:  # a random-init twin is at chance under every corruption
         part, _step, _key, finish["robustness"] = robustness_part(
             s, labels=labels, severities=severities, probe_severity=CORRUPTION_PROBE_SEVERITY if
-            probe_in_robustness else None, **common)
+            probe_in_robustness else None, corrupted=corrupted, **common)
         parts.append(part)
         if figures and not probe_in_robustness:
             part, cparams = analysis.corruption_probe_part(
@@ -629,6 +630,11 @@ def reproduce(
         imgs, masks, image_names, labels = _zoo_images(n_images, seed)
     runs: list[ModelRun] = []
     decoded: dict = {}
+    from .robustness import CorruptionCache
+
+    # the zoo's networks' robustness grids run over the same held-out images: each batch corrupted once (64
+    # images of 64 x 64 x 75 cells: 236 MiB held; real models' runs corrupt per model, no memory held)
+    corrupted = CorruptionCache(512 * 2**20) if zoo_run else None
     for short, load_trained, load_random in pairs:
         for trained, loader in ((True, load_trained), (False, load_random)):
             lm = loader()
@@ -640,7 +646,7 @@ def reproduce(
             say(f"analysing {label}")
             run = _run_one(lm, label, short, trained and not alone,
                            _decode_once(imgs, lm, decoded, None if zoo_run else n_images), masks, sigmas, seed,
-                           device, batch_size, progress, labels, skip=skip)
+                           device, batch_size, progress, labels, skip=skip, corrupted=corrupted)
             run.alone = alone
             runs.append(run)
             if alone:
@@ -657,7 +663,7 @@ def reproduce(
                 lm = zoo.load(zoo.network_name(name, k))
                 say(f"analysing {lm.name}")
                 run = _run_one(lm, lm.name, ZOO_LABELS[name], True, imgs, masks, sigmas, seed, device, batch_size,
-                               progress, labels, figures=False, skip=skip)
+                               progress, labels, figures=False, skip=skip, corrupted=corrupted)
                 run.heads = zoo.HEADS.get(name)
                 network_runs.append(run)
         for name in (n for n in zoo.HEAD_VARIANTS if n in zoo.available()):
@@ -666,10 +672,13 @@ def reproduce(
                 say(f"analysing {lm.name} (heads, claim C4)")
                 # C4 reads the perturbation and the corruption error: no groups needed
                 run = _run_one(lm, lm.name, name, True, imgs, None, sigmas, seed, device, batch_size, progress,
-                               labels, figures=False, skip=skip)
+                               labels, figures=False, skip=skip, corrupted=corrupted)
                 run.heads = zoo.HEADS[name]
                 heads_runs.append(run)
         _set_architectures([r for r in runs if r.trained] + network_runs + heads_runs)
+    if corrupted is not None and (corrupted.hits or corrupted.misses):
+        say(f"corrupted batches: {corrupted.misses} made, {corrupted.hits} reused ({corrupted.bytes / 2**20:.0f} MiB held)")
+    del corrupted
     _normalise_errors(runs + network_runs + heads_runs)
     evidence = ([r.evidence() for r in runs + network_runs if r.trained]
                 + [r.evidence(claims.HEADS_SERIES) for r in heads_runs])

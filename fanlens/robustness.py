@@ -41,7 +41,7 @@ from .runner import (AccState, Part, Setup, make_provenance, n_batches, resolve_
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "robustness", "robustness_part", "check_baseline", "corruption_errors", "load_labels"]
+__all__ = ["ALEXNET_ERRORS", "ALEXNET_CLEAN_ERROR", "CorruptionCache", "robustness", "robustness_part", "check_baseline", "corruption_errors", "load_labels"]
 
 # Mean top-1 error of AlexNet over severities 1-5 per ImageNet-C corruption, as published with the
 # benchmark (Hendrycks & Dietterich, ICLR 2019; the normalisation of every mCE since).
@@ -51,6 +51,47 @@ ALEXNET_ERRORS = dict(zip(cc.BENCHMARK, (
 )))
 # AlexNet's clean ImageNet-1k top-1 error: torchvision's published acc@1 of 56.522 %.
 ALEXNET_CLEAN_ERROR = 1.0 - 0.56522
+
+
+class CorruptionCache:
+    """Corrupted batches shared by several models' robustness grids over the same images: each cell's
+    batch is corrupted once (``fanlens reproduce`` runs every zoo network on the same held-out images).
+
+    Keyed by the corruption, the severity, the seed, the images' dataset indices and a hash of their
+    pixels (BLAKE2b of the bytes, so models that read the images at another size or preprocessing get
+    their own entries). Holds at most ``max_bytes`` of corrupted pixels; batches past that are corrupted
+    again each time, not stored. The stored tensors are never written to (the grid only normalises
+    them into new tensors)."""
+
+    def __init__(self, max_bytes: int = 768 * 2**20) -> None:
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._store: dict = {}
+
+    @staticmethod
+    def fingerprint(x: torch.Tensor) -> tuple:
+        import hashlib
+
+        data = x.detach().to("cpu").contiguous()
+        digest = hashlib.blake2b(data.numpy().tobytes() if data.dtype != torch.bfloat16 else
+                                 data.view(torch.int16).numpy().tobytes(), digest_size=16).hexdigest()
+        return tuple(data.shape), str(data.dtype), digest
+
+    def corrupt(self, x: torch.Tensor, print_: tuple, name: str, severity: int, seed: int,
+                idx: Sequence[int]) -> torch.Tensor:
+        key = (name, int(severity), int(seed), tuple(int(i) for i in idx), print_)
+        got = self._store.get(key)
+        if got is not None:
+            self.hits += 1
+            return got
+        self.misses += 1
+        got = cc.corrupt(x, name, severity, seed=seed, indices=idx)
+        size = got.element_size() * got.numel()
+        if self.bytes + size <= self.max_bytes:
+            self._store[key] = got
+            self.bytes += size
+        return got
 
 
 class _RobustAcc(AccState):
@@ -336,7 +377,7 @@ def check_baseline(baseline: Any) -> Any:
 def robustness_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,
                     corruptions: Sequence[str] | str | None = None, severities: Sequence[int] | str = cc.SEVERITIES,
                     labels: Any = None, class_index: Any = None, baseline: Any = None,
-                    probe_severity: int | None = None):
+                    probe_severity: int | None = None, corrupted: CorruptionCache | None = None):
     """:func:`robustness` for ``s`` made by :func:`fanlens.runner.setup` (``baseline`` already a
     result or ``"alexnet"``), as a share of a pass: ``(part, step, state key, finish)``.
 
@@ -344,7 +385,8 @@ def robustness_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,
     pass's outputs, adds the probe's corrupted copies at ``probe_severity`` and classifies them
     from the same outputs; every other cell is corrupted and forwarded by the part itself,
     without the capture. ``step(x, idx)`` does all of it alone (for :func:`fanlens.runner.
-    run_batches`, no capture). ``finish()`` returns what :func:`robustness` returns.
+    run_batches`, no capture). ``finish()`` returns what :func:`robustness` returns. ``corrupted``: a
+    :class:`CorruptionCache` shared with other models' grids over the same images (the same pixels).
     """
     corrs, sevs = _grid(corruptions, severities)
     y_all = load_labels(labels, s.images.names, class_index)
@@ -384,8 +426,11 @@ def robustness_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,
             clean = predict(None, lambda: x)
             ref = torch.from_numpy(y_all[idx]) if y_all is not None else clean
             cols = [(clean != ref).double()]
+            print_ = corrupted.fingerprint(x) if corrupted is not None and any(k not in known for k in cells) else None
             for c, v in cells:
-                cols.append((predict((c, v), lambda: cc.corrupt(x, c, v, seed=seed, indices=idx)) != ref).double())
+                make = ((lambda: cc.corrupt(x, c, v, seed=seed, indices=idx)) if print_ is None else
+                        (lambda: corrupted.corrupt(x, print_, c, v, seed, idx)))
+                cols.append((predict((c, v), make) != ref).double())
         acc.stats[0].update(torch.stack(cols, 1).numpy(), idx)
 
     probe_cells = [(c, probe_severity) for c in corrs] if probe_severity is not None else []

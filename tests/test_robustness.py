@@ -247,3 +247,39 @@ def test_probe_severity_must_be_in_the_grid():
     with pytest.raises(FanlensError, match=r"probe_severity must be one of the severities \[1, 5\]"):
         robustness(StdClassifier(), _flat_images(), corruptions="fog", severities=(1, 5), probe_severity=3,
                    progress=False)
+
+
+def test_a_shared_corruption_cache_corrupts_each_batch_once_and_changes_nothing(monkeypatch):
+    """fanlens reproduce hands every zoo network's robustness grid one CorruptionCache: the second
+    model reuses the first one's corrupted batches (no corrupt() call), with the same per-image
+    results as without the cache; other pixels under the same indices are corrupted anew."""
+    from fanlens import corruptions as cc
+    from fanlens.lens import Lens
+    from fanlens.robustness import CorruptionCache, robustness_part
+
+    x, _y, _m = fanlens.synthetic.TASKS[fanlens.zoo.DEFAULT_TASK](6, seed=0, split="test").batch(range(6))
+    calls = []
+    real = cc.corrupt
+    monkeypatch.setattr(cc, "corrupt", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    cache = CorruptionCache()
+    kw = dict(seed=0, batch_size=3, corruptions="gaussian_noise,contrast", severities=(1, 3))
+    for name in ("vit", "fan"):
+        lens = Lens(fanlens.zoo.load(name), x, batch_size=3, progress=False, cache_bytes=0, cache_spill=False)
+        per = []
+        for shared in (None, cache):
+            _part, step, _key, finish = robustness_part(lens.setup, corrupted=shared, **kw)
+            for start in (0, 3):
+                step(x[start : start + 3], list(range(start, start + 3)))
+            per.append(finish().per_image)
+        np.testing.assert_array_equal(per[0], per[1])
+    # without the cache 2 models x 2 batches x 4 cells (16 calls); with it the first model's 8 only
+    assert len(calls) == 24 and (cache.misses, cache.hits) == (8, 8)
+    assert cache.bytes == 8 * 3 * 3 * x.shape[-2] * x.shape[-1] * 4
+    _part, step, _key, _finish = robustness_part(lens.setup, corrupted=cache, **kw)
+    step(x[:3] * 0.5, [0, 1, 2])  # the same indices, other pixels: a new fingerprint, corrupted again
+    assert (cache.misses, cache.hits) == (12, 8) and len(calls) == 28
+    small = CorruptionCache(max_bytes=0)  # nothing fits: corrupted every time, nothing held
+    _part, step, _key, _finish = robustness_part(lens.setup, corrupted=small, **kw)
+    step(x[:3], [0, 1, 2])
+    step(x[:3], [0, 1, 2])
+    assert (small.misses, small.hits, small.bytes) == (8, 0, 0)
