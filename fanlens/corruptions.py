@@ -499,17 +499,22 @@ def _plasma_fractals(mapsize: int, wibbledecay: float, gens: list[torch.Generato
         at += n * n
         return out
 
+    def roll(a, shift, axis):  # np.roll by one place: the same copy without np.roll's generic setup (~8 us a call)
+        if axis == 1:
+            return np.concatenate((a[:, 1:], a[:, :1]) if shift == -1 else (a[:, -1:], a[:, :-1]), axis=1)
+        return np.concatenate((a[..., 1:], a[..., :1]) if shift == -1 else (a[..., -1:], a[..., :-1]), axis=2)
+
     while step >= 2:
         half = step // 2
         corner = m[:, 0:mapsize:step, 0:mapsize:step]
-        sq = corner + np.roll(corner, -1, 1)
-        sq = sq + np.roll(sq, -1, 2)
+        sq = corner + roll(corner, -1, 1)
+        sq = sq + roll(sq, -1, 2)
         m[:, half:mapsize:step, half:mapsize:step] = wibbled(sq)
         dr = m[:, half:mapsize:step, half:mapsize:step]
         ul = m[:, 0:mapsize:step, 0:mapsize:step]
-        lt = dr + np.roll(dr, 1, 1) + ul + np.roll(ul, -1, 2)
+        lt = dr + roll(dr, 1, 1) + ul + roll(ul, -1, 2)
         m[:, 0:mapsize:step, half:mapsize:step] = wibbled(lt)
-        tt = dr + np.roll(dr, 1, 2) + ul + np.roll(ul, -1, 1)
+        tt = dr + roll(dr, 1, 2) + ul + roll(ul, -1, 1)
         m[:, half:mapsize:step, 0:mapsize:step] = wibbled(tt)
         step //= 2
     m = m - m.min(axis=(1, 2), keepdims=True)
