@@ -859,7 +859,7 @@ def _pixelate(x, s, gens):
         # same order as from a (B, 3, H, W) copy
         b, ch = x.shape[:2]
         rows = _box_sums(x.permute(0, 2, 3, 1).reshape(b, h, w * ch), -2, oh).view(b, oh, w, ch)
-        if _period(w, ow) > _SLICE_MAX_PERIOD:
+        if _period(w, ow) > _SLICE_MAX_PERIOD and x.device.type == "cpu":
             down = _box_sums(rows.permute(0, 3, 2, 1).contiguous(), -2, ow).transpose(-1, -2)
         else:
             down = _box_sums(rows.permute(0, 3, 1, 2).contiguous(), -1, ow)
@@ -889,12 +889,13 @@ def _box_sums(t: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
     window's pixels added in order. The windows repeat with a period: with ``n_in / n_out = p / q`` in
     lowest terms, window ``i + q`` is window ``i`` moved by ``p``, so the windows of one phase
     ``i mod q`` are strided slices of ``t`` (no gathers; whole blocks of ``k`` pixels when ``q = 1``).
-    Periods above :data:`_SLICE_MAX_PERIOD` (``q`` slices per window offset) add each row, in order, into
-    its window's row instead (``index_add_`` from zeros; along ``dim = -1`` on a transposed copy): both add
-    each window's pixels in the same order (the same bits)."""
+    On the CPU, periods above :data:`_SLICE_MAX_PERIOD` (``q`` slices per window offset) add each row, in
+    order, into its window's row instead (``index_add_`` from zeros; along ``dim = -1`` on a transposed
+    copy): both add each window's pixels in the same order (the same bits). On other devices the slices
+    serve every period (CUDA's ``index_add_`` accumulates in no fixed order)."""
     n_in = t.shape[dim]
     p, q = n_in // math.gcd(n_in, n_out), _period(n_in, n_out)
-    if q > _SLICE_MAX_PERIOD:
+    if q > _SLICE_MAX_PERIOD and t.device.type == "cpu":  # (CUDA's index_add_ adds in no fixed order: slices there)
         if dim == -1:  # the columns as rows (one copy), then back as a view
             return _box_sums(t.transpose(-1, -2).contiguous(), -2, n_out).transpose(-1, -2)
         owner, shared, earlier, gap = _box_owner(n_in, n_out)
