@@ -212,7 +212,7 @@ def test_the_shipped_weights_fit_the_budget_and_every_textures_network_is_calibr
     assert sum(p.stat().st_size for p in zoo.WEIGHTS_DIR.rglob("*.safetensors")) <= 64 * 1024**2
     # below the band and shipped anyway (README, "The embedded zoo"): replacing a seed because of its accuracy
     # would select the networks by their outcome. Each with its measured validation and held-out accuracy.
-    below = {"textures/vit-h1@1": (0.849, 0.824)}
+    below = {"textures/vit-h1@1": (0.849, 0.824), "textures/vit-h1@2": (0.845, 0.832)}
     x = y = None
     for name in zoo.ALL_NAMES:
         for k in zoo.networks(name, task="textures"):
