@@ -855,18 +855,17 @@ def _pixelate(x, s, gens):
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         # channels-last input as it is: the rows' windows on its (B, H, W * 3) memory (contiguous rows); the
         # (smaller) row sums then go, in one copy, into the order the columns' windows read best: (B, 3, W, oh)
-        # for long periods (rows added into windows), else (B, 3, oh, W) (strided slices); the same sums in the
+        # where rows are added into windows (long periods, small inputs), else (B, 3, oh, W) (strided slices); the same sums in the
         # same order as from a (B, 3, H, W) copy
         b, ch = x.shape[:2]
         rows = _box_sums(x.permute(0, 2, 3, 1).reshape(b, h, w * ch), -2, oh).view(b, oh, w, ch)
-        if _period(w, ow) > _SLICE_MAX_PERIOD and x.device.type == "cpu":
+        if x.device.type == "cpu" and (_period(w, ow) > _SLICE_MAX_PERIOD or rows.numel() <= _INDEX_ADD_MAX_NUMEL):
             down = _box_sums(rows.permute(0, 3, 2, 1).contiguous(), -2, ow).transpose(-1, -2)
         else:
             down = _box_sums(rows.permute(0, 3, 1, 2).contiguous(), -1, ow)
     else:
         down = _box_sums(_box_sums(x, -2, oh), -1, ow)  # (B, 3, oh, ow): the rows' windows, then the columns'
-    cy, cx = _box_windows_cpu(h, oh)[1].to(x), _box_windows_cpu(w, ow)[1].to(x)  # the windows' lengths
-    down = down / (cy[:, None] * cx[None, :])
+    down = down / _box_areas(h, oh, w, ow, x.dtype).to(x.device)  # each window's pixel count
     (my, ty), (mx, tx) = _upsample_map(h, oh), _upsample_map(w, ow)
     if ty and tx:
         return F.interpolate(down, size=(h, w), mode="nearest-exact")
@@ -876,7 +875,16 @@ def _pixelate(x, s, gens):
 # measured on one thread, 32 images of 128 x 128: for periods q > 1 adding each row into its window
 # (index_add_) beats the q strided slices per window offset and the earlier row gathers (severity 1,
 # q = 19: 5.7 vs 11.1 ms per call with gathers); for whole blocks (q = 1) the slices win (2.2 vs 3.5 ms)
+# except on small inputs, where the k slices' per-call cost dominates (one 128² image, 2 threads: 15 vs 37 us;
+# 4 images: 55 vs 41 us)
 _SLICE_MAX_PERIOD = 1
+_INDEX_ADD_MAX_NUMEL = 2**16
+
+
+@functools.lru_cache(maxsize=64)
+def _box_areas(h: int, oh: int, w: int, ow: int, dtype: torch.dtype) -> torch.Tensor:
+    """The pixel count of each of :func:`_pixelate`'s ``(oh, ow)`` windows, in ``dtype`` (never written to)."""
+    return _box_windows_cpu(h, oh)[1].to(dtype)[:, None] * _box_windows_cpu(w, ow)[1].to(dtype)[None, :]
 
 
 def _period(n_in: int, n_out: int) -> int:
@@ -889,13 +897,14 @@ def _box_sums(t: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
     window's pixels added in order. The windows repeat with a period: with ``n_in / n_out = p / q`` in
     lowest terms, window ``i + q`` is window ``i`` moved by ``p``, so the windows of one phase
     ``i mod q`` are strided slices of ``t`` (no gathers; whole blocks of ``k`` pixels when ``q = 1``).
-    On the CPU, periods above :data:`_SLICE_MAX_PERIOD` (``q`` slices per window offset) add each row, in
-    order, into its window's row instead (``index_add_`` from zeros; along ``dim = -1`` on a transposed
+    On the CPU, periods above :data:`_SLICE_MAX_PERIOD` (``q`` slices per window offset), and inputs of at most
+    :data:`_INDEX_ADD_MAX_NUMEL` values, add each row, in order, into its window's row instead (``index_add_`` from zeros; along ``dim = -1`` on a transposed
     copy): both add each window's pixels in the same order (the same bits). On other devices the slices
     serve every period (CUDA's ``index_add_`` accumulates in no fixed order)."""
     n_in = t.shape[dim]
     p, q = n_in // math.gcd(n_in, n_out), _period(n_in, n_out)
-    if q > _SLICE_MAX_PERIOD and t.device.type == "cpu":  # (CUDA's index_add_ adds in no fixed order: slices there)
+    if t.device.type == "cpu" and (q > _SLICE_MAX_PERIOD or t.numel() <= _INDEX_ADD_MAX_NUMEL):
+        # (CUDA's index_add_ adds in no fixed order: slices there)
         if dim == -1:  # the columns as rows (one copy), then back as a view
             return _box_sums(t.transpose(-1, -2).contiguous(), -2, n_out).transpose(-1, -2)
         owner, shared, earlier, gap = _box_owner(n_in, n_out)
@@ -983,31 +992,75 @@ def _torch_nearest_map(n_out: int, n_in: int) -> torch.Tensor:
 
 
 def _jpeg_compression(x, s, gens):
-    """JPEG at the reference's quality, through torchvision's libjpeg calls on the batch (one encode and
-    one decode per image, no file objects): the same bytes and pixels as the reference's Pillow round
-    trip (tested). torchvision marks these calls deprecated (0.29); where they are gone, Pillow does
-    the same round trip image by image (:func:`_jpeg_pil`, also tested equal)."""
+    """JPEG at the reference's quality, through libjpeg as torchvision registers it (one encode and one
+    decode per image, no file objects): the same bytes and pixels as the reference's Pillow round trip
+    (tested). :func:`_jpeg_codec` picks the calls; where torchvision's codec is gone (deprecated in 0.29),
+    Pillow does the same round trip image by image (:func:`_jpeg_pil`, also tested equal)."""
     q = [25, 18, 15, 10, 7][s - 1]
     # corrupt() admits pixels in [-1e-3, 1 + 1e-3] (data.check_pixels): x * 255 rounds into [-0, 255], so the
     # reference's clip to 0..255 changes nothing and the uint8 conversion is exact without a clamp pass
     x8 = x.detach().cpu() * 255
     x8 = x8.round_().to(torch.uint8)  # rounded in place: one float buffer (32 x 128² x 3: 1.2 vs 3.6 ms)
-    # (torchvision's deprecation warning on every call is silenced by corrupt(), in the calling thread:
-    # warnings.catch_warnings swaps process-wide state and is not safe inside the worker threads)
+    codec = _jpeg_codec()
+    if codec is None:
+        return _jpeg_pil(x8, q).to(x.device, x.dtype).div_(255)
+    encode, decode = codec
+    decoded = [decode(encode(im, q)) for im in x8.unbind(0)]
+    # the decoder's (3, H, W) tensors are views of (H, W, 3) pixels: each converted straight into its place in
+    # one (B, H, W, 3) float array (one pass, no uint8 stack), handed back channels-last; one image: its own
+    # float copy, in the same layout
+    if len(decoded) == 1:
+        return decoded[0].unsqueeze(0).to(x.dtype).div_(255).to(x.device)
+    h, w = x.shape[-2:]
+    out = torch.empty((len(decoded), h, w, 3), dtype=x.dtype)
+    for i, d in enumerate(decoded):
+        out[i].copy_(d.permute(1, 2, 0))
+    return out.div_(255).permute(0, 3, 1, 2).to(x.device)
+
+
+@functools.lru_cache(maxsize=1)
+def _jpeg_codec() -> tuple[Callable, Callable] | None:
+    """``(encode(image, quality), decode(data))`` for uint8 ``(3, H, W)`` images, or ``None`` (Pillow then).
+
+    torchvision's ``encode_jpeg`` / ``decode_jpeg`` call the operators it registers, ``torch.ops.image.
+    encode_jpeg`` and ``decode_jpeg``, after a usage log and a deprecation warning (0.29) on every call: ~30 us
+    of a ~250 us call for one 128² image. Those operators are called directly where torchvision registers them
+    with the signatures its wrappers use (:func:`_jpeg_operators`); else the wrappers (:func:`_jpeg_wrappers`)."""
+    return _jpeg_operators() or _jpeg_wrappers()
+
+
+def _jpeg_operators() -> tuple[Callable, Callable] | None:
+    """torchvision's registered libjpeg operators, checked on a small round trip, or ``None``."""
+    try:
+        from torchvision.io import ImageReadMode
+
+        ops, rgb = torch.ops.image, ImageReadMode.RGB.value
+        probe = torch.zeros((3, 8, 8), dtype=torch.uint8)
+        if ops.decode_jpeg(ops.encode_jpeg(probe, 50), rgb, False).shape != (3, 8, 8):
+            return None
+    except (ImportError, AttributeError, RuntimeError, TypeError):
+        return None
+    return (lambda im, q: ops.encode_jpeg(im, q)), (lambda data: ops.decode_jpeg(data, rgb, False))
+
+
+def _jpeg_wrappers() -> tuple[Callable, Callable] | None:
+    """torchvision's public ``encode_jpeg`` / ``decode_jpeg``, with their deprecation warning silenced around
+    each call (in the calling thread: corrupt() runs JPEG there), or ``None``."""
     try:
         from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
     except ImportError:
-        out = _jpeg_pil(x8, q)
-    else:
-        # the decoder's (3, H, W) tensors are views of (H, W, 3) pixels: each converted straight into its
-        # place in one (B, H, W, 3) float array (one pass, no uint8 stack), handed back channels-last
-        decoded = decode_jpeg(encode_jpeg(list(x8), quality=q), mode=ImageReadMode.RGB)
-        h, w = x.shape[-2:]
-        out = torch.empty((len(decoded), h, w, 3), dtype=x.dtype)
-        for i, d in enumerate(decoded):
-            out[i].copy_(d.permute(1, 2, 0))
-        return out.div_(255).permute(0, 3, 1, 2).to(x.device)
-    return out.to(x.device, x.dtype).div_(255)
+        return None
+
+    def quiet(call):
+        def run(*args):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of "
+                                        "TorchVision", category=DeprecationWarning)
+                return call(*args)
+        return run
+
+    rgb = ImageReadMode.RGB
+    return quiet(lambda im, q: encode_jpeg(im, quality=q)), quiet(lambda data: decode_jpeg(data, mode=rgb))
 
 
 def _jpeg_pil(x8: torch.Tensor, quality: int) -> torch.Tensor:
@@ -1046,7 +1099,8 @@ _WHOLE_BATCH = frozenset({"pixelate", "jpeg_compression"})
 """The corruptions run on the whole batch with the caller's torch threads instead of one chunk per thread: sums
 and copies that memory bandwidth limits, where a second chunk saves less than joining the chunks costs; JPEG,
 whose codec calls hold the interpreter between images (32 images of 128², 5 severities, 2 threads: 46.6 ms in
-two chunks, 28.0 ms whole; 1 thread: 36.6 / 35.6 ms)."""
+two chunks, 28.0 ms whole; 1 thread: 36.6 / 35.6 ms). JPEG's fallback through torchvision's wrappers silences
+their warning in the calling thread, which this keeps it in."""
 _IN_RANGE = frozenset({"jpeg_compression"})
 """Outputs in [0, 1] by construction (JPEG: decoded bytes / 255): no clamp."""
 _KEEPS_RANGE = frozenset({"pixelate"})
@@ -1118,13 +1172,9 @@ def corrupt(images: torch.Tensor, name: str, severity: int, *, seed: int = 0,
 
     # image by image: the batch split over the caller's cores, one intra-op thread each (fanlens._threads),
     # each chunk's result kept and the chunks joined in order (one chunk: no copy at all)
-    with warnings.catch_warnings():  # here, in the calling thread only: the workers see its filter
-        if name == "jpeg_compression":  # torchvision 0.29 warns on every JPEG call that the codec is deprecated
-            warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision",
-                                    category=DeprecationWarning)
-        if name in _WHOLE_BATCH:
-            run(0, b)
-        else:
-            for_chunks(run, b, x.device)
+    if name in _WHOLE_BATCH:  # (JPEG among them: its codec wrappers' warning filters act in this thread only)
+        run(0, b)
+    else:
+        for_chunks(run, b, x.device)
     out = parts[0] if len(parts) == 1 else torch.cat([parts[k] for k in sorted(parts)])
     return out.to(images.dtype)

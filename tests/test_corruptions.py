@@ -308,22 +308,28 @@ def test_canny_hysteresis_keeps_weak_chains_touching_a_strong_edge_only():
     assert not bool(C._canny(level, 50, 2040)[0, 0].any())  # L1 magnitudes <= 2 x 1020: none strong, nothing
     assert bool(C._canny(level, 50, 100)[0, 0, :, 21:23].any())  # 120 > 100: the second step is strong
 
-def test_jpeg_silences_torchvisions_deprecation_without_leaking_filters():
-    """torchvision 0.29 warns on every JPEG call; corrupt() ignores that one message around its worker
-    threads, from the calling thread (catch_warnings inside the workers raced: filters leaked), and
-    leaves the process's filters as they were."""
+def test_jpeg_silences_torchvisions_deprecation_without_leaking_filters(monkeypatch):
+    """torchvision 0.29 warns on every call of its JPEG wrappers; corrupt() calls the operators behind them
+    directly, or (where those are missing) the wrappers with that one message ignored in the calling thread
+    (catch_warnings inside worker threads raced: filters leaked). Either way no warning reaches the caller,
+    the process's filters stay as they were, and both ways give the same pixels."""
     import warnings
 
     before = torch.get_num_threads()
+    x = _pixels(4, 32, 32)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", DeprecationWarning)
             filters = list(warnings.filters)
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                y = C.corrupt(_pixels(4, 32, 32), "jpeg_compression", 3)
-                assert y.shape == (4, 3, 32, 32)
+            outs = []
+            for codec in (C._jpeg_operators(), C._jpeg_wrappers()):
+                monkeypatch.setattr(C, "_jpeg_codec", lambda codec=codec: codec)
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    outs.append(C.corrupt(x, "jpeg_compression", 3))
+                    assert outs[-1].shape == (4, 3, 32, 32)
             assert warnings.filters == filters
+        assert all(torch.equal(o, outs[0]) for o in outs)
     finally:
         torch.set_num_threads(before)
 
@@ -370,8 +376,8 @@ def test_pixelate_channels_last_equals_contiguous_where_windows_share_or_skip_a_
                                          (127, 76), (57, 34)])
 def test_pixelate_box_sums_by_slices_and_by_window_adds_give_the_same_bits(monkeypatch, n_in, n_out):
     """The BOX window sums have two implementations, strided slices per phase of the windows' period and
-    each row added into its window (``index_add_``; :data:`fanlens.corruptions._SLICE_MAX_PERIOD` picks by
-    the period); both add each window's pixels in order, so the sums agree bit for bit, along rows and
+    each row added into its window (``index_add_``; :data:`fanlens.corruptions._SLICE_MAX_PERIOD` and
+    ``_INDEX_ADD_MAX_NUMEL`` pick by the period and the size); both add each window's pixels in order, so the sums agree bit for bit, along rows and
     columns, and both equal the windows summed one by one. (17, 6) and (127, 76) have a pixel in no window
     (a centre on a boundary, rounded out of both), (21, 10) and (57, 34) a pixel in two."""
     idx, count = C._box_windows_cpu(n_in, n_out)
@@ -381,8 +387,9 @@ def test_pixelate_box_sums_by_slices_and_by_window_adds_give_the_same_bits(monke
     t = torch.rand(2, 3, n_in, n_in, generator=torch.Generator().manual_seed(n_out))
     idx, count = C._box_windows_cpu(n_in, n_out)
     by = {}
-    for period in (0, 10**6):  # every period by window adds, every period by slices
+    for period in (0, 10**6):  # every period by window adds, every period by slices (at any size)
         monkeypatch.setattr(C, "_SLICE_MAX_PERIOD", period)
+        monkeypatch.setattr(C, "_INDEX_ADD_MAX_NUMEL", 10**9 if period == 0 else 0)
         by[period] = (C._box_sums(t, -2, n_out), C._box_sums(t, -1, n_out))
     assert torch.equal(by[0][0], by[10**6][0]) and torch.equal(by[0][1], by[10**6][1])
     for i in range(n_out):

@@ -190,3 +190,25 @@ def test_jpeg_is_the_reference_byte_for_byte_on_either_path(images):
         ours = _ours(images[:8], "jpeg_compression", s)
         assert np.array_equal(ours, _ref(images[:8], "jpeg_compression", s))
         assert np.array_equal(C._jpeg_pil(x8, q).permute(0, 2, 3, 1).numpy(), ours.astype(np.uint8))
+
+
+def test_jpeg_operators_and_torchvisions_wrappers_give_the_same_bytes_and_pixels(images):
+    """corrupt() calls torchvision's registered libjpeg operators directly (no per-call usage log and
+    deprecation warning); its public wrappers, the fallback, encode the same bytes and decode the same
+    pixels, without a warning reaching the caller; one image at a time decodes to the batch's pixels."""
+    import warnings
+
+    ops, wrapped = C._jpeg_operators(), C._jpeg_wrappers()
+    assert ops is not None and wrapped is not None  # torchvision 0.29 has both here
+    x8 = torch.from_numpy(images[:4].copy()).permute(0, 3, 1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        for q in (25, 7):
+            for im in x8:
+                data = ops[0](im, q)
+                assert torch.equal(data, wrapped[0](im, q))
+                assert torch.equal(ops[1](data), wrapped[1](data))
+    x = x8.float() / 255
+    whole = C.corrupt(x, "jpeg_compression", 4)
+    for i in range(len(x)):
+        assert torch.equal(C.corrupt(x[i : i + 1], "jpeg_compression", 4, indices=[i]), whole[i : i + 1])
