@@ -383,6 +383,36 @@ def run_batches(batches: Callable[[int], Iterable], total: int, desc: str, progr
         state.finish()
 
 
+MAX_FORWARD_TOKEN_BYTES = 512 * 2**20
+"""The captured tokens one forward pass may hold (every block's, of the clean images and all their copies). A
+batch whose inputs would hold more goes through the model in parts of whole images (:func:`stream`): every
+analysis reads each image with its own copies only, so the numbers are those of a smaller batch (which do not
+depend on the batch size), and memory stays bounded when an analysis forwards many copies per image
+(``reproduce``'s grid: 27 inputs per image). The embedded zoo's batches fit whole. Forwards of fewer than
+:data:`MIN_INPUTS_TO_SPLIT` inputs go whole without a check (the batch size bounds them)."""
+
+MIN_INPUTS_TO_SPLIT = 128
+"""The inputs per forward (images x inputs per image) from which :func:`stream` measures a token's size (one
+forward of a blank input, once per run) and splits a batch under :data:`MAX_FORWARD_TOKEN_BYTES`."""
+
+
+def _token_bytes_per_input(cap: TokenCapture, s: Setup) -> int:
+    """The bytes one model input's captured tokens take (all blocks), from one forward of a blank input."""
+    h, w = s.cfg.input_size
+    cap.clear()
+    run_forward(cap, s.cfg.normalize(torch.zeros((1, 3, h, w), device=s.device)))
+    n = sum(bt.tokens.numel() * bt.tokens.element_size() + bt.prefix.numel() * bt.prefix.element_size()
+            for bt in cap.block_tokens())
+    cap.clear()
+    return int(n)
+
+
+def _images_per_forward(b: int, inputs_per_image: int, bytes_per_input: int) -> int:
+    """How many of a batch's ``b`` images one forward takes under :data:`MAX_FORWARD_TOKEN_BYTES` (at least 1)."""
+    per_image = max(int(inputs_per_image), 1) * max(int(bytes_per_input), 1)
+    return max(1, min(int(b), MAX_FORWARD_TOKEN_BYTES // per_image))
+
+
 def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, progress: bool,
            make_inputs: Callable[[torch.Tensor, list[int], bool], list[torch.Tensor]], accs: Sequence,
            state: RunState | None = None, copies: Sequence[str] | None = None,
@@ -400,8 +430,14 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
 
     ``outputs(out, x, idx)``, when given, receives the model's output for the batch (the forward
     then runs to the end instead of stopping after the last block); forward passes it makes
-    itself record no tokens. ``output_accs``: the accumulators it feeds, checkpointed with ``accs``."""
+    itself record no tokens. ``output_accs``: the accumulators it feeds, checkpointed with ``accs``.
+
+    With more than one input per image (``copies``) and at least :data:`MIN_INPUTS_TO_SPLIT` inputs in a
+    batch, a batch whose captured tokens would exceed :data:`MAX_FORWARD_TOKEN_BYTES` is forwarded (and read
+    by the accumulators) in parts of whole images; the size of one input's tokens is measured once, on a
+    blank input, before the first such batch."""
     n_blocks: list[int] = []
+    per_input: list[int] = []  # captured bytes per model input (measured when copies can make a batch large)
     need_out = outputs is not None
     keep_out = cache is not None and cache.enabled
 
@@ -423,6 +459,18 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
             return out, bts
 
         def step(x: torch.Tensor, idx: list[int]) -> None:
+            n_in = len(copies) if copies else 1
+            if n_in > 1 and x.shape[0] > 1 and x.shape[0] * n_in >= MIN_INPUTS_TO_SPLIT:
+                if not per_input:
+                    per_input.append(_token_bytes_per_input(cap, s))
+                k = _images_per_forward(x.shape[0], n_in, per_input[0])
+                if k < x.shape[0]:
+                    for lo in range(0, x.shape[0], k):
+                        step_part(x[lo : lo + k], list(idx[lo : lo + k]))
+                    return
+            step_part(x, idx)
+
+        def step_part(x: torch.Tensor, idx: list[int]) -> None:
             b = x.shape[0]
             hit = cache.get(idx, need_output=need_out, device=s.device) if cache is not None else None
             inputs = make_inputs(x, idx, hit is None)

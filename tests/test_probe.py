@@ -204,3 +204,46 @@ def test_token_norm_applies_a_per_token_layernorm_before_the_additive_measure():
     plain = lens.probe(sigmas=(0.2,))
     assert plain.provenance.params["token_norm"] is None
     assert not np.allclose(plain.per_image, res.per_image)
+
+
+def test_a_batch_whose_tokens_exceed_the_forward_limit_goes_through_in_parts_with_the_same_numbers(
+        tiny_vit, monkeypatch):
+    """With many copies per image (4 noise levels: 5 inputs per image), a batch of at least
+    runner.MIN_INPUTS_TO_SPLIT inputs whose captured tokens would exceed runner.MAX_FORWARD_TOKEN_BYTES is
+    forwarded in parts of whole images: here 2 images (10 inputs) per forward instead of 6 (30), after one
+    blank input that measures a token's size; the perturbations are those of the whole batch, and no hook is
+    left behind. Below the input count nothing is measured (the whole run above: one forward of 30)."""
+    from conftest import count_hooks
+
+    from fanlens import runner
+
+    x = _pixels(6, 64, 64)
+    sigmas = (0.05, 0.1, 0.2, 0.5)
+    seen: list[int] = []
+    handle = tiny_vit.register_forward_pre_hook(lambda m, a: seen.append(int(a[0].shape[0])))
+    try:
+        whole = fanlens.noise_probe(tiny_vit, x, sigmas=sigmas, batch_size=6, progress=False)
+        assert seen == [30]
+        seen.clear()
+        s = runner.setup(tiny_vit, None, pretrained=False, checkpoint=None, input_size=64, device="cpu", blocks=None,
+                         num_prefix_tokens=None, layout=None, grid=None, need_images=False)
+        from fanlens.capture import TokenCapture
+
+        with TokenCapture(s.lm.model, **s.capture_kwargs) as cap:
+            per_input = runner._token_bytes_per_input(cap, s)
+        assert seen == [1]
+        blocks = len(whole.blocks)
+        assert per_input == blocks * 17 * 192 * 4  # 16 patch tokens and a class token of width 192, float32, per block
+        assert runner._images_per_forward(6, 5, per_input) == 6  # at the default limit the batch fits whole
+        seen.clear()
+        monkeypatch.setattr(runner, "MAX_FORWARD_TOKEN_BYTES", per_input * 5 * 2 + per_input)  # 2 images fit, not 3
+        monkeypatch.setattr(runner, "MIN_INPUTS_TO_SPLIT", 30)  # a batch of 6 x 5 inputs is checked
+        before = count_hooks(tiny_vit)
+        parts = fanlens.noise_probe(tiny_vit, x, sigmas=sigmas, batch_size=6, progress=False)
+        assert count_hooks(tiny_vit) == before
+    finally:
+        handle.remove()
+    assert seen == [1, 10, 10, 10]
+    np.testing.assert_allclose(parts.mean, whole.mean, rtol=1e-5)
+    np.testing.assert_allclose(parts.std, whole.std, rtol=1e-4)
+    np.testing.assert_allclose(parts.per_image, whole.per_image, rtol=1e-5)

@@ -245,3 +245,31 @@ def test_the_default_task_needs_grouping_that_training_brings():
                                             np.asarray(m)).ari).mean())
                for lm in (zoo.load(name), zoo.load(name, random_init=True))]
         assert ari[0] > 0.25 and ari[1] < 0.2 and ari[0] > 2 * ari[1], (name, ari)
+
+
+def test_reproduces_batches_of_the_zoo_go_through_the_model_whole():
+    """reproduce forwards each image with all its copies at once (the grid's noise levels in both spaces, the
+    pure-noise input, the probe corruptions: counted here from a run on 2 images); at its batch of 32 every zoo
+    architecture's captured tokens stay under runner.MAX_FORWARD_TOKEN_BYTES, so the zoo's numbers come from
+    whole batches (a larger model's batches go through in parts)."""
+    from fanlens import pipeline, runner
+    from fanlens.capture import TokenCapture
+
+    x, masks, _names, labels = pipeline._zoo_images(2, 0)
+    lm = zoo.load("vit")
+    seen: list[int] = []
+    handle = lm.model.register_forward_pre_hook(lambda m, a: seen.append(int(a[0].shape[0])))
+    try:
+        pipeline._run_one(lm, lm.name, "vit", True, x, masks, pipeline.DEFAULT_SIGMAS, 0, "cpu", 2, False, labels)
+    finally:
+        handle.remove()
+    inputs_per_image = max(seen) // 2
+    # clean, 5 pixel-space and 5 normalised-space sigmas, the pure-noise input, the 15 probe corruptions (the
+    # further networks, without figures, forward 12)
+    assert inputs_per_image == 1 + 5 + 5 + 1 + 15
+    for name in zoo.ZOO_NAMES:
+        s = runner.setup(zoo.load(name), None, pretrained=False, checkpoint=None, input_size=None, device="cpu",
+                         blocks=None, num_prefix_tokens=None, layout=None, grid=None, need_images=False)
+        with TokenCapture(s.lm.model, **s.capture_kwargs) as cap:
+            per_input = runner._token_bytes_per_input(cap, s)
+        assert runner._images_per_forward(32, inputs_per_image, per_input) == 32, (name, per_input)
