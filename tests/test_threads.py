@@ -65,6 +65,40 @@ def test_nested_one_thread_keeps_the_callers_count(two_threads):
     assert torch.get_num_threads() == 2 and _CALLER_THREADS.get() is None
 
 
+def test_workers_never_change_the_process_wide_thread_count(two_threads, monkeypatch):
+    """torch.set_num_threads is process-wide (and sets MKL's count with it): only the calling thread may
+    change it, never a worker while another is inside a decomposition. The spectrum (split over workers, each
+    running eigvalsh, itself a split_rows: nested, so it runs inline) and a corruption (for_chunks) call it
+    from the main thread only, once down and once back, and the workers see one thread each."""
+    import threading
+
+    import fanlens.spectral as sp
+    from fanlens import corruptions as C
+
+    calls: list[tuple[str, int]] = []
+    real = torch.set_num_threads
+
+    def spy(n: int) -> None:
+        calls.append((threading.current_thread().name, int(n)))
+        real(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", spy)
+    inside: list[int] = []
+    real_eig = sp._eigvalsh_descending
+
+    def eig(m):
+        inside.append(torch.get_num_threads())
+        return real_eig(m)
+
+    monkeypatch.setattr(sp, "_eigvalsh_descending", eig)
+    a = sp.affinity(torch.randn(12, 40, 16, generator=torch.Generator().manual_seed(0)))
+    sp.spectrum(a)
+    C.corrupt(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), "gaussian_blur", 2)
+    main = threading.main_thread().name
+    assert calls == [(main, 1), (main, 2), (main, 1), (main, 2)]
+    assert inside and set(inside) == {1}
+
+
 @pytest.mark.parametrize("threads,chunk_matrices", [(1, None), (2, None), (3, None), (1, 3), (2, 2)])
 def test_split_work_gives_identical_results_on_every_thread_count(threads, chunk_matrices, monkeypatch):
     """Decompositions, threshold counts and clustering are computed matrix by matrix: splitting
