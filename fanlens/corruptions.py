@@ -855,8 +855,8 @@ def _pixelate(x, s, gens):
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         # channels-last input as it is: the rows' windows on its (B, H, W * 3) memory (contiguous rows); the
         # (smaller) row sums then go, in one copy, into the order the columns' windows read best: (B, 3, W, oh)
-        # where rows are added into windows (long periods, small inputs), else (B, 3, oh, W) (strided slices); the same sums in the
-        # same order as from a (B, 3, H, W) copy
+        # where rows are added into windows (long periods, small inputs), else (B, 3, oh, W) (strided slices);
+        # the same sums in the same order as from a (B, 3, H, W) copy
         b, ch = x.shape[:2]
         rows = _box_sums(x.permute(0, 2, 3, 1).reshape(b, h, w * ch), -2, oh).view(b, oh, w, ch)
         if x.device.type == "cpu" and (_period(w, ow) > _SLICE_MAX_PERIOD or rows.numel() <= _INDEX_ADD_MAX_NUMEL):
@@ -898,8 +898,8 @@ def _box_sums(t: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
     lowest terms, window ``i + q`` is window ``i`` moved by ``p``, so the windows of one phase
     ``i mod q`` are strided slices of ``t`` (no gathers; whole blocks of ``k`` pixels when ``q = 1``).
     On the CPU, periods above :data:`_SLICE_MAX_PERIOD` (``q`` slices per window offset), and inputs of at most
-    :data:`_INDEX_ADD_MAX_NUMEL` values, add each row, in order, into its window's row instead (``index_add_`` from zeros; along ``dim = -1`` on a transposed
-    copy): both add each window's pixels in the same order (the same bits). On other devices the slices
+    :data:`_INDEX_ADD_MAX_NUMEL` values, add each row, in order, into its window's row instead (``index_add_``
+    from zeros; along ``dim = -1`` on a transposed copy): both add each window's pixels in the same order (the same bits). On other devices the slices
     serve every period (CUDA's ``index_add_`` accumulates in no fixed order)."""
     n_in = t.shape[dim]
     p, q = n_in // math.gcd(n_in, n_out), _period(n_in, n_out)
