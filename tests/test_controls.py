@@ -63,14 +63,21 @@ def test_every_claim_holds_on_the_positive_control(positive):
     assert ratios["M1"] > ratios["M2"] and ratios["M1"] < 1
 
 
-def _rate(make, statistic: str, models: str | None = None, n_sims: int = 200, n_boot: int = 200) -> float:
-    holds = 0
+def _rates(make, statistics: dict[str, tuple[str, str | None]], n_sims: int = 200, n_boot: int = 200) -> dict[str, float]:
+    """The rate of *holds* over ``n_sims`` nulls for each of ``statistics`` (name: (statistic prefix,
+    models or None)), all read from the same checks: one ``claims.check`` per null."""
+    holds = dict.fromkeys(statistics, 0)
     for k in range(n_sims):
         res = claims.check(make(np.random.default_rng(5000 + k)), n_boot=n_boot, seed=k)
-        rows = [r for r in res.rows if r.statistic.startswith(statistic) and (models is None or r.models == models)]
-        assert len(rows) == 1, [(r.statistic, r.models) for r in rows]
-        holds += rows[0].verdict == "holds"
-    return holds / n_sims
+        for name, (statistic, models) in statistics.items():
+            rows = [r for r in res.rows if r.statistic.startswith(statistic) and (models is None or r.models == models)]
+            assert len(rows) == 1, [(r.statistic, r.models) for r in rows]
+            holds[name] += rows[0].verdict == "holds"
+    return {name: h / n_sims for name, h in holds.items()}
+
+
+def _rate(make, statistic: str, models: str | None = None, n_sims: int = 200, n_boot: int = 200) -> float:
+    return _rates(make, {statistic: (statistic, models)}, n_sims=n_sims, n_boot=n_boot)[statistic]
 
 
 def _arrays(e: claims.Evidence):
@@ -140,9 +147,10 @@ def test_null_control_across_architectures_with_networks_as_the_unit():
                                         layout="NCHW" if a == 0 else "NLC"))
         return evs
 
-    c4 = _rate(zoo, "c4_heads (heads vs -last-block perturbation)")
-    c3 = _rate(zoo, "c3_models (mean mask ARI vs -last-block perturbation)")
-    c2 = _rate(zoo, "c2_ratio_difference", models="h2 - h1")
+    rates = _rates(zoo, {"c4": ("c4_heads (heads vs -last-block perturbation)", None),
+                         "c3": ("c3_models (mean mask ARI vs -last-block perturbation)", None),
+                         "c2": ("c2_ratio_difference", "h2 - h1")})  # the three claims of each null zoo
+    c4, c3, c2 = rates["c4"], rates["c3"], rates["c2"]
     one = _rate(lambda rng: zoo(rng, per_arch=1), "c4_heads (heads vs -last-block perturbation)", n_sims=100)
     print("false holds over 200 nulls (networks as the unit):", {"c4_heads": c4, "c3_models": c3,
                                                                 "c2_ratio_difference": c2}, "one network each:", one)
