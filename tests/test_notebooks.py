@@ -48,7 +48,7 @@ def test_notebook_runs_offline_and_saves_its_main_figure(name, tmp_path, monkeyp
     from nbclient import NotebookClient
 
     monkeypatch.setenv("FANLENS_FIGURES", str(tmp_path))
-    monkeypatch.setenv("FANLENS_NOTEBOOK_BUDGET_S", "30")  # notebook 03 trains 120 s for a reader, 30 s here
+    monkeypatch.setenv("FANLENS_NOTEBOOK_BUDGET_S", "15")  # notebook 03 trains 120 s for a reader, 15 s here
     monkeypatch.setenv("FANLENS_NOTEBOOK_IMAGES", "32")  # 01-03 analyse 64 images for a reader, 32 here
     monkeypatch.setenv("FANLENS_NOTEBOOK_IG_STEPS", "50")  # 02's integrated gradients: 200 steps for a reader
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
