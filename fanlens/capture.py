@@ -20,7 +20,7 @@ import contextlib
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -202,6 +202,32 @@ def _family_blocks(model: nn.Module) -> tuple[str, list[BlockSpec]] | None:
             if _match_segments(["layer[1-4]", "*"], n.split("."))
         ]
         return cls, specs
+    return _repeated_blocks(model)
+
+
+def _repeated_blocks(model: nn.Module) -> tuple[str, list[BlockSpec]] | None:
+    """Other models whose blocks sit where timm puts them, each a container of at least two modules of one
+    class that are not themselves containers: a top-level ``blocks`` (timm's EVA, BEiT, MLP-Mixer), or a
+    ``blocks`` in every stage of a top-level ``stages`` (MetaFormer/PoolFormer, PVTv2, MaxViT, EdgeNeXt, ...).
+    The same blocks as ``blocks="blocks.*"`` (or ``"stages.*.blocks.*"``): the layout read from each output
+    (3-D: NLC with the model's ``num_prefix_tokens``; 4-D: NCHW, checked against the input), or None."""
+
+    def uniform(c: Any) -> bool:
+        return (isinstance(c, (nn.Sequential, nn.ModuleList)) and len(c) > 0
+                and len({type(m) for m in c}) == 1 and not isinstance(c[0], (nn.Sequential, nn.ModuleList)))
+
+    if hasattr(model, "unroll") or hasattr(model, "reroll"):
+        return None  # timm's Hiera keeps its tokens in mask-unit order, not raster order: no grid to read them on
+    p = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    top = getattr(model, "blocks", None)
+    if isinstance(top, nn.Module) and uniform(top) and len(top) > 1:
+        return type(model).__name__, [BlockSpec(f"blocks.{i}", None, p) for i in range(len(top))]
+    stages = getattr(model, "stages", None)
+    if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages) > 0 and all(
+            uniform(getattr(st, "blocks", None)) for st in stages):
+        specs = [BlockSpec(f"stages.{i}.blocks.{j}", None, p) for i, st in enumerate(stages) for j in range(len(st.blocks))]
+        if len(specs) > 1:
+            return type(model).__name__, specs
     return None
 
 
@@ -217,8 +243,10 @@ def find_blocks(
     Args:
         model: any module.
         blocks: ``None`` for the model family's blocks (timm ViT/DeiT, Swin, ConvNeXt,
-            timm/torchvision ResNet, fanlens FAN, or any model with a ``fanlens_blocks()``
-            method), or module names / glob patterns such as ``"blocks.*"``.
+            timm/torchvision ResNet, fanlens FAN, any model with a ``fanlens_blocks()``
+            method, and models whose blocks sit in a top-level ``blocks`` or in each stage's
+            ``blocks`` of a top-level ``stages``: :func:`_repeated_blocks`), or module names /
+            glob patterns such as ``"blocks.*"``.
         layout: force the memory layout (``"NLC"``, ``"NCHW"``, ``"NHWC"``) of every block.
         num_prefix_tokens: force the number of prefix tokens of NLC outputs.
 

@@ -211,12 +211,15 @@ def fit_input_size(model: torch.nn.Module, size: tuple[int, int], owned: bool) -
                 ) from None
         _log.info("resized %s from %s to input size %s (timm set_input_size)", type(model).__name__, pe_size, size)
         return
-    hint = (f"call model.set_input_size(img_size={tuple(size)}) first" if hasattr(model, "set_input_size")
-            else f"build it with img_size={tuple(size)}")
+    if hasattr(model, "set_input_size"):  # a module passed in: fanlens resizes only what it builds itself
+        hint = (f"call model.set_input_size(img_size={tuple(size)}) first (timm resamples the position embedding), "
+                f"or pass the model by name")
+    else:  # no set_input_size (built by name or not): only a model built for the size runs at it
+        hint = (f"build it with img_size={tuple(size)} (timm.create_model(name, img_size={tuple(size)})) and pass "
+                f"the module, or analyse at {pe_size[0]}x{pe_size[1]}")
     raise FanlensError(
         f"input_size must be the {pe_size[0]}x{pe_size[1]} this model was built for. Got {size[0]}x{size[1]} instead; "
-        f"to analyse at {size[0]}x{size[1]}, {hint} (timm resamples the position embedding), or pass the model "
-        f"by name."
+        f"to analyse at {size[0]}x{size[1]}, {hint}."
     )
 
 

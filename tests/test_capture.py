@@ -189,3 +189,56 @@ def test_unknown_model_family_needs_blocks():
         TokenCapture(m)
     bts, _ = _capture(m, torch.randn(1, 3, 8, 6), blocks=["0", "2"])
     assert [b.layout.grid for b in bts] == [(8, 6), (8, 6)]
+
+
+def test_blocks_where_timm_puts_them_are_found_without_a_family_rule():
+    """A top-level ``blocks`` of one class (BEiT, MLP-Mixer), or a ``blocks`` in every stage (MetaFormer): the
+    same blocks and tokens as naming them, the layout read from each output."""
+    from timm.models.beit import Beit
+    from timm.models.metaformer import MetaFormer
+    from timm.models.mlp_mixer import MlpMixer
+
+    beit = Beit(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=3).eval()
+    bts, _ = _capture(beit, torch.randn(2, 3, 32, 32))
+    assert [b.name for b in bts] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert bts[0].layout.layout == "NLC" and bts[0].layout.num_prefix_tokens == 1 and bts[0].layout.grid == (4, 4)
+    named, _ = _capture(beit, torch.randn(2, 3, 32, 32), blocks="blocks.*")
+    assert [b.name for b in named] == [b.name for b in bts]
+
+    mixer = MlpMixer(num_blocks=2, embed_dim=16, img_size=32, patch_size=8, num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    bts, cap = _capture(mixer, x)
+    assert [b.name for b in bts] == ["blocks.0", "blocks.1"]
+    assert bts[1].layout.num_prefix_tokens == 0 and bts[1].tokens.shape == (1, 16, 16)
+    torch.testing.assert_close(bts[1].tokens, cap.raw("blocks.1")[0], rtol=0, atol=0)
+
+    meta = MetaFormer(depths=(1, 1, 2, 1), dims=(8, 12, 16, 20), num_classes=3).eval()
+    bts, cap = _capture(meta, torch.randn(1, 3, 64, 96))
+    assert [b.name for b in bts] == ["stages.0.blocks.0", "stages.1.blocks.0", "stages.2.blocks.0",
+                                     "stages.2.blocks.1", "stages.3.blocks.0"]
+    assert [b.layout.grid for b in bts] == [(16, 24), (8, 12), (4, 6), (4, 6), (2, 3)]
+    raw = cap.raw("stages.0.blocks.0")[0]
+    torch.testing.assert_close(bts[0].tokens[:, 24 * 3 + 5], raw[:, :, 3, 5], rtol=0, atol=0)  # NCHW, raster order
+    assert count_hooks(meta) == 0
+
+
+def test_models_whose_default_blocks_would_be_wrong_still_need_them():
+    """Hiera keeps its tokens in mask-unit order (no raster grid); blocks of two kinds or nested containers
+    (MetaFormer-like stages that are not uniform) are not guessed."""
+    from timm.models.hiera import Hiera
+
+    hiera = Hiera(embed_dim=16, num_heads=1, stages=(1, 1, 1, 1), img_size=(64, 64), num_classes=3)
+    with pytest.raises(FanlensError, match=r"blocks must be given for a model of type Hiera"):
+        TokenCapture(hiera)
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU())
+            self.stages = nn.ModuleList([nn.Sequential(nn.Conv2d(4, 4, 1))])
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    with pytest.raises(FanlensError, match="blocks must be given"):
+        TokenCapture(Mixed())

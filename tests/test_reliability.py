@@ -238,6 +238,17 @@ def test_input_size_forms(tmp_path):
     with pytest.raises(FanlensError, match=r"call model.set_input_size\(img_size=\(96, 64\)\) first"):
         fanlens.spectrum(model, torch.rand(1, 3, 96, 64), input_size=(96, 64), progress=False)
     assert tuple(model.patch_embed.img_size) == (64, 64)
+    # a model timm cannot resize (no set_input_size), passed in or built by name: the advice is to build it
+    # for the size, not to pass it by name
+    from fanlens.runner import fit_input_size
+
+    fixed = torch.nn.Module()
+    fixed.patch_embed = torch.nn.Module()
+    fixed.patch_embed.img_size, fixed.patch_embed.strict_img_size = (64, 64), True
+    for owned in (True, False):
+        with pytest.raises(FanlensError, match=r"build it with img_size=\(96, 64\) \(timm.create_model\(name, "
+                                               r"img_size=\(96, 64\)\)\) and pass the module, or analyse at 64x64\.$"):
+            fit_input_size(fixed, (96, 64), owned)
 
 
 def test_one_token_blocks_and_wrong_layouts_are_refused():
