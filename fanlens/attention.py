@@ -87,12 +87,30 @@ class AttentionMaps:
         return p2p.mean(axis=2).reshape(*p2p.shape[:2], *self.grid), "attention received"
 
 
+def _takes_rope(module: nn.Module) -> bool:
+    """Whether ``module``'s forward takes a rotary position embedding (timm's EVA attention does)."""
+    import inspect
+
+    try:
+        return "rope" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def attention_module(model: nn.Module, block: str) -> nn.Module:
     """The attention module of ``block``: the block itself or its ``attn`` child, when it has timm
-    Attention's ``q_norm``, ``k_norm``, ``num_heads`` and ``scale``."""
+    Attention's ``q_norm``, ``k_norm``, ``num_heads`` and ``scale``. Refused where its forward takes a
+    rotary position embedding (``rope``: timm's EVA) unless the model's ``rope`` is None: the rotation
+    comes after ``q_norm`` and ``k_norm``, so the maps formed from them would be wrong."""
     mod = model.get_submodule(block)
     for cand in (mod, getattr(mod, "attn", None)):
         if cand is not None and all(hasattr(cand, a) for a in _NEEDED):
+            if _takes_rope(cand) and getattr(model, "rope", True) is not None:
+                raise FanlensError(
+                    f"block {block!r}: its attention ({type(cand).__name__}) rotates q and k by a rotary position "
+                    f"embedding after q_norm and k_norm; maps formed from q_norm and k_norm would leave the rotation "
+                    f"out, so fanlens does not form them. Attention maps are available for timm ViT/DeiT blocks "
+                    f"and through FAN.attention_maps for FAN.")
             return cand
     raise FanlensError(
         f"block {block!r} has no timm-style attention (a module, or an 'attn' child, with "
@@ -189,7 +207,15 @@ def attention_maps(
         batches = s.images.batches(batch_size, stop=n_images)
         for pixels, _idx in progress_iter(batches, n_batches(len(names), batch_size), "attention", progress):
             hooks.maps = [None] * len(mods)
-            s.lm.model(s.cfg.normalize(pixels.to(s.device)))
+            x = s.cfg.normalize(pixels.to(s.device))
+            try:
+                s.lm.model(x)
+            except FanlensError:
+                raise
+            except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise FanlensError(f"the model's forward pass failed on an input of shape {tuple(x.shape)}: {first}. "
+                                   f"Check input_size and the model's expected input.") from e
             missing = [specs[i].name for i, m in enumerate(hooks.maps) if m is None]
             if missing:
                 raise FanlensError(f"blocks {missing} did not run their attention in the forward pass.")

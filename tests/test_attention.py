@@ -125,3 +125,30 @@ def test_plot_attention_maps_next_to_the_groups(tiny_vit):
         plotting.plot_attention_maps(res, groups=other)
     with pytest.raises(FanlensError, match="maps must be an AttentionMaps"):
         plotting.plot_attention_maps(groups)
+
+
+def test_rotary_attention_is_refused_and_eva_without_it_equals_timm():
+    """EVA rotates q and k by its rotary embedding after q_norm and k_norm: maps from those two would leave the
+    rotation out, so they are refused; an EVA without the rotary embedding gives timm's own maps."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=3)
+    with_rope = Eva(use_rot_pos_emb=True, **kw).eval()
+    with pytest.raises(FanlensError, match=r"block 'blocks.0': its attention \(EvaAttention\) rotates q and k"):
+        fanlens.attention_maps(with_rope, _pixels(1, 32), progress=False)
+    plain = Eva(use_rot_pos_emb=False, **kw).eval()
+    assert plain.rope is None
+    x = _pixels(2, 32, seed=3)
+    res = fanlens.attention_maps(plain, x, progress=False)
+    ref, _out = _timm_reference(plain, data_config(plain).normalize(x))
+    assert res.maps.shape == (2, 2, 3, 17, 17) and float(np.abs(res.maps - ref.numpy()).max()) < 1e-5
+    assert count_hooks(with_rope) == 0 and count_hooks(plain) == 0
+
+
+def test_a_failing_forward_is_one_error_line(tiny_vit):
+    """tiny_vit is built for 64 x 64: images of 32 x 32 reach its strict patch embedding, whose assertion
+    becomes a FanlensError naming the input shape."""
+    with pytest.raises(FanlensError, match=r"the model's forward pass failed on an input of shape \(2, 3, 32, 32\)"):
+        fanlens.attention_maps(tiny_vit, _pixels(2, 32), progress=False)
+    assert count_hooks(tiny_vit) == 0
