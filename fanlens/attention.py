@@ -24,7 +24,7 @@ from torch import nn
 
 from ._validation import FanlensError, check_positive_int
 from .capture import find_blocks, infer_grid
-from .runner import n_batches, progress_iter, setup, uint8_images
+from .runner import call_model, n_batches, progress_iter, setup, uint8_images
 
 __all__ = ["AttentionMaps", "attention_maps", "attention_module"]
 
@@ -207,15 +207,7 @@ def attention_maps(
         batches = s.images.batches(batch_size, stop=n_images)
         for pixels, _idx in progress_iter(batches, n_batches(len(names), batch_size), "attention", progress):
             hooks.maps = [None] * len(mods)
-            x = s.cfg.normalize(pixels.to(s.device))
-            try:
-                s.lm.model(x)
-            except FanlensError:
-                raise
-            except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise FanlensError(f"the model's forward pass failed on an input of shape {tuple(x.shape)}: {first}. "
-                                   f"Check input_size and the model's expected input.") from e
+            call_model(s.lm.model, s.cfg.normalize(pixels.to(s.device)))
             missing = [specs[i].name for i, m in enumerate(hooks.maps) if m is None]
             if missing:
                 raise FanlensError(f"blocks {missing} did not run their attention in the forward pass.")

@@ -30,7 +30,7 @@ from torch import nn
 
 from ._validation import FanlensError, check_choice, check_positive_int
 from .analysis import NOISE_SPACES
-from .runner import make_noise, make_provenance, n_batches, progress_iter, setup, uint8_images
+from .runner import call_model, make_noise, make_provenance, n_batches, progress_iter, setup, uint8_images
 from .capture import BlockSpec, find_blocks, to_tokens
 from .grouping import per_block_rows, per_block_summary, upsample_labels
 from .results import AttributionResult, BlockInfo, FlipResult, GroupsResult
@@ -112,7 +112,7 @@ class _PixelForward(nn.Module):
         self._normalize = normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _logits(self.model(self._normalize(x) if self._normalize is not None else x))
+        return _logits(call_model(self.model, self._normalize(x) if self._normalize is not None else x))
 
 
 def _logits(out: Any) -> torch.Tensor:

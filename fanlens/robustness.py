@@ -36,7 +36,7 @@ from ._validation import FanlensError, check_choice, check_positive_int
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
 from .results import ProbeResult, RobustnessResult
-from .runner import (AccState, Part, Setup, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup,
+from .runner import (AccState, Part, Setup, call_model, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup,
                      state_key, stream_parts)
 
 _log = logging.getLogger(__name__)
@@ -421,7 +421,7 @@ def robustness_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,
         with torch.inference_mode():
             def predict(key, make):
                 out = known.get(key)
-                return predictions(out if out is not None else model_(s.cfg.normalize(make().to(s.device))), idx)
+                return predictions(out if out is not None else call_model(model_, s.cfg.normalize(make().to(s.device))), idx)
 
             clean = predict(None, lambda: x)
             ref = torch.from_numpy(y_all[idx]) if y_all is not None else clean

@@ -104,6 +104,12 @@ def setup(
         lm = model
     else:
         lm = build_model(model, pretrained=pretrained, checkpoint=checkpoint, seed=seed)
+    strict = strict_input_size(lm.model)
+    if (input_size is None and strict is not None and isinstance(images, torch.Tensor) and images.ndim == 4
+            and tuple(images.shape[-2:]) != strict):
+        # pixels given as a tensor are analysed at their size; a model whose patch embedding takes one size only
+        # is resized to it when fanlens built it, else refused in one line (fit_input_size)
+        input_size = tuple(int(v) for v in images.shape[-2:])
     cfg = data_config(lm.model, input_size=input_size)
     check_input_fits(cfg.input_size, lm.model)
     fit_input_size(lm.model, cfg.input_size, lm.owned)
@@ -186,15 +192,22 @@ def check_device(device: Any) -> torch.device:
     return dev
 
 
+def strict_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The one input size a timm patch embedding takes (``strict_img_size``, no ``dynamic_img_size``), or None."""
+    pe = getattr(model, "patch_embed", None)
+    pe_size = getattr(pe, "img_size", None)
+    if pe_size is None or not getattr(pe, "strict_img_size", False) or getattr(model, "dynamic_img_size", False):
+        return None
+    return tuple(int(v) for v in (pe_size if isinstance(pe_size, (tuple, list)) else (pe_size, pe_size)))
+
+
 def fit_input_size(model: torch.nn.Module, size: tuple[int, int], owned: bool) -> None:
     """A timm model built for one input size (strict patch embedding) is resized to ``size`` when
     fanlens built it (``set_input_size`` resamples the position embedding); a model passed in is
     left alone and a clear error says what to do."""
-    pe = getattr(model, "patch_embed", None)
-    pe_size = getattr(pe, "img_size", None)
-    if pe_size is None or not getattr(pe, "strict_img_size", False) or getattr(model, "dynamic_img_size", False):
+    pe_size = strict_input_size(model)
+    if pe_size is None:
         return
-    pe_size = tuple(int(v) for v in (pe_size if isinstance(pe_size, (tuple, list)) else (pe_size, pe_size)))
     if pe_size == tuple(size):
         return
     if owned and hasattr(model, "set_input_size"):
@@ -256,8 +269,14 @@ def n_batches(n: int, batch_size: int) -> int:
 def run_forward(cap: TokenCapture, x: torch.Tensor) -> Any:
     """Run the model under the capture (its output, or ``None`` when stopped early); a failing
     forward becomes a FanlensError with the input shape."""
+    return call_model(cap.run, x)
+
+
+def call_model(model: Any, x: torch.Tensor) -> Any:
+    """``model(x)``, where a failing forward pass becomes one FanlensError naming the input shape (the
+    model's own exception chained), for every analysis that runs the model."""
     try:
-        return cap.run(x)
+        return model(x)
     except FanlensError:
         raise
     except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:

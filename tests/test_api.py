@@ -218,8 +218,13 @@ def test_corrupt_and_empty_folders(tiny_vit, tmp_path):
 
 
 def test_forward_failure_names_the_input_shape(tiny_vit):
-    with pytest.raises(FanlensError, match=r"forward pass failed on an input of shape \(1, 3, 32, 32\)"):
+    # pixels of another size than a strict patch embedding takes: refused before the forward, in one line
+    with pytest.raises(FanlensError, match=r"input_size must be the 64x64 this model was built for\. Got 32x32"):
         fanlens.spectrum(tiny_vit, _pixels(1, 32), progress=False)
+    # a forward that fails for the model's own reasons: one line naming the input shape
+    with pytest.raises(FanlensError, match=r"forward pass failed on an input of shape \(1, 3, 32, 32\)"):
+        fanlens.spectrum(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(7, 2)),
+                         _pixels(1, 32), blocks="0,2", progress=False)
 
 
 def test_analyze_equals_separate_spectrum_and_probe(tiny_vit):

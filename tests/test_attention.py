@@ -146,9 +146,11 @@ def test_rotary_attention_is_refused_and_eva_without_it_equals_timm():
     assert count_hooks(with_rope) == 0 and count_hooks(plain) == 0
 
 
-def test_a_failing_forward_is_one_error_line(tiny_vit):
-    """tiny_vit is built for 64 x 64: images of 32 x 32 reach its strict patch embedding, whose assertion
-    becomes a FanlensError naming the input shape."""
-    with pytest.raises(FanlensError, match=r"the model's forward pass failed on an input of shape \(2, 3, 32, 32\)"):
+def test_pixels_of_another_size_than_a_strict_patch_embedding(tiny_vit):
+    """tiny_vit (passed in) is built for 64 x 64: a 32 x 32 tensor is refused before any forward, in one line;
+    a ViT fanlens builds by name is resized to the tensor's size."""
+    with pytest.raises(FanlensError, match=r"input_size must be the 64x64 this model was built for\. Got 32x32"):
         fanlens.attention_maps(tiny_vit, _pixels(2, 32), progress=False)
-    assert count_hooks(tiny_vit) == 0
+    assert count_hooks(tiny_vit) == 0 and tuple(tiny_vit.patch_embed.img_size) == (64, 64)
+    res = fanlens.attention_maps("vit_tiny_patch16_224", _pixels(2, 48), progress=False)
+    assert res.grid == (3, 3) and res.maps.shape == (2, 12, 3, 10, 10)

@@ -380,3 +380,27 @@ def test_a_second_run_into_the_same_folder_stops_and_the_first_keeps_its_files(t
                                                     f"f = OutputFolder({str(out)!r}, overwrite=True); os._exit(9)"])
     assert killed.wait(30) == 9
     OutputFolder(out, overwrite=True).release()  # no stale lock after a process that died holding it
+
+
+def test_a_forward_that_fails_is_one_error_line_in_every_analysis():
+    """A model that raises inside its forward pass: each analysis that runs it says so in one FanlensError naming
+    the input shape (the model's own exception chained), never a bare traceback."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import broken
+
+    x = torch.rand(2, 3, 16, 16)
+    calls = {
+        "spectrum": lambda m: fanlens.spectrum(m, x, blocks="blocks.*", progress=False),
+        "robustness": lambda m: fanlens.robustness(m, x, corruptions="gaussian_noise", severities=(1,), labels=[0, 1],
+                                                   progress=False),
+        "attribute": lambda m: fanlens.attribute(m, x, n_steps=2, progress=False),
+        "min_flip_sigma": lambda m: fanlens.min_flip_sigma(m, x, progress=False),
+    }
+    for name, call in calls.items():
+        with pytest.raises(FanlensError, match=r"the model's forward pass failed on an input of shape \(\d+, 3, 16, 16\): "
+                                               r"deliberate failure inside a block") as err:
+            call(broken())
+        assert isinstance(err.value.__cause__, RuntimeError), name
