@@ -173,6 +173,32 @@ def test_checkpoint_roundtrip(tmp_path, tiny_vit):
         fanlens.build_model(TINY, checkpoint=tmp_path / "bad.pth")
 
 
+def test_a_checkpoint_filter_that_fails_leaves_the_decision_to_the_strict_load(tmp_path):
+    """timm's checkpoint_filter_fn is written for a model's own releases: given another architecture's checkpoint
+    (MetaFormer's looks up keys the checkpoint lacks: KeyError) the strict load names what does not fit, with the
+    filter's failure; a checkpoint that fits as it is loads even when the filter fails on it."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.models.metaformer import MetaFormer
+
+    from fanlens.models._loading import load_checkpoint
+
+    other = {k: v.contiguous() for k, v in timm.create_model("resnet18", num_classes=3).state_dict().items()}
+    save_file(other, tmp_path / "resnet.safetensors")
+    meta = MetaFormer(depths=(1, 1, 1, 1), dims=(8, 12, 16, 20), num_classes=3)
+    with pytest.raises(FanlensError, match=r"does not fit the model MetaFormer: \d+ missing keys .*"
+                                           r"\(The model's checkpoint filter failed on it too: KeyError"):
+        load_checkpoint(meta, tmp_path / "resnet.safetensors")
+    own = {k: v.contiguous() + 1 for k, v in meta.state_dict().items()}
+    save_file(own, tmp_path / "meta.safetensors")
+
+    def failing(sd, model):
+        raise RuntimeError("written for another release")
+
+    load_checkpoint(meta, tmp_path / "meta.safetensors", filter_fn=failing)
+    assert all(torch.equal(v, own[k]) for k, v in meta.state_dict().items())
+
+
 def test_pickled_code_is_never_run(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -168,9 +168,28 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, filter_fn: Callable |
     sd = load_state_dict_file(path)
     if filter_fn is None:
         filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        sd = filter_fn(sd, model)
-    load_state_dict_checked(model, sd, repr(str(path)))
+    _load_filtered(model, sd, filter_fn, repr(str(path)))
+
+
+def _load_filtered(model: nn.Module, sd: Mapping, filter_fn: Callable | None, source: str) -> None:
+    """``filter_fn(sd, model)`` (a timm model's ``checkpoint_filter_fn``, written for its own released
+    checkpoints), then the strict load. A filter that fails on another checkpoint (a KeyError on a key this
+    model lacks, say) leaves it as it is: the strict load then accepts it only if every key and shape fits,
+    and otherwise names what does not, with the filter's failure."""
+    if filter_fn is None:
+        load_state_dict_checked(model, sd, source)
+        return
+    try:
+        filtered = filter_fn(sd, model)
+    except Exception as e:  # noqa: BLE001 - any failure of third-party code; the strict load below decides
+        failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    else:
+        load_state_dict_checked(model, filtered, source)
+        return
+    try:
+        load_state_dict_checked(model, sd, source)
+    except FanlensError as e:
+        raise FanlensError(f"{e} (The model's checkpoint filter failed on it too: {failed}.)") from None
 
 
 def load_pretrained_from_cfg(model: nn.Module, variant: str, filter_fn: Callable | None = None) -> None:
@@ -192,9 +211,7 @@ def load_pretrained_from_cfg(model: nn.Module, variant: str, filter_fn: Callable
         if isinstance(sd, Mapping) and key in sd and isinstance(sd[key], Mapping):
             sd = sd[key]
             break
-    if filter_fn is not None:
-        sd = filter_fn(sd, model)
-    load_state_dict_checked(model, sd, repr(url))
+    _load_filtered(model, sd, filter_fn, repr(url))
 
 
 HUB_PROBE_TIMEOUT_S = 3.0  # how long a pretrained download may wait for the weights' host to answer
