@@ -30,7 +30,7 @@ from torch import nn
 
 from ._validation import FanlensError, check_choice, check_positive_int
 from .analysis import NOISE_SPACES
-from .runner import call_model, make_noise, make_provenance, n_batches, progress_iter, setup, uint8_images
+from .runner import call_model, class_logits, make_noise, make_provenance, n_batches, progress_iter, setup, uint8_images
 from .capture import BlockSpec, find_blocks, to_tokens
 from .grouping import per_block_rows, per_block_summary, upsample_labels
 from .results import AttributionResult, BlockInfo, FlipResult, GroupsResult
@@ -116,14 +116,7 @@ class _PixelForward(nn.Module):
 
 
 def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        out = out[0]
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise FanlensError(
-            f"model must return class logits of shape (batch, classes) for attributions. Got {shape} instead."
-        )
-    return out
+    return class_logits(out, "attributions")
 
 
 def _check_target(target: Any, n_images: int) -> torch.Tensor | None:

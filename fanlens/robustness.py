@@ -36,7 +36,7 @@ from ._validation import FanlensError, check_choice, check_positive_int
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
 from .results import ProbeResult, RobustnessResult
-from .runner import (AccState, Part, Setup, call_model, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup,
+from .runner import (AccState, Part, Setup, call_model, class_logits, make_provenance, n_batches, resolve_shard, run_batches, run_state, setup,
                      state_key, stream_parts)
 
 _log = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ def robustness_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,
     model_ = s.lm.model
 
     def predictions(out: Any, idx) -> torch.Tensor:
-        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = class_logits(out, "robustness")
         if not bool(torch.isfinite(out).all()):
             raise FanlensError(f"the model's output holds non-finite values (NaN or inf) for images {list(idx)}.")
         if y_all is not None and out.shape[-1] <= int(y_all.max()):

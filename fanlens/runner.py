@@ -272,6 +272,18 @@ def run_forward(cap: TokenCapture, x: torch.Tensor) -> Any:
     return call_model(cap.run, x)
 
 
+def class_logits(out: Any, what: str) -> torch.Tensor:
+    """The model output read as class logits ``(batch, classes)``: a tensor, or the first element of a tuple or
+    list (timm's distilled models in training mode, many research models); anything else is one FanlensError
+    naming ``what`` needed the logits."""
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise FanlensError(f"model must return class logits of shape (batch, classes) for {what}. Got {shape} instead.")
+    return out
+
+
 def call_model(model: Any, x: torch.Tensor) -> Any:
     """``model(x)``, where a failing forward pass becomes one FanlensError naming the input shape (the
     model's own exception chained), for every analysis that runs the model."""
@@ -512,8 +524,7 @@ def stream(s: Setup, batches: Callable[[int], Iterable], total: int, desc: str, 
                     BlockTokens(h.name, h.call, torch.cat([h.tokens, n.tokens]), torch.cat([h.prefix, n.prefix]),
                                 n.layout) for h, n in zip(hit.blocks, bts)]
                 if need_out:
-                    out = out[0] if isinstance(out, (tuple, list)) else out
-                    out = hit.output if out is None else torch.cat([hit.output, out])
+                    out = hit.output if out is None else torch.cat([hit.output, class_logits(out, "predictions")])
             for acc in accs:
                 acc.update(bts, b, idx)
             if outputs is not None:
@@ -611,7 +622,7 @@ def stream_parts(s: Setup, parts: Sequence[Part], batches: Callable[[int], Itera
         return inputs
 
     def outputs(out: Any, x: torch.Tensor, idx: list[int]) -> None:
-        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = class_logits(out, "predictions")
         b = x.shape[0]
         for p, at in zip(parts, places):
             if p.outputs is not None:

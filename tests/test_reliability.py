@@ -404,3 +404,29 @@ def test_a_forward_that_fails_is_one_error_line_in_every_analysis():
                                                r"deliberate failure inside a block") as err:
             call(broken())
         assert isinstance(err.value.__cause__, RuntimeError), name
+
+
+def test_an_output_that_is_not_class_logits_is_named_in_one_line():
+    """A model that returns a dict (or tokens): each analysis that reads predictions says it needs (batch, classes)
+    logits and what it got; the token analyses do not need them."""
+    import timm
+
+    class DictOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = timm.create_model("resnet18", num_classes=3)
+
+        def forward(self, x):
+            return {"logits": self.m(x)}
+
+    x = torch.rand(2, 3, 32, 32)
+    for call, what in ((lambda m: fanlens.robustness(m, x, corruptions="gaussian_noise", severities=(1,), labels=[0, 1],
+                                                     progress=False), "robustness"),
+                       (lambda m: fanlens.attribute(m, x, n_steps=2, progress=False), "attributions"),
+                       (lambda m: fanlens.Lens(m, x, blocks="m.layer1.*", progress=False).robustness(
+                           corruptions="gaussian_noise", severities=(1,), labels=[0, 1]), "robustness")):
+        with pytest.raises(FanlensError, match=rf"model must return class logits of shape \(batch, classes\) for {what}\. "
+                                               r"Got dict instead\."):
+            call(DictOut())
+    r = fanlens.noise_probe(DictOut(), x, sigmas=(0.1,), blocks="m.layer1.*", progress=False)
+    assert r.mean.shape[0] == 2 and np.isfinite(r.mean).all()
