@@ -517,6 +517,7 @@ class TokenCapture:
         """Run ``model(*args, **kwargs)``; returns its output, or ``None`` when stopped early."""
         if not self._active:
             raise FanlensError("TokenCapture.run must be called inside `with TokenCapture(...)`.")
+        self._ran = True
         try:
             return self.model(*args, **kwargs)
         except _StopForward:
@@ -535,6 +536,7 @@ class TokenCapture:
         """Drop every recorded tensor (call between batches when streaming)."""
         self._records = {}
         self._input_hw = None
+        self._ran = False
 
     @property
     def input_hw(self) -> tuple[int, int] | None:
@@ -552,7 +554,7 @@ class TokenCapture:
     def block_tokens(self) -> Iterator[BlockTokens]:
         """Tokens of every recorded call of every block, in block order."""
         missing = [s.name for s in self.specs if s.name not in self._records]
-        if missing and not self._records:
+        if missing and not self._records and not getattr(self, "_ran", False):
             raise FanlensError("no block output was recorded: run a forward pass inside the capture first.")
         if missing:
             raise FanlensError(

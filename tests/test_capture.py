@@ -242,3 +242,26 @@ def test_models_whose_default_blocks_would_be_wrong_still_need_them():
 
     with pytest.raises(FanlensError, match="blocks must be given"):
         TokenCapture(Mixed())
+
+
+def test_blocks_that_never_run_are_named_after_a_forward():
+    """A model whose ``blocks`` (found by default) are not called by its forward: after a forward pass the error
+    names them; before any forward it says to run one."""
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)])
+            self.net = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.net(x).mean((2, 3))
+
+    m = Unused()
+    with TokenCapture(m) as cap:
+        with pytest.raises(FanlensError, match="no block output was recorded: run a forward pass"):
+            list(cap.block_tokens())
+        cap.run(torch.rand(1, 3, 8, 8))
+        with pytest.raises(FanlensError, match=r"blocks \['blocks.0', 'blocks.1'\] did not run in the forward pass"):
+            list(cap.block_tokens())
+    assert count_hooks(m) == 0
