@@ -112,11 +112,8 @@ class _PixelForward(nn.Module):
         self._normalize = normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _logits(call_model(self.model, self._normalize(x) if self._normalize is not None else x))
-
-
-def _logits(out: Any) -> torch.Tensor:
-    return class_logits(out, "attributions")
+        return class_logits(call_model(self.model, self._normalize(x) if self._normalize is not None else x),
+                            "attributions")
 
 
 def _check_target(target: Any, n_images: int) -> torch.Tensor | None:

@@ -454,6 +454,7 @@ class TokenCapture:
         self._handles: list = []
         self._records: dict[str, list[torch.Tensor]] = {}
         self._input_hw: tuple[int, int] | None = None
+        self._ran = False  # a forward went through run() since the last clear()
         self._active = False
         self._paused = False
 
@@ -554,7 +555,7 @@ class TokenCapture:
     def block_tokens(self) -> Iterator[BlockTokens]:
         """Tokens of every recorded call of every block, in block order."""
         missing = [s.name for s in self.specs if s.name not in self._records]
-        if missing and not self._records and not getattr(self, "_ran", False):
+        if missing and not self._records and not self._ran:
             raise FanlensError("no block output was recorded: run a forward pass inside the capture first.")
         if missing:
             raise FanlensError(
