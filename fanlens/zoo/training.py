@@ -63,6 +63,11 @@ DEFAULT_VAL = 1000
 LABEL_SMOOTHING = 0.1
 CHECK_EVERY = 50
 """With ``stop_at``: steps between validation checks (the first check comes after the warm-up)."""
+EXTENSION_STEPS = 1000
+"""The zoo's extension rule (written down before any network was trained under it): a network whose
+:data:`STEPS` planned steps end without the task's stop rule trains one more cosine cycle of this many steps
+(a warm restart: its weights, a fresh AdamW, the same warm-up, learning rate and stop rule, a new data order;
+``warm_start``). It applies to every such network alike, whatever its accuracy."""
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +202,48 @@ def _state_bytes(model: nn.Module, name: str, extra: dict | None = None) -> byte
     return save(sd, metadata={"name": name, "format": "pt", **{k: str(v) for k, v in (extra or {}).items()}})
 
 
+_CYCLE_KEYS = ("training", "validation_accuracy", "wall_time_s", "cpu_time_s", "train_time_s", "seconds_per_step",
+               "machine", "versions")
+
+
+def _cycle_summary(card: dict) -> dict:
+    return {k: card.get(k) for k in _CYCLE_KEYS}
+
+
+def _warm_start(model: nn.Module, path: Any, *, name: str, seed: int, task: str, data_seed: int) -> tuple[list, dict]:
+    """Load an earlier cycle's weights into ``model``; returns (the earlier cycles' summaries, the file record)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..models._loading import file_sha256, load_state_dict_checked
+
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise FanlensError(f"warm_start must be an existing .safetensors file of an earlier cycle. Got {str(path)!r} "
+                           "instead.")
+    card_path = path.with_suffix(".json")
+    try:
+        prev = json.loads(card_path.read_text())
+    except (OSError, ValueError) as e:
+        raise FanlensError(f"warm_start needs the earlier cycle's card beside its weights; {str(card_path)!r} could "
+                           f"not be read ({type(e).__name__}).") from None
+    if not isinstance(prev, dict) or not isinstance(prev.get("training"), dict):
+        raise FanlensError(f"warm_start: {str(card_path)!r} is not a fanlens training card.")
+    got = (prev.get("name"), prev["training"].get("seed"), (prev.get("data") or {}).get("task"),
+           (prev.get("data") or {}).get("data_seed"))
+    if got != (name, seed, task, data_seed):
+        raise FanlensError(f"warm_start must be an earlier cycle of the same network (name, seed, task, data seed "
+                           f"{(name, seed, task, data_seed)}). Got {got} from {str(card_path)!r} instead.")
+    try:
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError) as e:
+        raise FanlensError(f"warm_start: {str(path)!r} is not a readable safetensors file ({e}).") from None
+    load_state_dict_checked(model, sd, repr(str(path)))
+    earlier = list(prev.get("earlier_cycles") or []) + [_cycle_summary(prev)]
+    return earlier, {"file": path.name, "sha256": file_sha256(path), "steps_before": sum(
+        c["training"]["steps"] for c in earlier)}
+
+
 def _check_module(model: nn.Module, x: torch.Tensor, classes: Sequence[str], task: str) -> None:
     with torch.no_grad():
         try:
@@ -226,6 +273,7 @@ def train_model(
     weight_decay: float | None = None,
     warmup: int | None = None,
     stop_at: float | None = None,
+    warm_start: str | Path | None = None,
     progress: bool = True,
 ) -> TrainedModel:
     """Train in memory (nothing is written); see :func:`train` for the arguments and to write files.
@@ -242,6 +290,13 @@ def train_model(
     of the full run). The zoo's tasks name their rule (``TASKS[task]["stop_at"]``: 0.92 for textures,
     where the CNN and the FAN otherwise end at 99 %); the card records the step it stopped at.
     Excludes ``snapshots`` (their fractions refer to the planned steps).
+
+    ``warm_start``: the ``.safetensors`` of an earlier cycle of this same network, with its card
+    (``NAME.json``) beside it: training starts from those weights (stored in fp16) with a fresh
+    optimiser and a new schedule of ``steps`` (a warm restart), and a data order of its own (seeded
+    by the seed and the cycle number, so the batches are not the first cycle's again). The card
+    keeps the earlier cycles under ``earlier_cycles`` and the sums under ``total_*``; the file's
+    SHA-256 is recorded. Loading never executes pickled code (safetensors).
     """
     check_task(task)
     if isinstance(model, str):
@@ -285,6 +340,10 @@ def train_model(
     if isinstance(model, str):
         model = build(name, seed=seed, task=task)
         name = network_name(name, seed)
+    earlier, cycle, warm_from = [], 0, None
+    if warm_start is not None:
+        earlier, warm_from = _warm_start(model, warm_start, name=name, seed=seed, task=task, data_seed=data_seed)
+        cycle = len(earlier)
     xs, ys = _render(dataset(pool, seed=data_seed, split="train"), progress, f"render train ({name})")
     xv, yv = _render(dataset(val_size, seed=data_seed, split="val"), progress, "render val")
     if not isinstance(model, str):
@@ -322,7 +381,9 @@ def train_model(
         files[fname] = _state_bytes(model, name, {"step": step})
         snaps.append({"fraction": frac, "step": step, "validation_accuracy": acc, "file": fname})
 
-    g = torch.Generator().manual_seed(seed)
+    # cycle 0: the seed itself (the shipped networks' data order); a later cycle: a stream of its own
+    g = torch.Generator().manual_seed(seed if cycle == 0 else
+                                      int(np.random.SeedSequence([seed, cycle]).generate_state(1)[0]))
     bar = None
     if progress:
         from ..runner import progress_bar
@@ -433,6 +494,16 @@ def train_model(
                     "processor": platform.processor() or platform.machine()},
         "versions": {"fanlens": __version__, "torch": torch.__version__, "timm": timm.__version__},
     }
+    if warm_from is not None:
+        card["training"].update(cycle=cycle, warm_start=warm_from, data_order_seed=f"SeedSequence([{seed}, {cycle}])",
+                                schedule=f"warm restart from cycle {cycle - 1}'s weights (fresh AdamW): linear "
+                                         f"warm-up {warm} steps, cosine to 0 over {total} steps")
+        card["earlier_cycles"] = earlier
+        cycles = earlier + [_cycle_summary(card)]
+        card["total_steps"] = sum(c["training"]["steps"] for c in cycles)
+        card["total_wall_time_s"] = round(sum(c["wall_time_s"] for c in cycles), 1)
+        cpus = [c.get("cpu_time_s") for c in cycles]
+        card["total_cpu_time_s"] = None if None in cpus else round(sum(cpus), 1)
     files[f"{name}.safetensors"] = _state_bytes(model, name)
     files[f"{name}.json"] = (json.dumps(card, indent=2) + "\n").encode()
     _log.info("trained %s: val acc %.3f in %.0f s", name, val_acc, wall)
