@@ -10,6 +10,9 @@
 # trains small networks faster in total than one at 2 threads): each claims a network with an atomic
 # `mkdir` of $stage/.claims/NET before training it and skips networks another queue has claimed.
 # A claim left by a queue that was killed is stale: remove $stage/.claims to start over.
+# Then the extension rule (fanlens.zoo.training.EXTENSION_STEPS): every installed network whose card shows
+# its planned steps ended without the stop rule, and that has no second cycle yet, trains one more cycle of
+# EXTENSION_STEPS steps from its installed weights (`train-zoo --warm-start`), and the result replaces it.
 set -u
 task="${1:-textures}"
 weights="$(python -c "from fanlens.zoo import TASKS; print(TASKS['$task']['weights'])")"
@@ -35,6 +38,33 @@ sys.exit(main(['train-zoo', '$name', '--task', '$task', '--seed', '$seed', '--ou
 " || { echo "failed: $task/$net"; exit 1; }
       mkdir -p "$weights"
       cp "$stage/$net/$net.json" "$weights/.$net.json.part" && cp "$stage/$net/$net.safetensors" "$weights/$net.safetensors" \
+        && mv "$weights/.$net.json.part" "$weights/$net.json" && python -c "import json; print(json.load(open('$weights/$net.json'))['validation_accuracy'])"
+    done
+  done
+done
+mkdir -p "$stage/.claims"
+ext="$(python -c "from fanlens.zoo.training import EXTENSION_STEPS; print(EXTENSION_STEPS)")"
+for names in "vit cnn fan" "vit-h1 vit-h2 vit-h8"; do
+  for seed in 0 1 2; do
+    for name in $names; do
+      net="$name"; [ "$seed" != 0 ] && net="$name@$seed"
+      [ -f "$weights/$net.json" ] || { echo "not installed: $task/$net"; exit 1; }
+      todo="$(python -c "
+import json; c = json.load(open('$weights/$net.json'))
+print(int(c['training'].get('stopped_at_step') is None and 'earlier_cycles' not in c))  # cards older than the stop rule: not stopped")"
+      [ "$todo" = 1 ] || { echo "skip extension of $task/$net (stopped by the rule, or extended)"; continue; }
+      if ! mkdir "$stage/.claims/$task-$net-ext" 2>/dev/null; then
+        echo "skip extension of $task/$net (claimed by another queue)"; continue
+      fi
+      echo "$(date -u +%FT%TZ) extend $task/$net"
+      OMP_NUM_THREADS="${FANLENS_TRAIN_THREADS:-2}" python -c "
+import torch, sys
+torch.set_num_threads(int('${FANLENS_TRAIN_THREADS:-2}'))
+from fanlens.cli import main
+sys.exit(main(['train-zoo', '$name', '--task', '$task', '--seed', '$seed', '--steps', '$ext', '--warm-start',
+               '$weights/$net.safetensors', '--out', '$stage/$net-ext', '--overwrite', '--no-progress']))
+" || { echo "failed: extension of $task/$net"; exit 1; }
+      cp "$stage/$net-ext/$net.json" "$weights/.$net.json.part" && cp "$stage/$net-ext/$net.safetensors" "$weights/$net.safetensors" \
         && mv "$weights/.$net.json.part" "$weights/$net.json" && python -c "import json; print(json.load(open('$weights/$net.json'))['validation_accuracy'])"
     done
   done

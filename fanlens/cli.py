@@ -265,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also keep the weights at these percentages of the steps, e.g. 0,5,20,50,100 "
                          "(written to NAME-snapshots/; analysed by `fanlens training-dynamics`)")
 
+    tp.add_argument("--warm-start", default=None, metavar="FILE",
+                    help="continue an earlier cycle of the same network (one NAME): its .safetensors, with its card "
+                         "NAME.json beside it; a fresh optimiser and schedule of --steps steps, a data order of its own "
+                         "(the zoo's extension rule: --steps 1000 for a network the stop rule did not end)")
     tp.add_argument("--pool", type=int, default=DEFAULT_POOL, help=f"rendered training images (default: {DEFAULT_POOL})")
     tp.add_argument("--val-size", type=int, default=DEFAULT_VAL, help=f"validation images (default: {DEFAULT_VAL})")
     _add_output(tp, "train-zoo")
@@ -367,13 +371,16 @@ def _run_train(args: argparse.Namespace) -> list[Path]:
     if snapshots and args.into_package:
         raise FanlensError("--snapshots goes with --out: snapshot weights are not shipped inside the package.")
     stop_at = _stop_at(args.stop_at, args.task, snapshots)
+    if args.warm_start is not None and len(args.names) != 1:
+        raise FanlensError(f"--warm-start continues one network; name one. Got {len(args.names)} names "
+                           f"({' '.join(args.names)}) instead.")
     out = output_folder(None if args.into_package else _out_path(args), overwrite=args.overwrite,
                          into_package=args.into_package, task=args.task)
     trained = []
     for name in args.names:
         m = train_model(name, seed=args.seed, data_seed=args.data_seed, task=args.task, steps=args.steps,
                         pool=args.pool, val_size=args.val_size, snapshots=snapshots, stop_at=stop_at,
-                        progress=not args.no_progress)
+                        warm_start=args.warm_start, progress=not args.no_progress)
         print(f"{m.name}: validation accuracy {m.card['validation_accuracy']:.3f}, {m.card['wall_time_s']:.0f} s")
         trained.append(m)
     return write_trained(out, trained)

@@ -126,6 +126,48 @@ def test_training_stops_at_the_first_check_that_reaches_the_target(monkeypatch, 
     assert not (tmp_path / "o").exists()  # refused before the output folder is made
 
 
+def test_a_warm_start_continues_the_same_network_and_keeps_its_history(tmp_path, capsys):
+    """A second cycle starts from the first cycle's stored weights (lr 0: the weights and the validation
+    accuracy are the first cycle's to the bit), is reproducible, and its card keeps both cycles."""
+    from safetensors.torch import load_file as load
+
+    first = train("cnn", seed=4, steps=3, pool=64, val_size=32, out_dir=tmp_path / "c0", progress=False)
+    src = tmp_path / "c0" / "cnn@4.safetensors"
+    same = train("cnn", seed=4, steps=2, pool=64, val_size=32, lr=0.0, warm_start=src, out_dir=tmp_path / "lr0",
+                 progress=False)
+    a, b = load(str(src)), load(str(tmp_path / "lr0" / "cnn@4.safetensors"))
+    # BatchNorm's running statistics move without a gradient; every learned weight stays
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved)
+    card = same.card
+    assert card["training"]["cycle"] == 1 and card["training"]["warm_start"]["steps_before"] == 3
+    assert card["training"]["warm_start"]["sha256"] == fanlens.models._loading.file_sha256(src)
+    assert card["earlier_cycles"][0]["training"] == first.card["training"]
+    assert card["earlier_cycles"][0]["validation_accuracy"] == first.card["validation_accuracy"]
+    assert card["total_steps"] == 5 and card["total_cpu_time_s"] >= card["cpu_time_s"]
+    # reproducible, and the second cycle's batches are not the first cycle's again
+    runs = [train("cnn", seed=4, steps=2, pool=64, val_size=32, warm_start=src, out_dir=tmp_path / f"r{i}",
+                  progress=False) for i in range(2)]
+    w = [load(str(tmp_path / f"r{i}" / "cnn@4.safetensors")) for i in range(2)]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+    assert runs[0].card["training"]["data_order_seed"] == "SeedSequence([4, 1])"
+    third = train("cnn", seed=4, steps=1, pool=64, val_size=32, warm_start=tmp_path / "r0" / "cnn@4.safetensors",
+                  progress=False).card
+    assert third["training"]["cycle"] == 2 and third["total_steps"] == 6
+    assert [c["training"]["steps"] for c in third["earlier_cycles"]] == [3, 2]
+    # the wrong network, a missing card, something else than safetensors: one line each
+    with pytest.raises(FanlensError, match=r"earlier cycle of the same network .*cnn@5.*Got \('cnn@4'"):
+        train("cnn", seed=5, steps=1, pool=16, val_size=8, warm_start=src, progress=False)
+    (tmp_path / "c0" / "cnn@4.json").rename(tmp_path / "c0" / "moved.json")
+    with pytest.raises(FanlensError, match="needs the earlier cycle's card beside its weights"):
+        train("cnn", seed=4, steps=1, pool=16, val_size=8, warm_start=src, progress=False)
+    with pytest.raises(FanlensError, match="warm_start must be an existing .safetensors file"):
+        train("cnn", seed=4, steps=1, pool=16, val_size=8, warm_start=tmp_path / "c0" / "moved.json", progress=False)
+    assert cli.main(["train-zoo", "cnn", "vit", "--warm-start", str(src), "--out", str(tmp_path / "x")]) == 2
+    assert "--warm-start continues one network; name one. Got 2 names" in capsys.readouterr().err
+    assert zoo.training.EXTENSION_STEPS == 1000
+
+
 def test_snapshots_keep_the_weights_along_training(tmp_path):
     trained = train("cnn", seed=1, steps=10, pool=64, val_size=32, snapshots=(0, 0.2, 1.0), out_dir=tmp_path / "o",
                     progress=False)
