@@ -7,8 +7,9 @@ For every installed network of a task (default: the zoo's default task), prints 
 - the mask ARI of 2 spectral clusters per block against the object masks, mean over the blocks and the first
   ``--ari-images`` test images (default 64), for the trained network and for its random-init twin (its own
   initial weights);
-- the steps it trained (the stop rule may end a run before the planned 3,000), wall and CPU seconds, and the
-  device, from its card.
+- the steps it trained (the stop rule may end a run before the planned 3,000; a network the extension rule
+  continued shows each cycle's steps, e.g. ``3,000 + 1,000``), wall and CPU seconds (summed over its cycles),
+  and the device, from its card.
 
     python benchmarks/zoo_networks.py                 # every installed network of the default task
     python benchmarks/zoo_networks.py --names vit,cnn # the networks of some architectures
@@ -61,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             for model in (lm.model, zoo.load(spec, random_init=True).model):
                 g = fanlens.group_tokens(model, xa, n_clusters=2, progress=False)
                 aris.append(float(np.asarray(mask_scores(g, ma).ari).mean()))
-            cpu = card.get("cpu_time_s")
-            print(f"| `{zoo.network_name(name, seed)}` | {seed} | {card['training']['steps']:,} | {acc:.1%} | "
-                  f"{aris[0]:.3f} | {aris[1]:.3f} | {card['wall_time_s']:,.0f} | "
+            # a network with several cycles (the extension rule): the steps of each, the times summed
+            cycles = [c["training"]["steps"] for c in card.get("earlier_cycles", [])] + [card["training"]["steps"]]
+            steps = " + ".join(f"{c:,}" for c in cycles)
+            cpu = card.get("total_cpu_time_s", card.get("cpu_time_s"))
+            wall = card.get("total_wall_time_s", card["wall_time_s"])
+            print(f"| `{zoo.network_name(name, seed)}` | {seed} | {steps} | {acc:.1%} | "
+                  f"{aris[0]:.3f} | {aris[1]:.3f} | {wall:,.0f} | "
                   f"{'' if cpu is None else f'{cpu:,.0f}'} | {card['machine']['device']} |", flush=True)
     return 0
 

@@ -18,7 +18,9 @@ data order): ``zoo:vit`` is seed 0, ``zoo:vit@1`` and ``zoo:vit@2`` the others. 
 texture, not brightness; :mod:`fanlens.synthetic`); ``zoo:shapes/vit`` names the earlier
 bright-shapes task, whose weights no longer ship (``fanlens train-zoo vit --task shapes`` trains
 them). Training: 3,000 steps of 64 images planned, ended at the first validation check at or
-above 92 % (:data:`TASKS`), so that no network sits at the ceiling.
+above 92 % (:data:`TASKS`), so that no network sits at the ceiling; a network the rule did not end
+trained one more cycle of 1,000 steps from its weights (the extension rule,
+:data:`fanlens.zoo.training.EXTENSION_STEPS`; its card lists both cycles).
 
 They are small models on small synthetic data, trained on a laptop CPU by ``fanlens train-zoo``
 (:mod:`fanlens.zoo.training`, :func:`train`); they show the analysis working offline, not the

@@ -7,6 +7,10 @@ CPUs without bf16 matrix units), then evaluates on the validation split. Every z
 gets the same budget (:data:`STEPS` steps of :data:`DEFAULT_BATCH` images); only the
 learning rate is the architecture's own (:data:`RECIPES`).
 
+The zoo's networks also follow two rules: the task's stop rule (``TASKS[task]["stop_at"]``) and
+the extension rule (:data:`EXTENSION_STEPS`: a network whose planned steps end without the stop
+rule trains one more cycle from its weights, ``warm_start``).
+
 With ``snapshots`` the weights are also kept at fractions of the steps (0 is the
 initialisation), each with its validation accuracy, for the analysis of how grouping and
 robustness emerge during training (``fanlens training-dynamics``).
