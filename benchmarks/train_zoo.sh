@@ -17,6 +17,24 @@ set -u
 task="${1:-textures}"
 weights="$(python -c "from fanlens.zoo import TASKS; print(TASKS['$task']['weights'])")"
 stage="${FANLENS_TRAIN_STAGE:-/tmp/fanlens_zoo_stage}"  # each network is written here, then copied into the package
+threads="${FANLENS_TRAIN_THREADS:-2}"
+
+# train_and_install NET OUT ARGS...: `fanlens train-zoo ARGS --out OUT` at $threads threads, then NET's files
+# copied from OUT into the package (the card last, so a network counts as installed only when complete)
+train_and_install() {
+  local net="$1" out="$2"; shift 2
+  OMP_NUM_THREADS="$threads" python - "$@" --out "$out" --overwrite --no-progress <<PY || return 1
+import sys, torch
+torch.set_num_threads($threads)
+from fanlens.cli import main
+sys.exit(main(['train-zoo'] + sys.argv[1:]))
+PY
+  mkdir -p "$weights"
+  cp "$out/$net.json" "$weights/.$net.json.part" && cp "$out/$net.safetensors" "$weights/$net.safetensors" \
+    && mv "$weights/.$net.json.part" "$weights/$net.json" \
+    && python -c "import json; print(json.load(open('$weights/$net.json'))['validation_accuracy'])"
+}
+
 for names in "vit cnn fan" "vit-h1 vit-h2 vit-h8"; do
   for seed in 0 1 2; do
     for name in $names; do
@@ -29,16 +47,7 @@ for names in "vit cnn fan" "vit-h1 vit-h2 vit-h8"; do
         echo "skip $task/$net (claimed by another queue)"; continue
       fi
       echo "$(date -u +%FT%TZ) train $task/$net"
-      OMP_NUM_THREADS="${FANLENS_TRAIN_THREADS:-2}" python -c "
-import torch, sys
-torch.set_num_threads(int('${FANLENS_TRAIN_THREADS:-2}'))
-from fanlens.cli import main
-sys.exit(main(['train-zoo', '$name', '--task', '$task', '--seed', '$seed', '--out', '$stage/$net', '--overwrite',
-               '--no-progress']))
-" || { echo "failed: $task/$net"; exit 1; }
-      mkdir -p "$weights"
-      cp "$stage/$net/$net.json" "$weights/.$net.json.part" && cp "$stage/$net/$net.safetensors" "$weights/$net.safetensors" \
-        && mv "$weights/.$net.json.part" "$weights/$net.json" && python -c "import json; print(json.load(open('$weights/$net.json'))['validation_accuracy'])"
+      train_and_install "$net" "$stage/$net" "$name" --task "$task" --seed "$seed" || { echo "failed: $task/$net"; exit 1; }
     done
   done
 done
@@ -57,15 +66,8 @@ print(int(c['training'].get('stopped_at_step') is None and 'earlier_cycles' not 
         echo "skip extension of $task/$net (claimed by another queue)"; continue
       fi
       echo "$(date -u +%FT%TZ) extend $task/$net"
-      OMP_NUM_THREADS="${FANLENS_TRAIN_THREADS:-2}" python -c "
-import torch, sys
-torch.set_num_threads(int('${FANLENS_TRAIN_THREADS:-2}'))
-from fanlens.cli import main
-sys.exit(main(['train-zoo', '$name', '--task', '$task', '--seed', '$seed', '--steps', '$ext', '--warm-start',
-               '$weights/$net.safetensors', '--out', '$stage/$net-ext', '--overwrite', '--no-progress']))
-" || { echo "failed: extension of $task/$net"; exit 1; }
-      cp "$stage/$net-ext/$net.json" "$weights/.$net.json.part" && cp "$stage/$net-ext/$net.safetensors" "$weights/$net.safetensors" \
-        && mv "$weights/.$net.json.part" "$weights/$net.json" && python -c "import json; print(json.load(open('$weights/$net.json'))['validation_accuracy'])"
+      train_and_install "$net" "$stage/$net-ext" "$name" --task "$task" --seed "$seed" --steps "$ext" \
+        --warm-start "$weights/$net.safetensors" || { echo "failed: extension of $task/$net"; exit 1; }
     done
   done
 done

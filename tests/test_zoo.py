@@ -166,6 +166,12 @@ def test_a_warm_start_continues_the_same_network_and_keeps_its_history(tmp_path,
     # the wrong network, a missing card, something else than safetensors: one line each
     with pytest.raises(FanlensError, match=r"earlier cycle of the same network .*cnn@5.*Got \('cnn@4'"):
         train("cnn", seed=5, steps=1, pool=16, val_size=8, warm_start=src, progress=False)
+    bad = tmp_path / "bad" / "cnn@4.safetensors"  # the card fits, the weights are not safetensors
+    bad.parent.mkdir()
+    bad.write_bytes(b"not safetensors")
+    (bad.parent / "cnn@4.json").write_text((tmp_path / "c0" / "cnn@4.json").read_text())
+    with pytest.raises(FanlensError, match=r"warm_start: checkpoint .* is not a readable safetensors file"):
+        train("cnn", seed=4, steps=1, pool=16, val_size=8, warm_start=bad, progress=False)
     (tmp_path / "c0" / "cnn@4.json").rename(tmp_path / "c0" / "moved.json")
     with pytest.raises(FanlensError, match="needs the earlier cycle's card beside its weights"):
         train("cnn", seed=4, steps=1, pool=16, val_size=8, warm_start=src, progress=False)

@@ -216,10 +216,7 @@ def _cycle_summary(card: dict) -> dict:
 
 def _warm_start(model: nn.Module, path: Any, *, name: str, seed: int, task: str, data_seed: int) -> tuple[list, dict]:
     """Load an earlier cycle's weights into ``model``; returns (the earlier cycles' summaries, the file record)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..models._loading import file_sha256, load_state_dict_checked
+    from ..models._loading import file_sha256, load_state_dict_checked, load_state_dict_file
 
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
@@ -239,10 +236,10 @@ def _warm_start(model: nn.Module, path: Any, *, name: str, seed: int, task: str,
         raise FanlensError(f"warm_start must be an earlier cycle of the same network (name, seed, task, data seed "
                            f"{(name, seed, task, data_seed)}). Got {got} from {str(card_path)!r} instead.")
     try:
-        sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-    except (SafetensorError, OSError) as e:
-        raise FanlensError(f"warm_start: {str(path)!r} is not a readable safetensors file ({e}).") from None
-    load_state_dict_checked(model, sd, repr(str(path)))
+        # safetensors only (checked above); the fp16 values are copied into the model's float32 parameters
+        load_state_dict_checked(model, load_state_dict_file(path), repr(str(path)))
+    except FanlensError as e:
+        raise FanlensError(f"warm_start: {e}") from None
     earlier = list(prev.get("earlier_cycles") or []) + [_cycle_summary(prev)]
     return earlier, {"file": path.name, "sha256": file_sha256(path), "steps_before": sum(
         c["training"]["steps"] for c in earlier)}
