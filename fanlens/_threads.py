@@ -24,11 +24,11 @@ import contextvars
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["one_thread", "one_blas_thread", "split_rows", "for_chunks"]
+__all__ = ["one_thread", "one_blas_thread", "split_rows", "for_chunks", "map_items"]
 
 # the thread count the outermost one_thread found: what split_rows may use
 _CALLER_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("fanlens_caller_threads", default=None)
@@ -129,6 +129,33 @@ def split_rows(fn: Callable[..., torch.Tensor | tuple], *rows: torch.Tensor,
     if isinstance(parts[0], tuple):
         return tuple(torch.cat(p) for p in zip(*parts))
     return torch.cat(parts)
+
+
+def map_items(fn: Callable[[Any], Any], items: Sequence[Any], device: torch.device | str = "cpu") -> list:
+    """``[fn(item) for item in items]``, the items handed out to as many worker threads as the caller
+    had threads, each running its items on one intra-op thread; the outputs in the items' order.
+
+    For independent pieces of work that each use torch's intra-op pool poorly, such as forward passes
+    of a small model over batches of a few dozen images (measured, the zoo ViT on 32 images of 64²:
+    2.13 ms an image on torch's two-thread pool, 2.9-3.1 ms on each of two one-thread streams side by
+    side, 1.4 x the throughput). Work nested in ``fn`` (:func:`split_rows`, :func:`for_chunks`) runs
+    inline on its worker. Off the CPU, or for one item or one thread, the items run in order on the
+    calling thread."""
+    with one_thread():
+        k = min(_CALLER_THREADS.get() or 1, len(items))
+        if k <= 1 or torch.device(device).type != "cpu":
+            return [fn(item) for item in items]
+        inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+        def work(item: Any) -> Any:
+            token = _CALLER_THREADS.set(1)  # nested one_thread, split_rows, for_chunks: inline, one thread
+            try:
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    return fn(item)
+            finally:
+                _CALLER_THREADS.reset(token)
+
+        return list(_pool(k).map(work, items))
 
 
 def for_chunks(fn: Callable[[int, int], None], n: int, device: torch.device | str = "cpu") -> None:

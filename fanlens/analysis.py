@@ -17,7 +17,7 @@ import torch
 
 from . import spectral as sp
 from ._stats import RunningStats
-from ._threads import one_thread
+from ._threads import map_items, one_thread
 from ._validation import FanlensError, check_choice, check_fraction, check_nonneg_float, check_positive_int
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
@@ -252,29 +252,30 @@ class _ProbeAcc(AccState):
         self.stats: list[RunningStats] = []
 
     def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
-        with one_thread():  # small reductions: see fanlens._threads
-            self._update(bts, b, idx)
+        # small reductions, block by block on the caller's cores, one intra-op thread each (fanlens._threads:
+        # the same bits as one block after the other on one thread)
+        self._update(bts, b, idx)
+
+    def _block_values(self, bt: Any, b: int) -> np.ndarray:
+        t = bt.tokens
+        if self.token_norm:
+            t = torch.nn.functional.layer_norm(t.float(), t.shape[-1:])
+        if self.mode == "pure_vs_clean":  # copy 0: pure N(0, 1) inputs, paired with the images by index
+            at = self.first_copy
+            noise = t[at * b : (at + 1) * b].float().norm(dim=-1).mean(dim=1)
+            clean = t[:b].float().norm(dim=-1).mean(dim=1).clamp_min(1e-12)
+            return (noise / clean)[:, None].cpu().numpy()
+        if self.mode == "additive":
+            clean = t[:b]
+            denom = _block_norm(clean).clamp_min(1e-12)
+            at = self.first_copy
+            cols = [torch.zeros_like(denom) if j is None else
+                    _block_norm(t[(at + j) * b : (at + j + 1) * b] - clean) / denom for j in self.copy_of]
+            return torch.stack(cols, dim=-1).cpu().numpy()
+        return t.float().norm(dim=-1).mean(dim=1, keepdim=True).cpu().numpy()
 
     def _update(self, bts: list, b: int, idx: Sequence[int]) -> None:
-        vals = []
-        for bt in bts:
-            t = bt.tokens
-            if self.token_norm:
-                t = torch.nn.functional.layer_norm(t.float(), t.shape[-1:])
-            if self.mode == "pure_vs_clean":  # copy 0: pure N(0, 1) inputs, paired with the images by index
-                at = self.first_copy
-                noise = t[at * b : (at + 1) * b].float().norm(dim=-1).mean(dim=1)
-                clean = t[:b].float().norm(dim=-1).mean(dim=1).clamp_min(1e-12)
-                vals.append((noise / clean)[:, None].cpu().numpy())
-            elif self.mode == "additive":
-                clean = t[:b]
-                denom = _block_norm(clean).clamp_min(1e-12)
-                at = self.first_copy
-                cols = [torch.zeros_like(denom) if j is None else
-                        _block_norm(t[(at + j) * b : (at + j + 1) * b] - clean) / denom for j in self.copy_of]
-                vals.append(torch.stack(cols, dim=-1).cpu().numpy())
-            else:
-                vals.append(t.float().norm(dim=-1).mean(dim=1, keepdim=True).cpu().numpy())
+        vals = map_items(lambda bt: self._block_values(bt, b), bts, bts[0].tokens.device if bts else "cpu")
         if self.mode == "pure":
             first = np.clip(vals[0], 1e-12, None)
             vals = [v / first for v in vals]

@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ._threads import map_items
 from ._validation import FanlensError, check_positive_int, check_seed
 from .execution import record as execution_record
 from .results import ProbeResult, RobustnessResult, SpectrumResult, rows_to_csv, versions, write_atomic
@@ -252,7 +253,8 @@ class _Resampler:
         per-image values) in every block, averaged over the blocks where it is defined."""
         w = self.weights[self.key[label]]
         x, y = np.asarray(x, float), np.asarray(y, float)
-        rho = np.stack([resampled_spearman(x[:, j], y[:, j], w) for j in range(x.shape[1])], axis=-1)
+        # block by block on the caller's cores (numpy leaves the GIL in its array loops; fanlens._threads)
+        rho = np.stack(map_items(lambda j: resampled_spearman(x[:, j], y[:, j], w), range(x.shape[1])), axis=-1)
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a resample with every block constant: NaN
             return np.nanmean(rho, axis=-1)

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +33,7 @@ import torch
 
 from . import corruptions as cc
 from ._stats import RunningStats
+from ._threads import map_items
 from ._validation import FanlensError, check_choice, check_positive_int
 from .data import DEFAULT_BATCH_SIZE
 from .distributed import merge_stats
@@ -68,6 +70,7 @@ class CorruptionCache:
         self.bytes = 0
         self.hits = self.misses = 0
         self._store: dict = {}
+        self._lock = threading.Lock()
 
     @staticmethod
     def fingerprint(x: torch.Tensor) -> tuple:
@@ -81,16 +84,18 @@ class CorruptionCache:
     def corrupt(self, x: torch.Tensor, print_: tuple, name: str, severity: int, seed: int,
                 idx: Sequence[int]) -> torch.Tensor:
         key = (name, int(severity), int(seed), tuple(int(i) for i in idx), print_)
-        got = self._store.get(key)
-        if got is not None:
-            self.hits += 1
-            return got
-        self.misses += 1
+        with self._lock:  # the grid's cells are corrupted on several threads at once
+            got = self._store.get(key)
+            if got is not None:
+                self.hits += 1
+                return got
+            self.misses += 1
         got = cc.corrupt(x, name, severity, seed=seed, indices=idx)
         size = got.element_size() * got.numel()
-        if self.bytes + size <= self.max_bytes:
-            self._store[key] = got
-            self.bytes += size
+        with self._lock:
+            if key not in self._store and self.bytes + size <= self.max_bytes:
+                self._store[key] = got
+                self.bytes += size
         return got
 
 
@@ -425,12 +430,17 @@ def robustness_part(s: Setup, *, seed: int, batch_size: int, processes: int = 1,
 
             clean = predict(None, lambda: x)
             ref = torch.from_numpy(y_all[idx]) if y_all is not None else clean
-            cols = [(clean != ref).double()]
             print_ = corrupted.fingerprint(x) if corrupted is not None and any(k not in known for k in cells) else None
-            for c, v in cells:
+
+            def errors(cell: tuple[str, int]) -> torch.Tensor:
+                c, v = cell
                 make = ((lambda: cc.corrupt(x, c, v, seed=seed, indices=idx)) if print_ is None else
                         (lambda: corrupted.corrupt(x, print_, c, v, seed, idx)))
-                cols.append((predict((c, v), make) != ref).double())
+                return (predict(cell, make) != ref).double()
+
+            # the cells' corruptions and forwards on the caller's cores, one intra-op thread each
+            # (fanlens._threads.map_items: the same bits as one after the other on torch's pool)
+            cols = [(clean != ref).double()] + map_items(errors, cells, s.device)
         acc.stats[0].update(torch.stack(cols, 1).numpy(), idx)
 
     probe_cells = [(c, probe_severity) for c in corrs] if probe_severity is not None else []

@@ -283,3 +283,51 @@ def test_a_shared_corruption_cache_corrupts_each_batch_once_and_changes_nothing(
     step(x[:3], [0, 1, 2])
     step(x[:3], [0, 1, 2])
     assert (small.misses, small.hits, small.bytes) == (8, 0, 0)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_grid_cells_run_on_worker_threads_with_the_same_bits(threads, monkeypatch):
+    """The grid's cells are corrupted and forwarded on the caller's cores, one intra-op thread each
+    (fanlens._threads.map_items): the per-image errors are those of the cells one after the other on one
+    thread, the forwards ran on the worker threads, and the caller's thread count is left as it was."""
+    import threading
+
+    from fanlens import runner
+    from fanlens.lens import Lens
+    from fanlens.robustness import CorruptionCache, robustness_part
+
+    x, _y, _m = fanlens.synthetic.TASKS[fanlens.zoo.DEFAULT_TASK](4, seed=0, split="test").batch(range(4))
+    kw = dict(seed=0, batch_size=4, corruptions="gaussian_noise,motion_blur,jpeg_compression", severities=(2, 5))
+    seen: list[tuple[str, int]] = []
+    real = runner.call_model
+
+    def spy(model, inp):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return real(model, inp)
+
+    import sys
+
+    monkeypatch.setattr(sys.modules["fanlens.robustness"], "call_model", spy)
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            seen.clear()
+            lens = Lens(fanlens.zoo.load("vit"), x, batch_size=4, progress=False, cache_bytes=0, cache_spill=False)
+            for cache in (None, CorruptionCache()):
+                _part, step, _key, finish = robustness_part(lens.setup, corrupted=cache, **kw)
+                step(x, [0, 1, 2, 3])
+                out[(n, cache is None)] = finish().per_image
+            assert torch.get_num_threads() == n
+            assert len(seen) == 2 * (1 + 6)  # per grid: the clean forward, then the 6 cells
+            clean, cells = seen[0::7], [t for i, t in enumerate(seen) if i % 7]
+            assert all(k == 1 for _name, k in cells)
+            assert {name.startswith("fanlens") for name, _k in cells} == ({False} if n == 1 else {True})
+            assert all(name == threading.main_thread().name and k == n for name, k in clean)
+    finally:
+        torch.set_num_threads(before)
+    ref = out[(1, True)]
+    assert ref.shape == (4, 7) and set(np.unique(ref)) <= {0, 1}
+    for got in out.values():
+        np.testing.assert_array_equal(got, ref)

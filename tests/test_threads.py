@@ -193,3 +193,44 @@ def _child_eigvalsh(a):
 
     torch.set_num_threads(2)
     return sp.eigvalsh(a)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_map_items_keeps_the_order_and_runs_nested_work_inline(threads):
+    """map_items returns fn's outputs in the items' order, computed on worker threads with one intra-op
+    thread each when the caller has several (the same bits as one after the other), runs the split work
+    nested in fn on its own worker (no second pool), passes errors through and restores the caller's count."""
+    import threading
+
+    import fanlens.spectral as sp
+    from fanlens._threads import map_items
+
+    g = torch.Generator().manual_seed(0)
+    mats = [sp.affinity(torch.randn(3, 30, 8, generator=g)) for _ in range(5)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ref = [sp.eigvalsh(m) for m in mats]
+    torch.set_num_threads(threads)
+    seen: list[tuple[str, int]] = []
+    try:
+        def fn(m):
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+            return sp.eigvalsh(m)  # a split_rows inside: inline on this worker
+
+        got = map_items(fn, mats)
+        assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(got, ref))
+        assert all(k == 1 for _name, k in seen)
+        assert {n.startswith("fanlens") for n, _k in seen} == ({False} if threads == 1 else {True})
+        assert torch.get_num_threads() == threads
+        assert map_items(fn, []) == []
+
+        def boom(i):
+            if i == 3:
+                raise ValueError("item 3")
+            return i
+
+        with pytest.raises(ValueError, match="item 3"):
+            map_items(boom, range(6))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
