@@ -666,17 +666,17 @@ def top_eigh(m: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
         return evals.flip(-1)[:, :top], evecs.flip(-1)[:, :, :top]
     from scipy.linalg import eigh as _scipy_eigh
 
-    from . import _lapack
+    from ._lapack import available, syevr_top
 
     arr = sym.numpy()
     vals = np.empty((m.shape[0], top), dtype=arr.dtype)
     vecs = np.empty((m.shape[0], n, top), dtype=arr.dtype)
     # LAPACK's ?syevr without the GIL (fanlens._lapack: the same routine and bits as scipy's evr call, which
     # keeps the GIL, so that split_rows's workers ran one at a time)
-    direct = _lapack.available(arr.dtype)
+    direct = available(arr.dtype)
     for i in range(m.shape[0]):
         if direct:
-            vals[i], vecs[i] = _lapack.syevr_top(arr[i], top)
+            vals[i], vecs[i] = syevr_top(arr[i], top)
         else:
             w, v = _scipy_eigh(arr[i], subset_by_index=[n - top, n - 1], driver="evr", check_finite=False)
             vals[i], vecs[i] = w[::-1], v[:, ::-1]
