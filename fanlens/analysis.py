@@ -251,11 +251,6 @@ class _ProbeAcc(AccState):
         self.infos: list[BlockInfo] = []
         self.stats: list[RunningStats] = []
 
-    def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
-        # small reductions, block by block on the caller's cores, one intra-op thread each (fanlens._threads:
-        # the same bits as one block after the other on one thread)
-        self._update(bts, b, idx)
-
     def _block_values(self, bt: Any, b: int) -> np.ndarray:
         t = bt.tokens
         if self.token_norm:
@@ -274,7 +269,9 @@ class _ProbeAcc(AccState):
             return torch.stack(cols, dim=-1).cpu().numpy()
         return t.float().norm(dim=-1).mean(dim=1, keepdim=True).cpu().numpy()
 
-    def _update(self, bts: list, b: int, idx: Sequence[int]) -> None:
+    def update(self, bts: list, b: int, idx: Sequence[int]) -> None:
+        # small reductions, block by block on the caller's cores, one intra-op thread each (fanlens._threads:
+        # the same bits as one block after the other on one thread)
         vals = map_items(lambda bt: self._block_values(bt, b), bts, bts[0].tokens.device if bts else "cpu")
         if self.mode == "pure":
             first = np.clip(vals[0], 1e-12, None)
